@@ -1,0 +1,61 @@
+"""The extractor's configuration, from flags and CONVSEARCH_EXTRACTOR_* environment variables."""
+
+import dataclasses
+import os
+import pathlib
+
+import torch
+
+from convsearch.config import check_positive, option, parse_config
+from convsearch_extractor.catalog import DEFAULT_MODEL
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorConfig:
+    """Everything the extractor process can be told."""
+
+    host: str = option("0.0.0.0", "interface to listen on")
+    port: int = option(50052, "gRPC port; 0 picks a free one")
+    metrics_port: int = option(9052, "Prometheus /metrics port; 0 picks a free one, -1 disables")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    default_model: str = option(DEFAULT_MODEL, "model used when a request names none; loaded at start")
+    max_batch: int = option(32, "most images in one forward pass")
+    max_queue_delay_ms: float = option(5.0, "longest wait for more requests to fill a batch")
+    max_images: int = option(256, "most images in one Embed request or stream message")
+    max_pixels: int = option(40_000_000, "largest image accepted, in pixels (decompression bombs)")
+    max_flatten: int = option(100_000, "most values a flattened layer may give per image")
+    max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
+    memory_budget_mb: int = option(4096, "memory for loaded models; least recently used go first")
+    weights_dir: str = option(str(pathlib.Path(torch.hub.get_dir())),
+                              "torchvision weights are looked for in WEIGHTS_DIR/checkpoints/")
+    allow_random_weights: bool = option(False, "build models without weights files with random "
+                                               "weights (development and tests; responses say so)")
+    decode_workers: int = option(min(16, os.cpu_count() or 1), "threads decoding images")
+    rpc_workers: int = option(64, "threads serving RPCs")
+    grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+
+    def validate(self) -> None:
+        """Raises ValueError for values the service cannot run with."""
+        for name in ("max_batch", "max_images", "max_pixels", "max_flatten", "max_message_mb",
+                     "memory_budget_mb", "decode_workers", "rpc_workers"):
+            check_positive(getattr(self, name), name)
+        if not 0 <= self.port <= 65535 or not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"ports must be 0..65535, got {self.port} and {self.metrics_port}")
+        if self.max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
+
+    def torch_device(self) -> torch.device:
+        """The device models run on."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+def load_config(argv=None) -> ExtractorConfig:
+    """Parses flags and environment; exits with a usage message on a bad value."""
+    return parse_config(ExtractorConfig, "convsearch-extractor", "CONVSEARCH_EXTRACTOR", argv,
+                        "Embeds images with ImageNet-pretrained CNNs at any layer, over gRPC.")

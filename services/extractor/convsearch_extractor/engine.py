@@ -1,0 +1,166 @@
+"""The extractor's proto-free core: validates requests, decodes images in a worker pool and
+feeds the dynamic batcher, so decoding the next chunk overlaps the forward pass of this one.
+"""
+
+import dataclasses
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import prometheus_client as prom
+
+from convsearch.errors import InvalidArgument, ResourceExhausted
+from convsearch_extractor import imaging
+from convsearch_extractor.batcher import DynamicBatcher, gather
+from convsearch_extractor.runtime import POOLINGS, EmbedSpec, ModelPool
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Request limits; each one breached gets a clear error, never a crash."""
+
+    max_images: int = 256
+    max_pixels: int = 40_000_000
+    max_flatten: int = 100_000
+    max_response_bytes: int = 64 << 20
+
+
+class Metrics:
+    """Prometheus metrics of one extractor, in a registry of its own."""
+
+    def __init__(self):
+        self.registry = prom.CollectorRegistry()
+        self.batch_size = prom.Histogram(
+            "convsearch_extractor_batch_size", "Images per forward pass",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.queue_wait = prom.Histogram(
+            "convsearch_extractor_queue_wait_seconds", "Time the oldest image of a batch waited",
+            registry=self.registry)
+        self.images = prom.Counter(
+            "convsearch_extractor_images", "Images embedded", registry=self.registry)
+        self.image_errors = prom.Counter(
+            "convsearch_extractor_image_errors", "Images refused as unusable", registry=self.registry)
+
+    def record_batch(self, size: int, wait_s: float) -> None:
+        self.batch_size.observe(size)
+        self.queue_wait.observe(wait_s)
+        self.images.inc(size)
+
+
+ImageResult = dict[str, np.ndarray] | imaging.ImageError
+
+
+class Extractor:
+    """Embeds images: validation, decoding pool, dynamic batching, one forward per batch."""
+
+    def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
+                 decode_workers: int, default_model: str):
+        self.pool = pool
+        self.limits = limits
+        self.default_model = default_model
+        self.metrics = Metrics()
+        self._decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        # Stream jobs wait on decodes, so they get threads of their own.
+        self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
+        self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,
+                                       self.metrics.record_batch)
+
+    def _run_batch(self, spec: EmbedSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+        return self.pool.acquire(spec.model).embed(pixels, spec)
+
+    def resolve(self, model: str, layers: Iterable[str], pooling: str, normalize: bool
+                ) -> tuple[EmbedSpec, dict[str, int]]:
+        """Fills defaults and validates a request: (spec, vector dimension per layer).
+
+        Raises NotFound (model), FailedPrecondition (weights), InvalidArgument (layers, pooling).
+        """
+        model = model or self.default_model
+        self.pool.spec(model)
+        if pooling not in POOLINGS:
+            raise InvalidArgument(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        layers = tuple(layers) or (self.pool.graph(model).featured[-1],)
+        if len(set(layers)) != len(layers):
+            raise InvalidArgument(f"layers {list(layers)} name a layer twice; name each once")
+        spec = EmbedSpec(model, layers, pooling, normalize)
+        dims = self.pool.check_layers(spec, self.limits.max_flatten)
+        self.pool.acquire(model)
+        return spec, dims
+
+    def check_count(self, count: int, what: str) -> None:
+        """RESOURCE_EXHAUSTED when a request carries too many images; INVALID_ARGUMENT for none."""
+        if count == 0:
+            raise InvalidArgument(f"{what} has no images; send at least one")
+        if count > self.limits.max_images:
+            raise ResourceExhausted(
+                f"{what} has {count} images, over the limit of {self.limits.max_images}; "
+                "split it or use BulkEmbed")
+
+    def _decode_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool
+                       ) -> Iterator[tuple[list[int], np.ndarray] | tuple[int, imaging.ImageError]]:
+        """Decodes in the pool; yields (indices, pixels) chunks of at most a batch, and, unless
+        `strict`, (index, error) for bad images. In strict mode a bad image raises."""
+        preprocess = self.pool.spec(spec.model).preprocess
+        decodes = [self._decoder.submit(imaging.decode, data, preprocess, self.limits.max_pixels)
+                   for data in images]
+        step = self._batcher.max_batch
+        for start in range(0, len(images), step):
+            indices, pixels = [], []
+            for i in range(start, min(len(images), start + step)):
+                try:
+                    pixels.append(decodes[i].result())
+                    indices.append(i)
+                except imaging.ImageError as exc:
+                    self.metrics.image_errors.inc()
+                    if strict:
+                        for pending in decodes:
+                            pending.cancel()
+                        raise InvalidArgument(f"image {first_index + i} {exc}") from None
+                    yield first_index + i, exc
+            if pixels:
+                yield indices, np.stack(pixels)
+
+    def embed(self, spec: EmbedSpec, dims: dict[str, int], images: list[bytes]) -> dict[str, np.ndarray]:
+        """{layer: (N, D)} for every image; any bad image raises InvalidArgument naming its index."""
+        self.check_count(len(images), "the request")
+        size = len(images) * sum(dims.values()) * 4
+        if size > self.limits.max_response_bytes:
+            raise ResourceExhausted(
+                f"the answer would be {size >> 20} MiB, over the message limit of "
+                f"{self.limits.max_response_bytes >> 20} MiB; send fewer images or use BulkEmbed")
+        parts = [self._batcher.submit(spec, pixels)
+                 for _, pixels in self._decode_chunks(spec, images, 0, strict=True)]
+        return gather(parts).result()
+
+    def embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> Future:
+        """Starts embedding images independently; the future gives one ImageResult per image."""
+        self.check_count(len(images), f"the stream message holding image {first_index}")
+        return self._jobs.submit(self._embed_each, spec, images, first_index)
+
+    def _embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> list[ImageResult]:
+        results: list[ImageResult | None] = [None] * len(images)
+        pending = []
+        for first, second in self._decode_chunks(spec, images, first_index, strict=False):
+            if isinstance(second, imaging.ImageError):
+                results[first - first_index] = second
+            else:
+                pending.append((first, self._batcher.submit(spec, second)))
+        for indices, future in pending:
+            outputs = future.result()
+            for row, i in enumerate(indices):
+                results[i] = {layer: vectors[row] for layer, vectors in outputs.items()}
+        return results
+
+    def warm_up(self) -> float:
+        """Loads the default model and runs one image through it; returns the seconds it took."""
+        started = time.monotonic()
+        spec, _ = self.resolve(self.default_model, (), "avg", False)
+        size = self.pool.spec(spec.model).preprocess.crop_size
+        self._batcher.submit(spec, np.zeros((1, size, size, 3), np.uint8)).result()
+        return time.monotonic() - started
+
+    def close(self) -> None:
+        """Finishes queued work and stops the worker threads."""
+        self._jobs.shutdown(wait=True, cancel_futures=True)
+        self._batcher.close()
+        self._decoder.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,78 @@
+"""Decoding any common image file into the upright RGB, resized and centre-cropped pixels a
+model expects. Runs in worker threads: Pillow releases the GIL while it decodes and resizes.
+"""
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from convsearch.errors import InvalidArgument
+from convsearch_extractor.catalog import Preprocess
+
+# Our own pixel limit (checked before decoding) replaces Pillow's global bomb check.
+Image.MAX_IMAGE_PIXELS = None
+FORMATS = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+
+class ImageError(InvalidArgument):
+    """One image cannot be used; the message says why, without its position."""
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        values = np.asarray(image, dtype=np.float32)
+        top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+        if image.mode == "F":
+            low, high = float(values.min(initial=0)), float(values.max(initial=1))
+            values, top = values - low, max(high - low, 1e-12)
+        eight_bit = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+            image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
+    """Returns (crop, crop, 3) uint8 pixels of an encoded image, EXIF orientation applied.
+
+    Raises ImageError for empty, unrecognised, truncated, zero-size or oversized images.
+    """
+    if not data:
+        raise ImageError("is empty (0 bytes); send the encoded file's bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError(f"is not a recognised image ({len(data)} bytes); send {FORMATS}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"cannot be read ({exc}); send an intact {FORMATS} file") from None
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise ImageError(f"has zero size ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
+            "downscale it first")
+    size = preprocess.resize_size
+    if image.format == "JPEG":
+        image.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
+    image = _to_rgb(image)
+    width, height = image.size
+    # Resize-shorter-side-then-centre-crop as a single resize of the source region.
+    side = min(width, height) * preprocess.crop_size / size
+    left, top = (width - side) / 2, (height - side) / 2
+    resample = Image.Resampling.BICUBIC if preprocess.bicubic else Image.Resampling.BILINEAR
+    crop = preprocess.crop_size
+    image = image.resize((crop, crop), resample, box=(left, top, left + side, top + side))
+    return np.asarray(image, dtype=np.uint8)

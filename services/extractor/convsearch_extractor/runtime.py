@@ -1,0 +1,216 @@
+"""Loaded models on one device: loading within a memory budget (least recently used goes
+first), feature extractors cached per layer set, and the forward pass that turns uint8 pixels
+into pooled vectors for several layers at once.
+"""
+
+import collections
+import dataclasses
+import logging
+import threading
+import warnings
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
+
+from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from convsearch_extractor.catalog import ModelSpec
+from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
+
+log = logging.getLogger("convsearch.extractor.runtime")
+POOLINGS = ("avg", "max", "flatten")
+_EXTRACTORS_PER_MODEL = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedSpec:
+    """What to compute: the batching key of the dynamic batcher."""
+
+    model: str
+    layers: tuple[str, ...]
+    pooling: str = "avg"
+    normalize: bool = False
+
+
+def pool(features: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
+    """(N, C, *spatial) or (N, D) features -> (N, D) float32 vectors."""
+    features = features.float()
+    if features.dim() > 2:
+        if pooling == "avg":
+            features = features.mean(dim=tuple(range(2, features.dim())))
+        elif pooling == "max":
+            features = features.amax(dim=tuple(range(2, features.dim())))
+    features = features.reshape(features.shape[0], -1)
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=1)
+    return features
+
+
+class LoadedModel:
+    """One model on a device, with its feature extractors. Used by one batch thread at a time."""
+
+    def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device):
+        self.spec = spec
+        self.pretrained = pretrained
+        self.device = device
+        memory = torch.channels_last
+        self.module = module.to(device=device, memory_format=memory)
+        self.bytes = sum(t.numel() * t.element_size()
+                         for t in [*module.parameters(), *module.buffers()])
+        shape = (1, 3, 1, 1)
+        self._mean = torch.tensor(spec.preprocess.mean, device=device).view(shape) * 255.0
+        self._std = torch.tensor(spec.preprocess.std, device=device).view(shape) * 255.0
+        self._extractors: collections.OrderedDict[tuple[str, ...], nn.Module] = collections.OrderedDict()
+
+    def _extractor(self, layers: tuple[str, ...]) -> nn.Module:
+        key = tuple(sorted(set(layers)))
+        extractor = self._extractors.get(key)
+        if extractor is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                extractor = create_feature_extractor(
+                    self.module, return_nodes=list(key),
+                    tracer_kwargs=tracer_kwargs(self.spec.tracer_leaf_modules)).eval()
+            self._extractors[key] = extractor
+            if len(self._extractors) > _EXTRACTORS_PER_MODEL:
+                self._extractors.popitem(last=False)
+        self._extractors.move_to_end(key)
+        return extractor
+
+    @torch.inference_mode()
+    def embed(self, pixels: np.ndarray, spec: EmbedSpec) -> dict[str, np.ndarray]:
+        """(N, H, W, 3) uint8 pixels -> {layer: (N, D) float32}, all layers from one forward pass."""
+        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        extractor = self._extractor(spec.layers)
+        if self.device.type == "cuda":
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                outputs = extractor(batch)
+        else:
+            outputs = extractor(batch)
+        return {layer: pool(outputs[layer], spec.pooling, spec.normalize).cpu().numpy()
+                for layer in spec.layers}
+
+
+class ModelPool:
+    """Knows every model's graph and status, and keeps loaded models within a memory budget."""
+
+    def __init__(self, catalog: dict[str, ModelSpec], device: torch.device, memory_budget_bytes: int,
+                 allow_random_weights: bool):
+        self.catalog = catalog
+        self.device = device
+        self.budget = memory_budget_bytes
+        self.allow_random = allow_random_weights
+        self._graphs: dict[str, ModelGraph] = {}
+        self._loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+
+    def spec(self, name: str) -> ModelSpec:
+        """The spec of a known model; NOT_FOUND, listing the models, otherwise."""
+        spec = self.catalog.get(name)
+        if spec is None:
+            raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.catalog)}")
+        return spec
+
+    def graph(self, name: str) -> ModelGraph:
+        """Layers of a model, traced once on the meta device."""
+        with self._lock:
+            graph = self._graphs.get(name)
+        if graph is None:
+            spec = self.spec(name)
+            with torch.device("meta"), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph = describe(spec.build(False), spec.preprocess.crop_size, spec.tracer_leaf_modules)
+            with self._lock:
+                self._graphs[name] = graph
+        return graph
+
+    def status(self, name: str) -> tuple[bool, bool, str]:
+        """(available, pretrained, reason when unavailable) for a model."""
+        spec = self.spec(name)
+        if spec.weights_present():
+            return True, True, ""
+        if self.allow_random:
+            return True, False, ""
+        return False, False, (f"pretrained weights for {name} not found at {spec.weights_path}; "
+                              f"{spec.missing_weights_hint}, or start the extractor with "
+                              "--allow-random-weights for development")
+
+    def acquire(self, name: str) -> LoadedModel:
+        """The loaded model, loading it (and evicting least recently used ones) if needed."""
+        loaded = self._touch(name)
+        if loaded is not None:
+            return loaded
+        with self._load_lock:
+            return self._touch(name) or self._load(name)
+
+    def _touch(self, name: str) -> LoadedModel | None:
+        with self._lock:
+            loaded = self._loaded.get(name)
+            if loaded is not None:
+                self._loaded.move_to_end(name)
+            return loaded
+
+    def _load(self, name: str) -> LoadedModel:
+        available, pretrained, reason = self.status(name)
+        if not available:
+            raise FailedPrecondition(reason)
+        spec = self.spec(name)
+        needed = sum(p.numel() * 4 for p in self._meta_module(spec).parameters())
+        if needed > self.budget:
+            raise ResourceExhausted(
+                f"model {name} needs about {needed >> 20} MiB, over the memory budget of "
+                f"{self.budget >> 20} MiB; raise --memory-budget-mb")
+        with self._lock:
+            while self._loaded and sum(m.bytes for m in self._loaded.values()) + needed > self.budget:
+                evicted, _ = self._loaded.popitem(last=False)
+                log.info("evicted %s to stay within the memory budget", evicted)
+        log.info("loading %s (%s weights) on %s", name, "pretrained" if pretrained else "RANDOM",
+                 self.device)
+        try:
+            module = spec.build(pretrained)
+        except (RuntimeError, OSError) as exc:
+            raise FailedPrecondition(f"weights for {name} at {spec.weights_path} could not be "
+                                     f"loaded ({exc}); replace the file") from None
+        loaded = LoadedModel(spec, module, pretrained, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        with self._lock:
+            self._loaded[name] = loaded
+        return loaded
+
+    @staticmethod
+    def _meta_module(spec: ModelSpec) -> nn.Module:
+        with torch.device("meta"):
+            return spec.build(False)
+
+    def loaded_names(self) -> list[str]:
+        """Models in memory, least recently used first."""
+        with self._lock:
+            return list(self._loaded)
+
+    def check_layers(self, spec: EmbedSpec, max_flatten: int) -> dict[str, int]:
+        """Validates the layers of a request and returns each one's vector dimension."""
+        graph = self.graph(spec.model)
+        featured = ", ".join(graph.featured)
+        dims = {}
+        for layer_name in spec.layers:
+            layer = graph.layers.get(layer_name)
+            if layer is None:
+                raise InvalidArgument(
+                    f"model {spec.model} has no layer {layer_name!r}; its featured layers are "
+                    f"{featured} (ListModels with include_all_layers lists every node)")
+            if not layer.is_tensor:
+                raise InvalidArgument(f"layer {layer_name!r} of {spec.model} ({layer.op}) does not "
+                                      f"output a feature map; pick one of {featured}")
+            size = int(np.prod(layer.output_shape))
+            if spec.pooling == "flatten" and size > max_flatten:
+                raise InvalidArgument(
+                    f"flattening layer {layer_name!r} ({list(layer.output_shape)}) gives {size:,} "
+                    f"values, over the limit of {max_flatten:,}; use avg or max pooling")
+            dims[layer_name] = size if spec.pooling == "flatten" or len(layer.output_shape) == 1 \
+                else layer.output_shape[0]
+        return dims

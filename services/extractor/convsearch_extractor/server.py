@@ -1,0 +1,81 @@
+"""Entry point of `convsearch-extractor`: wires config, core, servicer and server together."""
+
+import logging
+import pathlib
+import threading
+
+from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
+from convsearch.logs import setup_logging
+from convsearch.serving import MIB, RunningService, add_health_and_reflection, bind, create_server
+from convsearch_extractor.catalog import load_catalog
+from convsearch_extractor.config import ExtractorConfig, load_config
+from convsearch_extractor.engine import Extractor, Limits
+from convsearch_extractor.runtime import ModelPool
+from convsearch_extractor.servicer import ExtractorServicer
+
+SERVICE_NAME = extractor_pb2.DESCRIPTOR.services_by_name["ExtractorService"].full_name
+log = logging.getLogger("convsearch.extractor")
+
+
+def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
+    """Builds the extractor's server on config.port (0 picks one); returns it and its port.
+
+    Health is NOT_SERVING until `start()` has loaded and run the default model.
+    """
+    catalog = load_catalog(pathlib.Path(config.weights_dir))
+    if config.default_model not in catalog:
+        raise SystemExit(f"default model {config.default_model!r} is unknown; "
+                         f"known models: {', '.join(catalog)}")
+    pool = ModelPool(catalog, config.torch_device(), config.memory_budget_mb * MIB, config.allow_random_weights)
+    limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
+                    max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
+    extractor = Extractor(pool, limits, config.max_batch, config.max_queue_delay_ms / 1000.0,
+                          config.decode_workers, config.default_model)
+    server = create_server(config.rpc_workers, config.max_message_mb)
+    extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
+    health = add_health_and_reflection(server, [SERVICE_NAME])
+    port = bind(server, config.host, config.port)
+    service = _ExtractorService(extractor, server, health, [SERVICE_NAME], log,
+                                on_stop=extractor.close, metrics_registry=extractor.metrics.registry,
+                                metrics_port=config.metrics_port, metrics_host=config.host)
+    return service, port
+
+
+class _ExtractorService(RunningService):
+    """Starts serving once the default model has been loaded and run once."""
+
+    def __init__(self, extractor: Extractor, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extractor = extractor
+
+    def start(self) -> None:
+        super().start()
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+
+    def _warm_up(self) -> None:
+        try:
+            seconds = self.extractor.warm_up()
+        except Exception:  # noqa: BLE001 - logged; health stays NOT_SERVING
+            log.exception("default model %s could not be loaded; staying NOT_SERVING",
+                          self.extractor.default_model)
+            return
+        self.set_serving(True)
+        log.info("default model %s ready in %.1fs; SERVING", self.extractor.default_model, seconds)
+        for name in self.extractor.pool.catalog:  # so the first ListModels is fast
+            self.extractor.pool.graph(name)
+
+
+def main(argv=None) -> None:
+    """Runs the extractor until SIGTERM or SIGINT."""
+    setup_logging("convsearch.extractor")
+    config = load_config(argv)
+    service, port = build_server(config)
+    service.start()
+    log.info("extractor listening on %s:%d (device %s, max batch %d, queue delay %.1f ms, "
+             "metrics port %d)", config.host, port, config.torch_device(), config.max_batch,
+             config.max_queue_delay_ms, service.metrics_port)
+    service.run_until_signalled(config.grace_s)
+
+
+if __name__ == "__main__":
+    main()
