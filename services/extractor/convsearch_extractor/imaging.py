@@ -3,6 +3,7 @@ model expects. Runs in worker threads: Pillow releases the GIL while it decodes 
 """
 
 import io
+import struct
 import warnings
 
 import numpy as np
@@ -18,6 +19,17 @@ FORMATS = "JPEG, PNG, WebP, BMP, GIF or TIFF"
 
 class ImageError(InvalidArgument):
     """One image cannot be used; the message says why, without its position."""
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG, GIF or BMP header, for files Pillow refuses to open."""
+    if data.startswith(b"\x89PNG") and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data.startswith(b"GIF8") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data.startswith(b"BM") and len(data) >= 26:
+        return struct.unpack("<ii", data[18:26])
+    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -47,9 +59,12 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        declared = _declared_size(data)
+        if declared and 0 in declared:
+            raise ImageError(f"has zero size ({declared[0]}x{declared[1]})") from None
         raise ImageError(f"is not a recognised image ({len(data)} bytes); send {FORMATS}") from None
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"cannot be read ({exc}); send an intact {FORMATS} file") from None
+        raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
     width, height = image.size
     if width <= 0 or height <= 0:
         raise ImageError(f"has zero size ({width}x{height})")

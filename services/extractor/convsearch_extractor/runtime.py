@@ -20,6 +20,9 @@ from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
 
 log = logging.getLogger("convsearch.extractor.runtime")
 POOLINGS = ("avg", "max", "flatten")
+# torch.fx patches nn.Module.__call__ process-wide while it traces, so no forward pass may run
+# during a trace: both take this lock.
+FX_LOCK = threading.RLock()
 _EXTRACTORS_PER_MODEL = 16
 
 
@@ -84,12 +87,10 @@ class LoadedModel:
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
         batch = batch.contiguous(memory_format=torch.channels_last)
-        extractor = self._extractor(spec.layers)
-        if self.device.type == "cuda":
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+        with FX_LOCK:
+            extractor = self._extractor(spec.layers)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 outputs = extractor(batch)
-        else:
-            outputs = extractor(batch)
         return {layer: pool(outputs[layer], spec.pooling, spec.normalize).cpu().numpy()
                 for layer in spec.layers}
 
@@ -121,7 +122,7 @@ class ModelPool:
             graph = self._graphs.get(name)
         if graph is None:
             spec = self.spec(name)
-            with torch.device("meta"), warnings.catch_warnings():
+            with FX_LOCK, torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = describe(spec.build(False), spec.preprocess.crop_size, spec.tracer_leaf_modules)
             with self._lock:

@@ -1,0 +1,76 @@
+"""Every bad input gets its own status and an actionable message, and the service keeps serving."""
+
+import types
+
+import grpc
+import pytest
+
+from convsearch.common.v1 import common_pb2
+from convsearch.extractor.v1 import extractor_pb2 as pb
+from convsearch.extractor.v1 import extractor_pb2_grpc
+from tests.conftest import start_extractor
+from tests.test_imaging import _png_declaring
+
+
+@pytest.fixture(scope="module")
+def strict():
+    """An extractor with small limits and no random weights."""
+    service, channel = start_extractor(allow_random_weights=False, max_images=8, max_message_mb=1)
+    yield types.SimpleNamespace(service=service, stub=extractor_pb2_grpc.ExtractorServiceStub(channel))
+    channel.close()
+    service.stop(1.0)
+
+
+def request(images, model="", layers=(), pooling=common_pb2.POOLING_AVG):
+    return pb.EmbedRequest(config=pb.EmbedConfig(model=model, layers=list(layers), pooling=pooling),
+                           images=images)
+
+
+def bad_requests(good: bytes):
+    big = b"\xff" * (3 << 20)
+    return [
+        ("empty image", request([good, b""]), grpc.StatusCode.INVALID_ARGUMENT, "image 1 is empty"),
+        ("not an image", request([b"GIF89a-no", good]), grpc.StatusCode.INVALID_ARGUMENT, "image 0 is"),
+        ("truncated", request([good, good, good[: len(good) // 2]]), grpc.StatusCode.INVALID_ARGUMENT,
+         "image 2 is truncated"),
+        ("bomb", request([_png_declaring(9000, 9000)]), grpc.StatusCode.INVALID_ARGUMENT,
+         "over the limit of 40,000,000"),
+        ("zero size", request([_png_declaring(0, 0)]), grpc.StatusCode.INVALID_ARGUMENT, "zero size"),
+        ("no images", request([]), grpc.StatusCode.INVALID_ARGUMENT, "no images"),
+        ("unknown model", request([good], model="alexnet9"), grpc.StatusCode.NOT_FOUND,
+         "known models: efficientnet_lite0"),
+        ("unknown layer", request([good], layers=["_blocks.99"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "featured layers are _conv_stem"),
+        ("not a tensor", request([good], layers=["size"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "does not output a feature map"),
+        ("twice", request([good], layers=["_conv_head", "_conv_head"]), grpc.StatusCode.INVALID_ARGUMENT,
+         "twice"),
+        ("flatten too big", request([good], layers=["_conv_stem"], pooling=common_pb2.POOLING_FLATTEN),
+         grpc.StatusCode.INVALID_ARGUMENT, "over the limit of 100,000"),
+        ("bad pooling", request([good], pooling=7), grpc.StatusCode.INVALID_ARGUMENT, "unknown pooling"),
+        ("too many images", request([good] * 9), grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit of 8"),
+        ("answer too big", request([good] * 8, layers=["_conv_head"], pooling=common_pb2.POOLING_FLATTEN),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "use BulkEmbed"),
+        ("message too big", request([big]), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+        ("weights missing", request([good], model="vgg16"), grpc.StatusCode.FAILED_PRECONDITION,
+         "checkpoints/vgg16-397923af.pth"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(16))
+def test_bad_input_gets_its_status_and_the_next_request_succeeds(strict, chelsea_jpeg, case):
+    name, bad, code, words = bad_requests(chelsea_jpeg)[case]
+    with pytest.raises(grpc.RpcError) as error:
+        strict.stub.Embed(bad, timeout=60)
+    assert error.value.code() == code, (name, error.value.details())
+    assert words in error.value.details(), (name, error.value.details())
+    reply = strict.stub.Embed(request([chelsea_jpeg]), timeout=60)
+    assert reply.pretrained and reply.layers[0].vectors.shape == [1, 1280]
+
+
+def test_unavailable_models_say_why(strict):
+    models = {m.name: m for m in strict.stub.ListModels(pb.ListModelsRequest()).models}
+    assert models["efficientnet_lite0"].available
+    vgg = models["vgg16"]
+    assert not vgg.available and not vgg.pretrained
+    assert "vgg16-397923af.pth" in vgg.unavailable_reason and "--allow-random-weights" in vgg.unavailable_reason
