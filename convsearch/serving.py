@@ -48,7 +48,10 @@ def set_serving(health_servicer: health.HealthServicer, service_names: Sequence[
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
     """Binds host:port (0 picks a free port) and returns the bound port; fails fast if it cannot."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise SystemExit(f"cannot listen on {host}:{port}: address in use or not available")
     return bound

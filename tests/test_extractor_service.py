@@ -164,10 +164,10 @@ def test_bulk_stream_with_unknown_model_is_not_found(extractor):
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_reflection_lists_the_service(extractor):
-    stub = extractor.stub
+def test_reflection_and_health(extractor):
     reflection = reflection_pb2_grpc.ServerReflectionStub(extractor.channel)
-    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    ask = reflection_pb2.ServerReflectionRequest(list_services="")
+    replies = reflection.ServerReflectionInfo(iter([ask]))
     services = {s.name for s in next(replies).list_services_response.service}
     assert {SERVICE_NAME, "grpc.health.v1.Health"} <= services
     health = health_pb2_grpc.HealthStub(extractor.channel)

@@ -1,0 +1,17 @@
+# The two commands: `make demo` (set up, then run the demo) and `make test` (set up, then test).
+.PHONY: setup demo test bench lint
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/python scripts/demo.py
+
+test: setup
+	.venv/bin/python -m pytest -q -m "not gpu" --durations=10
+
+bench: setup
+	.venv/bin/python bench/extractor_bench.py
+
+lint: setup
+	.venv/bin/ruff check convsearch services tests bench scripts

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Sets up everything on a fresh machine: the virtual environment (.venv), torch first from the
+# pinned build, the shared package and every service (editable), generated gRPC code, and the
+# offline Fashion-MNIST data used by the demo and tests. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+
+# torch before anything that depends on it, so no other build gets pulled in.
+if ! python -c "import torch, torchvision" 2>/dev/null; then
+  echo "installing torch 2.14.1 + torchvision 0.29.1 ..."
+  python -m pip install -q torch==2.14.1 torchvision==0.29.1
+fi
+python -m pip install -q -e '.[dev]' -e services/extractor
+python scripts/gen_protos.py
+
+if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing dataset-fashion-mnist ..."
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+  else
+    echo "note: Fashion-MNIST is missing; run: sudo apt-get install dataset-fashion-mnist" >&2
+  fi
+fi
+echo "set-up done: . .venv/bin/activate"
