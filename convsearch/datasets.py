@@ -4,12 +4,15 @@
 
 import gzip
 import io
+import os
 import pathlib
 
 import numpy as np
 from PIL import Image
 
-FASHION_MNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
+# Where the Debian package puts the IDX files; CONVSEARCH_FASHION_MNIST_DIR points elsewhere.
+FASHION_MNIST_DIR = pathlib.Path(
+    os.environ.get("CONVSEARCH_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat",
                    "sandal", "shirt", "sneaker", "bag", "ankle-boot")
 

@@ -47,10 +47,19 @@ class _ExtractorService(RunningService):
     def __init__(self, extractor: Extractor, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.extractor = extractor
+        self._stopping = threading.Event()
+        self._warm_thread = threading.Thread(target=self._warm_up, name="warm-up", daemon=True)
 
     def start(self) -> None:
         super().start()
-        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        self._warm_thread.start()
+
+    def stop(self, grace_s: float = 5.0) -> None:
+        # Native torch code must not be running in a thread when the interpreter exits.
+        self._stopping.set()
+        if self._warm_thread.is_alive():
+            self._warm_thread.join()
+        super().stop(grace_s)
 
     def _warm_up(self) -> None:
         try:
@@ -62,6 +71,8 @@ class _ExtractorService(RunningService):
         self.set_serving(True)
         log.info("default model %s ready in %.1fs; SERVING", self.extractor.default_model, seconds)
         for name in self.extractor.pool.catalog:  # so the first ListModels is fast
+            if self._stopping.is_set():
+                return
             self.extractor.pool.graph(name)
 
 
