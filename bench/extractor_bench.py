@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--decode-processes", type=int, default=-1,
+                        help="the service's decoding processes (-1 auto, 0 threads)")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
@@ -98,7 +100,8 @@ def main() -> None:
     run_inprocess = inprocess_runner(args.model, args.layer, images, device)
     process, address = start_service(
         "convsearch-extractor", "--metrics-port", "-1", "--device", str(device),
-        "--max-batch", str(args.batch), "--default-model", args.model, service=SERVICE_NAME)
+        "--max-batch", str(args.batch), "--default-model", args.model,
+        "--decode-processes", str(args.decode_processes), service=SERVICE_NAME)
     try:
         stub = extractor_pb2_grpc.ExtractorServiceStub(create_channel(address))
         config = pb.EmbedConfig(model=args.model, layers=[args.layer])
@@ -122,6 +125,7 @@ def main() -> None:
         stop_service(process)
     print(json.dumps({
         "model": args.model, "layer": args.layer, "batch": args.batch, "device": device_name(device),
+        "decode_processes": args.decode_processes,
         "service_img_s": round(service_img_s, 2), "inprocess_img_s": round(inprocess_img_s, 2),
         "ratio": round(service_img_s / inprocess_img_s, 3),
         "concurrent_img_s": round(concurrent_img_s, 2),

@@ -106,6 +106,7 @@ class RunningService:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        stop.wait()
+        while not stop.wait(0.5):  # wake up regularly so the handler always gets to run
+            pass
         self.stop(grace_s)
         self.log.info("stopped")

@@ -74,3 +74,19 @@ def test_unavailable_models_say_why(strict):
     vgg = models["vgg16"]
     assert not vgg.available and not vgg.pretrained
     assert "vgg16-397923af.pth" in vgg.unavailable_reason and "--allow-random-weights" in vgg.unavailable_reason
+
+
+def test_decoding_in_processes_gives_the_same_vectors_and_errors(extractor, chelsea_jpeg):
+    service, channel = start_extractor(decode_processes=2)
+    try:
+        stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+        forked = stub.Embed(request([chelsea_jpeg] * 3), timeout=60)
+        threaded = extractor.stub.Embed(request([chelsea_jpeg] * 3), timeout=60)
+        assert forked.layers[0].vectors.data == threaded.layers[0].vectors.data
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Embed(request([chelsea_jpeg, chelsea_jpeg[:300]]), timeout=60)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "image 1 is truncated" in error.value.details()
+    finally:
+        channel.close()
+        service.stop(1.0)

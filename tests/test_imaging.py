@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from convsearch_extractor.catalog import Preprocess
-from convsearch_extractor.imaging import ImageError, decode
+from convsearch_extractor.imaging import ImageError, Preprocess, decode
 
 PRE = Preprocess(resize_size=64, crop_size=56)
 RED, BLUE = (220, 20, 20), (20, 20, 220)

@@ -13,8 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from convsearch_extractor.imaging import Preprocess
 
 DEFAULT_MODEL = "efficientnet_lite0"
 TORCHVISION_MODELS = (
@@ -22,17 +21,6 @@ TORCHVISION_MODELS = (
     "densenet121", "inception_v3", "efficientnet_b0", "efficientnet_b5", "convnext_tiny",
 )
 _LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientnet_lite2": 260}
-
-
-@dataclasses.dataclass(frozen=True)
-class Preprocess:
-    """Resize the shorter side to `resize_size`, centre-crop `crop_size`, normalise with mean/std."""
-
-    resize_size: int
-    crop_size: int
-    bicubic: bool = False
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
 
 
 @dataclasses.dataclass(frozen=True)

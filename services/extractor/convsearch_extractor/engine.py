@@ -3,9 +3,10 @@ feeds the dynamic batcher, so decoding the next chunk overlaps the forward pass 
 """
 
 import dataclasses
+import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
 import prometheus_client as prom
@@ -51,16 +52,29 @@ class Metrics:
 ImageResult = dict[str, np.ndarray] | imaging.ImageError
 
 
+def make_decoder(processes: int, threads: int) -> Executor:
+    """A pool of `processes` decoding processes (free of the GIL), or of `threads` threads.
+
+    Processes are forked at once, before the caller starts gRPC threads or uses CUDA, so each
+    starts as a light copy that only ever decodes.
+    """
+    if processes <= 0:
+        return ThreadPoolExecutor(threads, thread_name_prefix="decode")
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    pool.submit(int).result()  # with fork, the first task starts every worker
+    return pool
+
+
 class Extractor:
     """Embeds images: validation, decoding pool, dynamic batching, one forward per batch."""
 
     def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
-                 decode_workers: int, default_model: str):
+                 decode_workers: int, default_model: str, decode_processes: int = 0):
         self.pool = pool
         self.limits = limits
         self.default_model = default_model
         self.metrics = Metrics()
-        self._decoder = ThreadPoolExecutor(decode_workers, thread_name_prefix="decode")
+        self._decoder = make_decoder(decode_processes, decode_workers)
         # Stream jobs wait on decodes, so they get threads of their own.
         self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
         self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,

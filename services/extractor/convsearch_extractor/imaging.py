@@ -1,7 +1,8 @@
 """Decoding any common image file into the upright RGB, resized and centre-cropped pixels a
-model expects. Runs in worker threads: Pillow releases the GIL while it decodes and resizes.
+model expects. Runs in worker threads or processes, so it imports no torch.
 """
 
+import dataclasses
 import io
 import struct
 import warnings
@@ -10,7 +11,21 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from convsearch.errors import InvalidArgument
-from convsearch_extractor.catalog import Preprocess
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocess:
+    """Resize the shorter side to `resize_size`, centre-crop `crop_size`, normalise with mean/std."""
+
+    resize_size: int
+    crop_size: int
+    bicubic: bool = False
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
 
 # Our own pixel limit (checked before decoding) replaces Pillow's global bomb check.
 Image.MAX_IMAGE_PIXELS = None

@@ -30,7 +30,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
     extractor = Extractor(pool, limits, config.max_batch, config.max_queue_delay_ms / 1000.0,
-                          config.decode_workers, config.default_model)
+                          config.decode_workers, config.default_model, config.decoder_processes())
     server = create_server(config.rpc_workers, config.max_message_mb)
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -82,9 +82,11 @@ def main(argv=None) -> None:
     config = load_config(argv)
     service, port = build_server(config)
     service.start()
-    log.info("extractor listening on %s:%d (device %s, max batch %d, queue delay %.1f ms, "
+    decoders = config.decoder_processes()
+    log.info("extractor listening on %s:%d (device %s, max batch %d, queue delay %.1f ms, decoding in %s, "
              "metrics port %d)", config.host, port, config.torch_device(), config.max_batch,
-             config.max_queue_delay_ms, service.metrics_port)
+             config.max_queue_delay_ms, f"{decoders} processes" if decoders else
+             f"{config.decode_workers} threads", service.metrics_port)
     service.run_until_signalled(config.grace_s)
 
 
