@@ -40,3 +40,15 @@ def test_pretrained_beats_random_weights_on_fashion_mnist(fashion500, tmp_path):
     for layer in LAYERS:
         assert scores[True, layer] > 0.5, scores
         assert scores[True, layer] > scores[False, layer] + 0.07, scores
+
+
+def test_padded_batches_give_the_same_vectors(chelsea_jpeg, coffee_jpeg, tmp_path):
+    spec = load_catalog(tmp_path)["efficientnet_lite0"]
+    pixels = np.stack([decode(image, spec.preprocess, 10**8) for image in (chelsea_jpeg, coffee_jpeg) * 3])
+    module = spec.build(True)
+    plain = LoadedModel(spec, module, True, torch.device("cpu"), pad_batches=False)
+    padded = LoadedModel(spec, module, True, torch.device("cpu"), pad_batches=True)
+    embed = EmbedSpec("efficientnet_lite0", LAYERS)
+    for layer, vectors in padded.embed(pixels, embed).items():
+        assert vectors.shape == (6, plain.embed(pixels, embed)[layer].shape[1])
+        np.testing.assert_allclose(vectors, plain.embed(pixels, embed)[layer], rtol=1e-4, atol=1e-4)

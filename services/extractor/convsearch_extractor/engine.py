@@ -14,7 +14,7 @@ import prometheus_client as prom
 from convsearch.errors import InvalidArgument, ResourceExhausted
 from convsearch_extractor import imaging
 from convsearch_extractor.batcher import DynamicBatcher, gather
-from convsearch_extractor.runtime import POOLINGS, EmbedSpec, ModelPool
+from convsearch_extractor.runtime import POOLINGS, EmbedSpec, ModelPool, padded_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,11 +166,16 @@ class Extractor:
         return results
 
     def warm_up(self) -> float:
-        """Loads the default model and runs one image through it; returns the seconds it took."""
+        """Loads the default model and runs it once per padded batch size it will see (once on
+        CPU); returns the seconds it took."""
         started = time.monotonic()
         spec, _ = self.resolve(self.default_model, (), "avg", False)
         size = self.pool.spec(spec.model).preprocess.crop_size
-        self._batcher.submit(spec, np.zeros((1, size, size, 3), np.uint8)).result()
+        counts = {1}
+        if self.pool.acquire(spec.model).pad_batches:
+            counts |= {padded_size(n) for n in range(1, self._batcher.max_batch + 1)}
+        for count in sorted(counts):
+            self._batcher.submit(spec, np.zeros((count, size, size, 3), np.uint8)).result()
         return time.monotonic() - started
 
     def close(self) -> None:

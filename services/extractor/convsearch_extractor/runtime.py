@@ -50,13 +50,24 @@ def pool(features: torch.Tensor, pooling: str, normalize: bool) -> torch.Tensor:
     return features
 
 
-class LoadedModel:
-    """One model on a device, with its feature extractors. Used by one batch thread at a time."""
+def padded_size(count: int) -> int:
+    """The power of two a batch of `count` images is padded to on CUDA."""
+    return 1 << max(0, count - 1).bit_length()
 
-    def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device):
+
+class LoadedModel:
+    """One model on a device, with its feature extractors. Used by one batch thread at a time.
+
+    With `pad_batches` (the default on CUDA) batches are padded to a power of two, so the GPU
+    sees few distinct shapes and its kernels are chosen once per shape, at warm-up.
+    """
+
+    def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device,
+                 pad_batches: bool | None = None):
         self.spec = spec
         self.pretrained = pretrained
         self.device = device
+        self.pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
         memory = torch.channels_last
         self.module = module.to(device=device, memory_format=memory)
         self.bytes = sum(t.numel() * t.element_size()
@@ -84,6 +95,10 @@ class LoadedModel:
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray, spec: EmbedSpec) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 pixels -> {layer: (N, D) float32}, all layers from one forward pass."""
+        count = len(pixels)
+        if self.pad_batches and padded_size(count) != count:
+            padding = np.zeros((padded_size(count) - count, *pixels.shape[1:]), pixels.dtype)
+            pixels = np.concatenate([pixels, padding])
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
         batch = batch.contiguous(memory_format=torch.channels_last)
@@ -91,7 +106,7 @@ class LoadedModel:
             extractor = self._extractor(spec.layers)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 outputs = extractor(batch)
-        return {layer: pool(outputs[layer], spec.pooling, spec.normalize).cpu().numpy()
+        return {layer: pool(outputs[layer][:count], spec.pooling, spec.normalize).cpu().numpy()
                 for layer in spec.layers}
 
 
