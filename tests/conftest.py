@@ -55,3 +55,17 @@ def extractor():
                                 stub=extractor_pb2_grpc.ExtractorServiceStub(channel))
     channel.close()
     service.stop(1.0)
+
+
+def start_index(data_dir, **overrides):
+    from convsearch_index.config import IndexConfig
+    from convsearch_index.server import SERVICE_NAME as INDEX_SERVICE
+    from convsearch_index.server import build_server as build_index
+
+    settings = dict(host="127.0.0.1", port=0, data_dir=str(data_dir), checkpoint_interval_s=3600.0)
+    settings.update(overrides)
+    service, port = build_index(IndexConfig(**settings))
+    service.start()
+    channel = create_channel(f"127.0.0.1:{port}")
+    wait_until_serving(channel, INDEX_SERVICE, timeout_s=30)
+    return service, channel

@@ -7,18 +7,19 @@ import numpy as np
 import pytest
 
 from convsearch.errors import InvalidArgument
+from convsearch.synthetic import clustered_vectors
 from convsearch_index.collection import VectorCollection, VectorSpec
 from convsearch_index.distances import exact_knn, pairwise
 
 
 def clustered(n: int, dim: int, clusters: int = 50, seed: int = 0) -> np.ndarray:
-    """Gaussian clusters around random centres, spread along a 24-dimensional subspace, like
-    CNN features (which have a low intrinsic dimension); the same centres for every seed."""
-    centres = np.random.default_rng(1234).normal(size=(clusters, dim))
-    basis = np.random.default_rng(4321).normal(size=(24, dim)) / np.sqrt(24)
-    rng = np.random.default_rng(seed)
-    spread = rng.normal(size=(n, 24)) @ basis + 0.05 * rng.normal(size=(n, dim))
-    return (centres[rng.integers(0, clusters, n)] + spread).astype(np.float32)
+    return clustered_vectors(n, dim, clusters, seed)
+
+
+def search_pairs(collection, *args, **options):
+    """The collection's search as [(id, distance), ...] per query."""
+    results, exact = collection.search(*args, **options)
+    return [[(i, float(d)) for i, d in zip(ids, distances, strict=True)] for ids, distances in results], exact
 
 
 def ids_of(n: int, start: int = 0) -> list[str]:
@@ -33,10 +34,10 @@ def test_recall_at_10_against_exact_search(tmp_path, metric):
     for start in range(0, len(vectors), 5000):
         collection.upsert(ids_of(5000, start), vectors[start:start + 5000])
     queries = clustered(200, 512, seed=1)
-    approximate, was_exact = collection.search(queries, 10)
-    exact, _ = collection.search(queries, 10, exact=True)
+    approximate, was_exact = search_pairs(collection, queries, 10)
+    exact, _ = search_pairs(collection, queries, 10, exact=True)
     assert not was_exact
-    recall = np.mean([len({i for i, _ in a} & {i for i, _ in e}) / 10 for a, e in zip(approximate, exact)])
+    recall = np.mean([len({i for i, _ in a} & {i for i, _ in e}) / 10 for a, e in zip(approximate, exact, strict=False)])
     assert recall >= 0.98, recall
     # Exact search is the ground truth: it agrees with brute force over every vector.
     truth = np.argsort(pairwise(queries[:5], vectors, metric), axis=1)[:, :10]
@@ -53,7 +54,7 @@ def small(tmp_path, metric="cosine", n=300, **spec):
 def test_distances_are_in_the_metrics_units(tmp_path):
     for metric in ("cosine", "euclidean", "sqeuclidean", "ip"):
         collection, vectors = small(tmp_path / metric, metric)
-        hits, _ = collection.search(vectors[:3], 5)
+        hits, _ = search_pairs(collection, vectors[:3], 5)
         truth = pairwise(vectors[:3], vectors, metric)
         for q, row in enumerate(hits):
             for item_id, distance in row:
@@ -62,7 +63,7 @@ def test_distances_are_in_the_metrics_units(tmp_path):
 
 def test_k_above_the_count_returns_what_exists(tmp_path):
     collection, vectors = small(tmp_path, n=7)
-    hits, _ = collection.search(vectors[:2], 50)
+    hits, _ = search_pairs(collection, vectors[:2], 50)
     assert [len(row) for row in hits] == [7, 7]
     assert hits[0][0][0] == "item-0"
 
@@ -71,13 +72,13 @@ def test_deleted_items_never_come_back_and_reupserts_replace(tmp_path):
     collection, vectors = small(tmp_path)
     assert collection.delete(["item-0", "item-1", "nope"]) == 2
     for exact in (False, True):
-        hits, _ = collection.search(vectors[:2], 300, exact=exact)
+        hits, _ = search_pairs(collection, vectors[:2], 300, exact=exact)
         returned = {item_id for row in hits for item_id, _ in row}
         assert "item-0" not in returned and "item-1" not in returned
         assert len(hits[0]) == 298
     # Re-upsert with another vector: it comes back with the new vector, once.
     assert collection.upsert(["item-0", "item-5"], vectors[[100, 101]]) == (1, 1)
-    hits, _ = collection.search(vectors[[100]], 3, exact=True)
+    hits, _ = search_pairs(collection, vectors[[100]], 3, exact=True)
     assert {"item-0", "item-100"} <= {item_id for item_id, _ in hits[0]}
     found, got, missing = collection.get(["item-0", "item-1", "item-5"])
     assert found == ["item-0", "item-5"] and missing == ["item-1"]
@@ -90,10 +91,10 @@ def test_filters_are_exact_even_when_few_items_match(tmp_path):
     slots = collection.slot_ids()
     for wanted in (3, 400):  # very selective, then broad
         allowed = np.array([int(i.split("-")[1]) % (3000 // wanted) == 0 for i in slots])
-        hits, _ = collection.search(vectors[:4], 10, allowed=allowed)
+        hits, _ = search_pairs(collection, vectors[:4], 10, allowed=allowed)
         rows = np.flatnonzero(allowed)
         truth_rows, _ = exact_knn(vectors[:4], vectors, rows, 10, "cosine")
-        for row, truth in zip(hits, truth_rows):
+        for row, truth in zip(hits, truth_rows, strict=False):
             assert all(allowed[int(i.split("-")[1])] for i, _ in row)
             assert len(row) == min(10, len(rows))
             overlap = len({i for i, _ in row} & {f"item-{t}" for t in truth})
@@ -107,9 +108,9 @@ def test_minkowski_p2_is_euclidean_and_p1_is_manhattan(tmp_path):
                             ("l1", "manhattan", 2.0), ("cheb", "chebyshev", 2.0)):
         collection = VectorCollection(tmp_path / name, VectorSpec(16, metric, p), fsync=False)
         collection.upsert(ids_of(500), vectors)
-        spaces[name] = collection.search(vectors[:5], 10, exact=True)[0]
+        spaces[name] = search_pairs(collection, vectors[:5], 10, exact=True)[0]
     for a, b in (("mk2", "l2"), ("mk1", "l1")):
-        for row_a, row_b in zip(spaces[a], spaces[b]):
+        for row_a, row_b in zip(spaces[a], spaces[b], strict=False):
             assert [i for i, _ in row_a] == [i for i, _ in row_b]
             np.testing.assert_allclose([d for _, d in row_a], [d for _, d in row_b], rtol=1e-4, atol=1e-5)
     cheb = np.abs(vectors[0] - vectors[int(spaces["cheb"][0][1][0].split("-")[1])]).max()
@@ -126,7 +127,7 @@ def test_bad_vectors_are_refused_and_change_nothing(tmp_path):
             collection.upsert(ids, data)
     assert len(collection) == 10
     with pytest.raises(InvalidArgument, match="infinite"):
-        collection.search(np.full((1, 16), np.inf, np.float32), 3)
+        search_pairs(collection, np.full((1, 16), np.inf, np.float32), 3)
 
 
 def test_restart_restores_everything_from_checkpoint_and_log(tmp_path):
@@ -134,15 +135,15 @@ def test_restart_restores_everything_from_checkpoint_and_log(tmp_path):
     collection.checkpoint()
     collection.upsert(["late"], vectors[[7]])  # only in the log
     collection.delete(["item-3"])
-    before, _ = collection.search(vectors[:5], 10)
+    before, _ = search_pairs(collection, vectors[:5], 10)
     collection.close(checkpoint=False)
     reopened = VectorCollection(tmp_path, collection.spec, fsync=False)
     assert len(reopened) == 300
-    assert reopened.search(vectors[:5], 10)[0] == before
+    assert search_pairs(reopened, vectors[:5], 10)[0] == before
     reopened.close()  # checkpoints and empties the log
     assert (tmp_path / "wal.log").stat().st_size == 0
     again = VectorCollection(tmp_path, collection.spec, fsync=False)
-    assert again.search(vectors[:5], 10)[0] == before and again.get(["item-3"])[2] == ["item-3"]
+    assert search_pairs(again, vectors[:5], 10)[0] == before and again.get(["item-3"])[2] == ["item-3"]
 
 
 def test_a_torn_log_tail_is_cut_off(tmp_path):
@@ -171,7 +172,7 @@ def test_searches_while_upserts_stream_in(tmp_path):
     def reader():
         try:
             while not done.is_set():
-                hits, _ = collection.search(vectors[:8], 10)
+                hits, _ = search_pairs(collection, vectors[:8], 10)
                 for q, row in enumerate(hits):
                     assert len(row) == 10 and row[0][0] == f"item-{q}"
                     assert [d for _, d in row] == sorted(d for _, d in row)

@@ -5,7 +5,7 @@ import threading
 
 import grpc
 
-from convsearch.common.v1 import common_pb2
+from convsearch.enums import POOLING_ENUMS, pooling_name
 from convsearch.errors import InvalidArgument
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.grpc_errors import map_errors
@@ -14,14 +14,6 @@ from convsearch_extractor import imaging
 from convsearch_extractor.engine import Extractor
 from convsearch_extractor.runtime import EmbedSpec
 
-_POOLINGS = {
-    common_pb2.POOLING_UNSPECIFIED: "avg",
-    common_pb2.POOLING_AVG: "avg",
-    common_pb2.POOLING_MAX: "max",
-    common_pb2.POOLING_FLATTEN: "flatten",
-}
-_POOLING_ENUMS = {"avg": common_pb2.POOLING_AVG, "max": common_pb2.POOLING_MAX,
-                  "flatten": common_pb2.POOLING_FLATTEN}
 # Stream messages in flight at once: bounds memory while decode and forward overlap.
 _STREAM_WINDOW = 4
 _END = object()
@@ -34,10 +26,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         self.extractor = extractor
 
     def _resolve(self, config: extractor_pb2.EmbedConfig):
-        if config.pooling not in _POOLINGS:
-            raise InvalidArgument(f"unknown pooling value {config.pooling}; use POOLING_AVG, "
-                                  "POOLING_MAX or POOLING_FLATTEN")
-        return self.extractor.resolve(config.model, config.layers, _POOLINGS[config.pooling],
+        return self.extractor.resolve(config.model, config.layers, pooling_name(config.pooling),
                                       config.normalize)
 
     @map_errors
@@ -66,7 +55,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         spec, dims = self._resolve(request.config)
         vectors = self.extractor.embed(spec, dims, list(request.images))
         return extractor_pb2.EmbedResponse(
-            model=spec.model, pooling=_POOLING_ENUMS[spec.pooling], normalized=spec.normalize,
+            model=spec.model, pooling=POOLING_ENUMS[spec.pooling], normalized=spec.normalize,
             pretrained=self.extractor.pool.acquire(spec.model).pretrained,
             layers=[extractor_pb2.LayerVectors(layer=layer, vectors=to_tensor(vectors[layer]))
                     for layer in spec.layers])

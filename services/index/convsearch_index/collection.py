@@ -242,8 +242,8 @@ class VectorCollection:
         return len(self._slot)
 
     def search(self, queries: np.ndarray, k: int, ef: int = 0, allowed: np.ndarray | None = None,
-               exact: bool = False, exact_below: int = 2000) -> tuple[list[list[tuple[str, float]]], bool]:
-        """k nearest live items per query, nearest first: ([(id, distance), ...] per query, exact?).
+               exact: bool = False, exact_below: int = 2000) -> tuple[list[tuple[list[str], np.ndarray]], bool]:
+        """k nearest live items per query, nearest first: ([(ids, distances)] per query, exact?).
 
         `allowed` is a boolean mask over slots (see `slot_ids`); when it leaves fewer than
         `exact_below` candidates (or fewer than 5% of the items), exact search answers, since a
@@ -263,7 +263,7 @@ class VectorCollection:
                 live = live & allowed[:len(live)]
             candidates = len(self._slot) if allowed is None else int(live.sum())
             if candidates == 0:
-                return [[] for _ in queries], True
+                return [([], np.zeros(0, np.float32)) for _ in queries], True
             use_exact = exact or self._graph is None or (
                 allowed is not None and (candidates < exact_below or candidates < 0.05 * len(self._slot)))
             if not use_exact:
@@ -272,8 +272,11 @@ class VectorCollection:
                     return found, False
             rows = np.flatnonzero(live)
             slots, distances = exact_knn(queries, self._vectors, rows, k, self.spec.metric, self.spec.minkowski_p)
-            return [[(self._ids[s], float(d)) for s, d in zip(row_slots, row_dist, strict=True)]
-                    for row_slots, row_dist in zip(slots, distances, strict=True)], True
+            return self._hits(slots, distances), True
+
+    def _hits(self, slots: np.ndarray, distances: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
+        ids = self._ids
+        return [([ids[s] for s in row], row_dist) for row, row_dist in zip(slots.tolist(), distances, strict=True)]
 
     def _graph_search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
         graph = self._graph
@@ -287,9 +290,7 @@ class VectorCollection:
         finally:
             if ef != self.spec.ef:
                 graph.set_ef(self.spec.ef)
-        distances = from_hnsw(distances, self.spec.metric)
-        return [[(self._ids[s], float(d)) for s, d in zip(row_slots, row_dist, strict=True)]
-                for row_slots, row_dist in zip(labels, distances, strict=True)]
+        return self._hits(labels, from_hnsw(distances, self.spec.metric))
 
     def stats(self) -> dict:
         """count, deleted, capacity, memory_bytes, approximate."""

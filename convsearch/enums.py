@@ -1,0 +1,39 @@
+"""Proto enums <-> the plain names the proto-free core uses."""
+
+from convsearch.common.v1 import common_pb2
+from convsearch.errors import InvalidArgument
+
+POOLING_NAMES = {
+    common_pb2.POOLING_UNSPECIFIED: "avg",
+    common_pb2.POOLING_AVG: "avg",
+    common_pb2.POOLING_MAX: "max",
+    common_pb2.POOLING_FLATTEN: "flatten",
+}
+POOLING_ENUMS = {"avg": common_pb2.POOLING_AVG, "max": common_pb2.POOLING_MAX,
+                 "flatten": common_pb2.POOLING_FLATTEN}
+METRIC_NAMES = {
+    common_pb2.METRIC_UNSPECIFIED: "cosine",
+    common_pb2.METRIC_COSINE: "cosine",
+    common_pb2.METRIC_EUCLIDEAN: "euclidean",
+    common_pb2.METRIC_SQUARED_EUCLIDEAN: "sqeuclidean",
+    common_pb2.METRIC_INNER_PRODUCT: "ip",
+    common_pb2.METRIC_MANHATTAN: "manhattan",
+    common_pb2.METRIC_CHEBYSHEV: "chebyshev",
+    common_pb2.METRIC_MINKOWSKI: "minkowski",
+}
+METRIC_ENUMS = {name: value for value, name in METRIC_NAMES.items() if value != common_pb2.METRIC_UNSPECIFIED}
+
+
+def pooling_name(value: int) -> str:
+    """The core's name of a Pooling value; INVALID_ARGUMENT for a value this version does not know."""
+    if value not in POOLING_NAMES:
+        raise InvalidArgument(f"unknown pooling value {value}; use POOLING_AVG, POOLING_MAX or POOLING_FLATTEN")
+    return POOLING_NAMES[value]
+
+
+def metric_name(value: int) -> str:
+    """The core's name of a Metric value; INVALID_ARGUMENT for a value this version does not know."""
+    if value not in METRIC_NAMES:
+        raise InvalidArgument(f"unknown metric value {value}; use one of "
+                              f"{', '.join(common_pb2.Metric.Name(v) for v in METRIC_ENUMS.values())}")
+    return METRIC_NAMES[value]

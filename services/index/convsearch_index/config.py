@@ -1,0 +1,35 @@
+"""The index's configuration, from flags and CONVSEARCH_INDEX_* environment variables."""
+
+import dataclasses
+
+from convsearch.config import check_positive, option, parse_config
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexConfig:
+    """Everything the index process can be told."""
+
+    host: str = option("0.0.0.0", "interface to listen on")
+    port: int = option(50053, "gRPC port; 0 picks a free one")
+    data_dir: str = option("./data/index", "where datasets, items, vectors and snapshots live")
+    checkpoint_interval_s: float = option(60.0, "seconds between checkpoints of collections with new writes")
+    fsync: bool = option(True, "fsync every write before answering (turn off only for throwaway data)")
+    max_k: int = option(1000, "largest k a search may ask for")
+    max_queries: int = option(4096, "most query vectors in one search")
+    exact_below: int = option(2000, "filtered searches with fewer candidates than this run exactly")
+    max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
+    rpc_workers: int = option(32, "threads serving RPCs")
+    grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+
+    def validate(self) -> None:
+        """Raises ValueError for values the service cannot run with."""
+        for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers"):
+            check_positive(getattr(self, name), name)
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+
+
+def load_config(argv=None) -> IndexConfig:
+    """Parses flags and environment; exits with a usage message on a bad value."""
+    return parse_config(IndexConfig, "convsearch-index", "CONVSEARCH_INDEX", argv,
+                        "Durable datasets, items and hnswlib vector collections, over gRPC.")

@@ -1,0 +1,354 @@
+"""The index's proto-free core: datasets, items and collections, their validation, their
+durability (a lock file, SQLite, per-collection logs and checkpoints) and snapshots."""
+
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from convsearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from convsearch_index.collection import VectorCollection, VectorSpec
+from convsearch_index.distances import check_metric
+from convsearch_index.records import DatasetRecord, ItemRecord, Records
+from convsearch_index.rwlock import RWLock
+
+log = logging.getLogger("convsearch.index")
+NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+MAX_ID = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on requests; each breach is a clear INVALID_ARGUMENT."""
+
+    max_k: int = 1000
+    max_queries: int = 4096
+    exact_below: int = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectionKey:
+    """What a collection holds: the vectors of one model, layer, pooling and metric."""
+
+    model: str
+    layer: str
+    pooling: str = "avg"
+    metric: str = "cosine"
+    minkowski_p: float = 2.0
+
+    @property
+    def name(self) -> str:
+        metric = f"minkowski{self.minkowski_p:g}" if self.metric == "minkowski" else self.metric
+        return f"{self.model}/{self.layer}/{self.pooling}/{metric}"
+
+
+@dataclasses.dataclass
+class CollectionInfo:
+    """A collection as the core keeps it."""
+
+    dataset: str
+    key: CollectionKey
+    spec: VectorSpec
+    vectors: VectorCollection
+
+
+def check_name(name: str) -> None:
+    if not NAME.fullmatch(name or ""):
+        raise InvalidArgument(f"invalid dataset name {name!r}: use 1-64 of a-z, 0-9, _ and -, "
+                              "starting with a letter or digit")
+
+
+def check_ids(ids: Sequence[str], what: str = "item id") -> None:
+    for item_id in ids:
+        if not item_id or len(item_id) > MAX_ID:
+            raise InvalidArgument(f"{what} {item_id[:40]!r}... has {len(item_id)} characters; use 1 to {MAX_ID}"
+                                  if item_id else f"an {what} is empty; every item needs an id")
+
+
+class Index:
+    """Everything the index service keeps, under one data directory."""
+
+    def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True):
+        self.data_dir = data_dir
+        self.limits = limits
+        self.fsync = fsync
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "collections").mkdir(exist_ok=True)
+        (data_dir / "snapshots").mkdir(exist_ok=True)
+        self._lock_file = open(data_dir / "LOCK", "w")  # noqa: SIM115 - held for the process's life
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise FailedPrecondition(f"data dir {data_dir} is in use by another index process "
+                                     "(its LOCK file is held); stop that one or use another --data-dir") from None
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+        self.records = Records(data_dir / "records.sqlite")
+        # Mutations take the read side; a snapshot takes the write side for a consistent copy.
+        self._guard = RWLock()
+        self._meta = threading.Lock()
+        self._collections: dict[tuple[str, str], CollectionInfo] = {}
+        self._labels: dict[str, dict[str, str]] = {name: self.records.labels(name)
+                                                   for name in self.records.dataset_names()}
+        for dataset, _name, spec, directory in self.records.collections():
+            self._open_collection(dataset, spec, pathlib.Path(directory))
+        log.info("opened %s: %d datasets, %d collections", data_dir, len(self._labels), len(self._collections))
+
+    def _open_collection(self, dataset: str, spec: dict, directory: pathlib.Path) -> CollectionInfo:
+        key = CollectionKey(spec["model"], spec["layer"], spec["pooling"], spec["metric"], spec["minkowski_p"])
+        vector_spec = VectorSpec(spec["dimension"], spec["metric"], spec["minkowski_p"], spec["m"],
+                                 spec["ef_construction"], spec["ef"])
+        info = CollectionInfo(dataset, key, vector_spec, VectorCollection(directory, vector_spec, self.fsync))
+        self._collections[dataset, key.name] = info
+        return info
+
+    # ---- datasets ----------------------------------------------------------------------
+
+    def _require_dataset(self, name: str) -> None:
+        check_name(name)
+        if name not in self._labels:
+            raise NotFound(f"dataset {name!r} does not exist; create it first (known: "
+                           f"{', '.join(sorted(self._labels)) or 'none'})")
+
+    def create_dataset(self, name: str, description: str = "") -> DatasetRecord:
+        check_name(name)
+        with self._guard.read(), self._meta:
+            if name in self._labels:
+                raise AlreadyExists(f"dataset {name!r} exists already; pick another name or delete it first")
+            self.records.create_dataset(name, description)
+            self._labels[name] = {}
+        return self.dataset(name)
+
+    def dataset(self, name: str) -> DatasetRecord:
+        self._require_dataset(name)
+        return self.records.dataset(name)
+
+    def datasets(self) -> list[DatasetRecord]:
+        return [self.records.dataset(name) for name in self.records.dataset_names()]
+
+    def delete_dataset(self, name: str) -> None:
+        self._require_dataset(name)
+        with self._guard.read(), self._meta:
+            for key in [k for k in self._collections if k[0] == name]:
+                self._drop_collection(*key)
+            self.records.delete_dataset(name)
+            del self._labels[name]
+
+    # ---- items -------------------------------------------------------------------------
+
+    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> tuple[int, int]:
+        """Upserts items: (inserted, replaced). A replaced item whose image changed loses its
+        vectors, so the next indexing run embeds it again."""
+        self._require_dataset(dataset)
+        if not items:
+            raise InvalidArgument("no items given; send at least one")
+        ids = [item.id for item in items]
+        check_ids(ids)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgument("an item id appears twice in the batch; send each item once")
+        for item in items:
+            if len(item.label) > MAX_ID:
+                raise InvalidArgument(f"label of item {item.id!r} is longer than {MAX_ID} characters")
+        with self._guard.read():
+            inserted, replaced, changed = self.records.put_items(dataset, items)
+            self._labels[dataset].update((item.id, item.label) for item in items)
+            if changed:
+                for info in self._dataset_collections(dataset):
+                    info.vectors.delete(changed)
+        return len(inserted), len(replaced)
+
+    def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> tuple[list[ItemRecord], list[str]]:
+        self._require_dataset(dataset)
+        found = self.records.get_items(dataset, ids, include_images)
+        return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
+
+    def scan_items(self, dataset: str, after: str, limit: int, include_images: bool, label: str = ""):
+        self._require_dataset(dataset)
+        if not 1 <= limit <= 1000:
+            raise InvalidArgument(f"page size {limit} is out of range; use 1 to 1000")
+        return self.records.scan_items(dataset, after, limit, include_images, label)
+
+    def delete_items(self, dataset: str, ids: Sequence[str]) -> tuple[int, int]:
+        """Deletes items from the dataset and every collection: (deleted, not found)."""
+        self._require_dataset(dataset)
+        with self._guard.read():
+            for info in self._dataset_collections(dataset):
+                info.vectors.delete(ids)
+            deleted = self.records.delete_items(dataset, ids)
+            for item_id in deleted:
+                self._labels[dataset].pop(item_id, None)
+        return len(deleted), len(set(ids)) - len(deleted)
+
+    def labels(self, dataset: str) -> dict[str, str]:
+        self._require_dataset(dataset)
+        return self._labels[dataset]
+
+    # ---- collections -------------------------------------------------------------------
+
+    def _dataset_collections(self, dataset: str) -> list[CollectionInfo]:
+        with self._meta:
+            return [info for (d, _), info in self._collections.items() if d == dataset]
+
+    def create_collection(self, dataset: str, key: CollectionKey, dimension: int, m: int = 16,
+                          ef_construction: int = 200, ef: int = 64) -> CollectionInfo:
+        self._require_dataset(dataset)
+        if not key.model or not key.layer:
+            raise InvalidArgument("a collection needs a model and a layer")
+        if key.pooling not in ("avg", "max", "flatten"):
+            raise InvalidArgument(f"unknown pooling {key.pooling!r}")
+        check_metric(key.metric, key.minkowski_p)
+        for value, what, low, high in ((dimension, "dimension", 1, 1 << 20), (m, "M", 2, 256),
+                                       (ef_construction, "ef_construction", 1, 10_000), (ef, "ef", 1, 10_000)):
+            if not low <= value <= high:
+                raise InvalidArgument(f"{what} {value} is out of range; use {low} to {high}")
+        spec = {**dataclasses.asdict(key), "dimension": dimension, "m": m, "ef_construction": ef_construction,
+                "ef": ef}
+        with self._guard.read(), self._meta:
+            if (dataset, key.name) in self._collections:
+                raise AlreadyExists(f"collection {key.name!r} of dataset {dataset!r} exists already")
+            directory = self.data_dir / "collections" / uuid.uuid4().hex
+            self.records.create_collection(dataset, key.name, spec, str(directory))
+            return self._open_collection(dataset, spec, directory)
+
+    def collection(self, dataset: str, name: str) -> CollectionInfo:
+        self._require_dataset(dataset)
+        with self._meta:
+            info = self._collections.get((dataset, name))
+        if info is None:
+            known = ", ".join(i.key.name for i in self._dataset_collections(dataset)) or "none"
+            raise NotFound(f"dataset {dataset!r} has no collection {name!r} (it has: {known})")
+        return info
+
+    def collections(self, dataset: str) -> list[CollectionInfo]:
+        self._require_dataset(dataset)
+        return sorted(self._dataset_collections(dataset), key=lambda info: info.key.name)
+
+    def _drop_collection(self, dataset: str, name: str) -> None:
+        info = self._collections.pop((dataset, name))
+        info.vectors.close(checkpoint=False)
+        self.records.delete_collection(dataset, name)
+        shutil.rmtree(info.vectors.directory, ignore_errors=True)
+
+    def delete_collection(self, dataset: str, name: str) -> None:
+        self.collection(dataset, name)
+        with self._guard.read(), self._meta:
+            self._drop_collection(dataset, name)
+
+    # ---- vectors -----------------------------------------------------------------------
+
+    def upsert_vectors(self, dataset: str, name: str, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
+        info = self.collection(dataset, name)
+        labels = self._labels[dataset]
+        unknown = [item_id for item_id in ids if item_id not in labels]
+        if unknown:
+            raise NotFound(f"item {unknown[0]!r} is not in dataset {dataset!r} ({len(unknown)} unknown ids); "
+                           "put the items first")
+        with self._guard.read():
+            return info.vectors.upsert(ids, vectors)
+
+    def search(self, dataset: str, name: str, queries: np.ndarray, k: int, ef: int = 0,
+               include_labels: Sequence[str] = (), exclude_labels: Sequence[str] = (),
+               exclude_ids: Sequence[str] = (), exact: bool = False):
+        """([(ids, labels, distances)] per query, nearest first; exact?)."""
+        info = self.collection(dataset, name)
+        if not 1 <= k <= self.limits.max_k:
+            raise InvalidArgument(f"k = {k} is out of range; use 1 to {self.limits.max_k}")
+        if not 0 <= ef <= 10_000:
+            raise InvalidArgument(f"ef = {ef} is out of range; use 0 (the collection's) to 10000")
+        if not 1 <= len(queries) <= self.limits.max_queries:
+            raise InvalidArgument(f"{len(queries)} queries; send 1 to {self.limits.max_queries}")
+        labels = self._labels[dataset]
+        allowed = None
+        if include_labels or exclude_labels or exclude_ids:
+            include, exclude, skip = set(include_labels), set(exclude_labels), set(exclude_ids)
+            allowed = np.array([item_id is not None and item_id not in skip
+                                and (not include or labels.get(item_id) in include)
+                                and labels.get(item_id) not in exclude
+                                for item_id in info.vectors.slot_ids()], bool)
+        hits, was_exact = info.vectors.search(queries, k, ef, allowed, exact, self.limits.exact_below)
+        return [(ids, [labels.get(i, "") for i in ids], distances) for ids, distances in hits], was_exact
+
+    def get_vectors(self, dataset: str, name: str, ids: Sequence[str]):
+        return self.collection(dataset, name).vectors.get(ids)
+
+    # ---- durability --------------------------------------------------------------------
+
+    def checkpoint(self) -> None:
+        """Checkpoints every collection whose log holds something."""
+        with self._meta:
+            infos = list(self._collections.values())
+        for info in infos:
+            info.vectors.checkpoint()
+
+    def snapshot(self, dataset: str) -> pathlib.Path:
+        """A tar file under data_dir/snapshots holding the dataset's items and collections."""
+        self._require_dataset(dataset)
+        name = f"{dataset}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        target = self.data_dir / "snapshots" / f"{name}.tar"
+        with self._guard.write(), tempfile.TemporaryDirectory(dir=self.data_dir) as work:
+            work = pathlib.Path(work)
+            self.records.export_dataset(dataset, work / "records.sqlite")
+            manifest = {"dataset": dataset, "collections": []}
+            for index, info in enumerate(self._dataset_collections(dataset)):
+                info.vectors.checkpoint()
+                current = (info.vectors.directory / "CURRENT").read_text().strip()
+                shutil.copytree(info.vectors.directory / current, work / f"collection-{index}")
+                manifest["collections"].append({"folder": f"collection-{index}", "spec": {
+                    **dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
+                    "ef_construction": info.spec.ef_construction, "ef": info.spec.ef}})
+            (work / "manifest.json").write_text(json.dumps(manifest))
+            partial = target.with_suffix(".tar.tmp")
+            with tarfile.open(partial, "w") as archive:
+                archive.add(work, arcname=".")
+            os.replace(partial, target)
+        return target
+
+    def restore(self, snapshot: str, dataset: str) -> DatasetRecord:
+        """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset."""
+        check_name(dataset)
+        path = self.data_dir / "snapshots" / f"{snapshot}.tar"
+        if "/" in snapshot or not path.is_file():
+            known = ", ".join(p.stem for p in sorted((self.data_dir / "snapshots").glob("*.tar"))) or "none"
+            raise NotFound(f"no snapshot {snapshot!r} (snapshots: {known})")
+        with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
+            work = pathlib.Path(work)
+            with tarfile.open(path) as archive:
+                archive.extractall(work, filter="data")
+            manifest = json.loads((work / "manifest.json").read_text())
+            self.create_dataset(dataset, f"restored from {snapshot}")
+            self.records.import_items(work / "records.sqlite", manifest["dataset"], dataset)
+            self._labels[dataset] = self.records.labels(dataset)
+            with self._guard.read(), self._meta:
+                for entry in manifest["collections"]:
+                    directory = self.data_dir / "collections" / uuid.uuid4().hex
+                    directory.mkdir()
+                    shutil.copytree(work / entry["folder"], directory / "ckpt-000001")
+                    (directory / "CURRENT").write_text("ckpt-000001")
+                    key = CollectionKey(**{k: entry["spec"][k] for k in
+                                           ("model", "layer", "pooling", "metric", "minkowski_p")})
+                    self.records.create_collection(dataset, key.name, entry["spec"], str(directory))
+                    self._open_collection(dataset, entry["spec"], directory)
+        return self.dataset(dataset)
+
+    def close(self) -> None:
+        """Checkpoints everything and releases the data dir."""
+        with self._meta:
+            infos = list(self._collections.values())
+        for info in infos:
+            info.vectors.close()
+        self.records.close()
+        fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()

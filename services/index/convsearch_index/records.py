@@ -1,0 +1,181 @@
+"""Datasets, items (with their image bytes) and collection definitions in SQLite, WAL mode,
+synchronous=FULL: a committed write survives a crash."""
+
+import dataclasses
+import json
+import pathlib
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Sequence
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS datasets (
+    name TEXT PRIMARY KEY, description TEXT NOT NULL, created_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    dataset TEXT NOT NULL, id TEXT NOT NULL, label TEXT NOT NULL, metadata TEXT NOT NULL,
+    image BLOB NOT NULL, PRIMARY KEY (dataset, id)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS items_by_label ON items (dataset, label, id);
+CREATE TABLE IF NOT EXISTS collections (
+    dataset TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, directory TEXT NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (dataset, name));
+"""
+
+
+@dataclasses.dataclass
+class ItemRecord:
+    """One item as stored."""
+
+    id: str
+    label: str = ""
+    metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+    image: bytes = b""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetRecord:
+    """One dataset as stored, with its counts."""
+
+    name: str
+    description: str
+    created_at: float
+    item_count: int
+    collection_count: int
+
+
+class Records:
+    """The SQLite side of the index. One connection, serialised by a lock."""
+
+    def __init__(self, path: pathlib.Path):
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def _transaction(self, statements: Iterable[tuple[str, Sequence]]) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, args in statements:
+                    self._db.execute(sql, args)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # ---- datasets ----------------------------------------------------------------------
+
+    def create_dataset(self, name: str, description: str) -> None:
+        self._transaction([("INSERT INTO datasets VALUES (?, ?, ?)", (name, description, time.time()))])
+
+    def dataset(self, name: str) -> DatasetRecord | None:
+        rows = self._query(
+            "SELECT name, description, created_at, "
+            "(SELECT COUNT(*) FROM items WHERE dataset = d.name), "
+            "(SELECT COUNT(*) FROM collections WHERE dataset = d.name) FROM datasets d WHERE name = ?", (name,))
+        return DatasetRecord(*rows[0]) if rows else None
+
+    def dataset_names(self) -> list[str]:
+        return [row[0] for row in self._query("SELECT name FROM datasets ORDER BY name")]
+
+    def delete_dataset(self, name: str) -> None:
+        self._transaction([(f"DELETE FROM {table} WHERE {column} = ?", (name,))
+                           for table, column in (("items", "dataset"), ("collections", "dataset"),
+                                                 ("datasets", "name"))])
+
+    # ---- items -------------------------------------------------------------------------
+
+    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> tuple[list[str], list[str], list[str]]:
+        """Upserts items in one transaction: (inserted ids, replaced ids, ids whose image changed)."""
+        ids = [item.id for item in items]
+        existing = {}
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            existing.update(self._query(f"SELECT id, image FROM items WHERE dataset = ? AND id IN ({marks})",
+                                        (dataset, *chunk)))
+        self._transaction(
+            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)",
+             (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image))
+            for item in items)
+        inserted = [i for i in ids if i not in existing]
+        replaced = [i for i in ids if i in existing]
+        changed = [item.id for item in items if item.id in existing and existing[item.id] != item.image]
+        return inserted, replaced, changed
+
+    def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> dict[str, ItemRecord]:
+        image = "image" if include_images else "x''"
+        found = {}
+        for start in range(0, len(ids), 500):
+            chunk = list(ids[start:start + 500])
+            marks = ",".join("?" * len(chunk))
+            for row in self._query(f"SELECT id, label, metadata, {image} FROM items "
+                                   f"WHERE dataset = ? AND id IN ({marks})", (dataset, *chunk)):
+                found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]))
+        return found
+
+    def scan_items(self, dataset: str, after: str, limit: int, include_images: bool, label: str = ""
+                   ) -> list[ItemRecord]:
+        image = "image" if include_images else "x''"
+        where = "dataset = ? AND id > ?" + (" AND label = ?" if label else "")
+        args = (dataset, after, label) if label else (dataset, after)
+        return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3])) for row in self._query(
+            f"SELECT id, label, metadata, {image} FROM items WHERE {where} ORDER BY id LIMIT ?", (*args, limit))]
+
+    def labels(self, dataset: str) -> dict[str, str]:
+        return dict(self._query("SELECT id, label FROM items WHERE dataset = ?", (dataset,)))
+
+    def delete_items(self, dataset: str, ids: Sequence[str]) -> list[str]:
+        """Deletes the items that exist; returns their ids."""
+        present = list(self.get_items(dataset, ids, include_images=False))
+        self._transaction(("DELETE FROM items WHERE dataset = ? AND id = ?", (dataset, i)) for i in present)
+        return present
+
+    # ---- collections -------------------------------------------------------------------
+
+    def create_collection(self, dataset: str, name: str, spec: dict, directory: str) -> None:
+        self._transaction([("INSERT INTO collections VALUES (?, ?, ?, ?, ?)",
+                            (dataset, name, json.dumps(spec, sort_keys=True), directory, time.time()))])
+
+    def collections(self) -> list[tuple[str, str, dict, str]]:
+        """(dataset, name, spec, directory) of every collection."""
+        return [(d, n, json.loads(s), path) for d, n, s, path in
+                self._query("SELECT dataset, name, spec, directory FROM collections ORDER BY dataset, name")]
+
+    def delete_collection(self, dataset: str, name: str) -> None:
+        self._transaction([("DELETE FROM collections WHERE dataset = ? AND name = ?", (dataset, name))])
+
+    def export_dataset(self, dataset: str, path: pathlib.Path) -> None:
+        """Copies a dataset's rows into a new SQLite file (for snapshots)."""
+        fresh = sqlite3.connect(path)
+        fresh.executescript(_SCHEMA)
+        fresh.close()
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
+            try:
+                for table, column in (("datasets", "name"), ("items", "dataset"), ("collections", "dataset")):
+                    self._db.execute(f"INSERT INTO snapshot.{table} SELECT * FROM main.{table} WHERE {column} = ?",
+                                     (dataset,))
+            finally:
+                self._db.execute("DETACH DATABASE snapshot")
+
+    def import_items(self, path: pathlib.Path, source: str, target: str) -> None:
+        """Copies items of dataset `source` from a snapshot file into dataset `target`."""
+        with self._lock:
+            self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO main.items SELECT ?, id, label, metadata, image "
+                                 "FROM snapshot.items WHERE dataset = ?", (target, source))
+                self._db.execute("COMMIT")
+            finally:
+                self._db.execute("DETACH DATABASE snapshot")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

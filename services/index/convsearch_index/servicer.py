@@ -1,0 +1,150 @@
+"""IndexService over gRPC: converts messages and leaves the work to the Index core."""
+
+from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
+from convsearch.errors import InvalidArgument
+from convsearch.grpc_errors import map_errors
+from convsearch.index.v1 import index_pb2 as pb
+from convsearch.index.v1 import index_pb2_grpc
+from convsearch.tensors import from_tensor, to_tensor
+from convsearch_index.engine import CollectionInfo, CollectionKey, Index
+from convsearch_index.records import DatasetRecord, ItemRecord
+
+DEFAULT_PAGE = 100
+
+
+def _dataset(record: DatasetRecord) -> pb.Dataset:
+    return pb.Dataset(name=record.name, description=record.description, created_at=record.created_at,
+                      item_count=record.item_count, collection_count=record.collection_count)
+
+
+def _item(record: ItemRecord) -> pb.Item:
+    return pb.Item(id=record.id, label=record.label, metadata=record.metadata, image=record.image)
+
+
+def _collection(info: CollectionInfo) -> pb.Collection:
+    stats = info.vectors.stats()
+    spec = pb.CollectionSpec(
+        model=info.key.model, layer=info.key.layer, pooling=POOLING_ENUMS[info.key.pooling],
+        metric=METRIC_ENUMS[info.key.metric], minkowski_p=info.key.minkowski_p, dimension=info.spec.dimension,
+        m=info.spec.m, ef_construction=info.spec.ef_construction, ef=info.spec.ef)
+    return pb.Collection(name=info.key.name, dataset=info.dataset, spec=spec, **stats)
+
+
+class IndexServicer(index_pb2_grpc.IndexServiceServicer):
+    """Thin gRPC edge of the index."""
+
+    def __init__(self, index: Index):
+        self.index = index
+
+    @map_errors
+    def CreateDataset(self, request, context):
+        return pb.CreateDatasetResponse(dataset=_dataset(self.index.create_dataset(request.name, request.description)))
+
+    @map_errors
+    def GetDataset(self, request, context):
+        return pb.GetDatasetResponse(dataset=_dataset(self.index.dataset(request.name)))
+
+    @map_errors
+    def ListDatasets(self, request, context):
+        return pb.ListDatasetsResponse(datasets=[_dataset(d) for d in self.index.datasets()])
+
+    @map_errors
+    def DeleteDataset(self, request, context):
+        self.index.delete_dataset(request.name)
+        return pb.DeleteDatasetResponse()
+
+    @staticmethod
+    def _records(request) -> list[ItemRecord]:
+        return [ItemRecord(item.id, item.label, dict(item.metadata), item.image) for item in request.items]
+
+    @map_errors
+    def PutItems(self, request, context):
+        inserted, replaced = self.index.put_items(request.dataset, self._records(request))
+        return pb.PutItemsResponse(inserted=inserted, replaced=replaced)
+
+    @map_errors
+    def PutItemsStream(self, request_iterator, context):
+        dataset, inserted, replaced = "", 0, 0
+        for request in request_iterator:
+            if request.dataset and dataset and request.dataset != dataset:
+                raise InvalidArgument(f"the stream switched from dataset {dataset!r} to {request.dataset!r}; "
+                                      "open a stream per dataset")
+            dataset = dataset or request.dataset
+            if not dataset:
+                raise InvalidArgument("the first message of the stream must name the dataset")
+            if request.items:
+                counts = self.index.put_items(dataset, self._records(request))
+                inserted, replaced = inserted + counts[0], replaced + counts[1]
+        return pb.PutItemsResponse(inserted=inserted, replaced=replaced)
+
+    @map_errors
+    def GetItems(self, request, context):
+        found, missing = self.index.get_items(request.dataset, list(request.ids), request.include_images)
+        return pb.GetItemsResponse(items=[_item(i) for i in found], missing_ids=missing)
+
+    @map_errors
+    def ScanItems(self, request, context):
+        size = request.page_size or DEFAULT_PAGE
+        items = self.index.scan_items(request.dataset, request.page_token, size, request.include_images,
+                                      request.label)
+        token = items[-1].id if len(items) == size else ""
+        return pb.ScanItemsResponse(items=[_item(i) for i in items], next_page_token=token)
+
+    @map_errors
+    def DeleteItems(self, request, context):
+        deleted, not_found = self.index.delete_items(request.dataset, list(request.ids))
+        return pb.DeleteItemsResponse(deleted=deleted, not_found=not_found)
+
+    @map_errors
+    def CreateCollection(self, request, context):
+        spec = request.spec
+        key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling), metric_name(spec.metric),
+                            spec.minkowski_p or 2.0)
+        info = self.index.create_collection(request.dataset, key, spec.dimension, spec.m or 16,
+                                            spec.ef_construction or 200, spec.ef or 64)
+        return pb.CreateCollectionResponse(collection=_collection(info))
+
+    @map_errors
+    def ListCollections(self, request, context):
+        return pb.ListCollectionsResponse(collections=[_collection(i) for i in self.index.collections(request.dataset)])
+
+    @map_errors
+    def DeleteCollection(self, request, context):
+        self.index.delete_collection(request.dataset, request.collection)
+        return pb.DeleteCollectionResponse()
+
+    @map_errors
+    def GetCollectionStats(self, request, context):
+        return pb.GetCollectionStatsResponse(collection=_collection(
+            self.index.collection(request.dataset, request.collection)))
+
+    @map_errors
+    def UpsertVectors(self, request, context):
+        vectors = from_tensor(request.vectors, "vectors")
+        inserted, replaced = self.index.upsert_vectors(request.dataset, request.collection, list(request.ids), vectors)
+        return pb.UpsertVectorsResponse(inserted=inserted, replaced=replaced)
+
+    @map_errors
+    def Search(self, request, context):
+        queries = from_tensor(request.queries, "queries")
+        if queries.ndim != 2:
+            raise InvalidArgument(f"queries have shape {list(queries.shape)}; send [Q, dimension]")
+        results, exact = self.index.search(
+            request.dataset, request.collection, queries, request.k, request.ef, list(request.include_labels),
+            list(request.exclude_labels), list(request.exclude_ids), request.exact)
+        return pb.SearchResponse(exact=exact, results=[
+            pb.QueryResult(ids=ids, labels=labels, distances=distances.tolist()) for ids, labels, distances in results])
+
+    @map_errors
+    def GetVectors(self, request, context):
+        found, vectors, missing = self.index.get_vectors(request.dataset, request.collection, list(request.ids))
+        return pb.GetVectorsResponse(ids=found, vectors=to_tensor(vectors), missing_ids=missing)
+
+    @map_errors
+    def SnapshotDataset(self, request, context):
+        path = self.index.snapshot(request.dataset)
+        return pb.SnapshotDatasetResponse(snapshot=path.stem, path=str(path), size_bytes=path.stat().st_size)
+
+    @map_errors
+    def RestoreDataset(self, request, context):
+        return pb.RestoreDatasetResponse(dataset=_dataset(self.index.restore(request.snapshot, request.dataset)))
