@@ -12,6 +12,7 @@ test: setup
 
 bench: setup
 	.venv/bin/python bench/extractor_bench.py
+	.venv/bin/python bench/index_bench.py
 
 lint: setup
 	.venv/bin/ruff check convsearch services tests bench scripts

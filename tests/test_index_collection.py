@@ -37,7 +37,8 @@ def test_recall_at_10_against_exact_search(tmp_path, metric):
     approximate, was_exact = search_pairs(collection, queries, 10)
     exact, _ = search_pairs(collection, queries, 10, exact=True)
     assert not was_exact
-    recall = np.mean([len({i for i, _ in a} & {i for i, _ in e}) / 10 for a, e in zip(approximate, exact, strict=False)])
+    recall = np.mean([len({i for i, _ in a} & {i for i, _ in e}) / 10
+                      for a, e in zip(approximate, exact, strict=True)])
     assert recall >= 0.98, recall
     # Exact search is the ground truth: it agrees with brute force over every vector.
     truth = np.argsort(pairwise(queries[:5], vectors, metric), axis=1)[:, :10]
@@ -94,7 +95,7 @@ def test_filters_are_exact_even_when_few_items_match(tmp_path):
         hits, _ = search_pairs(collection, vectors[:4], 10, allowed=allowed)
         rows = np.flatnonzero(allowed)
         truth_rows, _ = exact_knn(vectors[:4], vectors, rows, 10, "cosine")
-        for row, truth in zip(hits, truth_rows, strict=False):
+        for row, truth in zip(hits, truth_rows, strict=True):
             assert all(allowed[int(i.split("-")[1])] for i, _ in row)
             assert len(row) == min(10, len(rows))
             overlap = len({i for i, _ in row} & {f"item-{t}" for t in truth})
@@ -110,7 +111,7 @@ def test_minkowski_p2_is_euclidean_and_p1_is_manhattan(tmp_path):
         collection.upsert(ids_of(500), vectors)
         spaces[name] = search_pairs(collection, vectors[:5], 10, exact=True)[0]
     for a, b in (("mk2", "l2"), ("mk1", "l1")):
-        for row_a, row_b in zip(spaces[a], spaces[b], strict=False):
+        for row_a, row_b in zip(spaces[a], spaces[b], strict=True):
             assert [i for i, _ in row_a] == [i for i, _ in row_b]
             np.testing.assert_allclose([d for _, d in row_a], [d for _, d in row_b], rtol=1e-4, atol=1e-5)
     cheb = np.abs(vectors[0] - vectors[int(spaces["cheb"][0][1][0].split("-")[1])]).max()

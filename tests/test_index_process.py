@@ -50,7 +50,7 @@ def test_kill_9_loses_no_acknowledged_upsert(tmp_path):
                                                            vectors=to_tensor(vectors)), timeout=10)
             except grpc.RpcError:
                 return
-            acknowledged.update(zip(ids, vectors, strict=False))
+            acknowledged.update(zip(ids, vectors, strict=True))
 
     writer = threading.Thread(target=upsert_until_killed)
     writer.start()

@@ -275,8 +275,8 @@ class VectorCollection:
             return self._hits(slots, distances), True
 
     def _hits(self, slots: np.ndarray, distances: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
-        ids = self._ids
-        return [([ids[s] for s in row], row_dist) for row, row_dist in zip(slots.tolist(), distances, strict=True)]
+        by_slot = self._ids.__getitem__
+        return [(list(map(by_slot, row)), row_dist) for row, row_dist in zip(slots.tolist(), distances, strict=True)]
 
     def _graph_search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
         graph = self._graph

@@ -3,6 +3,7 @@ durability (a lock file, SQLite, per-collection logs and checkpoints) and snapsh
 
 import dataclasses
 import fcntl
+import itertools
 import json
 import logging
 import os
@@ -279,7 +280,8 @@ class Index:
                                 and labels.get(item_id) not in exclude
                                 for item_id in info.vectors.slot_ids()], bool)
         hits, was_exact = info.vectors.search(queries, k, ef, allowed, exact, self.limits.exact_below)
-        return [(ids, [labels.get(i, "") for i in ids], distances) for ids, distances in hits], was_exact
+        unlabeled = itertools.repeat("")
+        return [(ids, list(map(labels.get, ids, unlabeled)), distances) for ids, distances in hits], was_exact
 
     def get_vectors(self, dataset: str, name: str, ids: Sequence[str]):
         return self.collection(dataset, name).vectors.get(ids)
