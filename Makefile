@@ -5,7 +5,7 @@ setup:
 	bash scripts/setup.sh
 
 demo: setup
-	.venv/bin/python scripts/demo.py
+	.venv/bin/convsearch demo
 
 test: setup
 	.venv/bin/python -m pytest -q -m "not gpu" --durations=10

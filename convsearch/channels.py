@@ -1,5 +1,6 @@
 """Client-side channel helpers: channels with sane limits, and waiting for a service's health."""
 
+import json
 import time
 
 import grpc
@@ -7,14 +8,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convsearch.serving import MIB
 
+# Balance over every resolved address; retry calls that found a backend UNAVAILABLE, with backoff.
+_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{"name": [{}], "retryPolicy": {
+        "maxAttempts": 3, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"]}}],
+})
+
+
+def channel_target(addresses: str) -> str:
+    """A gRPC target for one address, a dns:///name, or several comma-separated IPv4 host:port."""
+    parts = [part.strip() for part in addresses.split(",") if part.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    return "ipv4:" + ",".join(part.replace("localhost:", "127.0.0.1:") for part in parts)
+
 
 def create_channel(address: str, max_message_mb: int = 64) -> grpc.Channel:
-    """An insecure channel to `address` (host:port or dns:///name, balanced round_robin)."""
+    """An insecure channel to `address` (see `channel_target`), balanced round_robin, with retries."""
     limit = max_message_mb * MIB
-    return grpc.insecure_channel(address, options=[
+    return grpc.insecure_channel(channel_target(address), options=[
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
-        ("grpc.lb_policy_name", "round_robin"),
+        ("grpc.service_config", _SERVICE_CONFIG),
+        ("grpc.enable_retries", 1),
     ])
 
 

@@ -44,3 +44,7 @@ class Unavailable(ConvsearchError):
     """A backend or resource cannot be reached right now; retrying may help."""
 
     code = "UNAVAILABLE"
+
+
+ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
+                                            ResourceExhausted, Unavailable)}

@@ -1,9 +1,11 @@
-"""Running service processes (tests, benchmarks, local set-ups): free ports, start, wait, stop."""
+"""Running service processes (tests, benchmarks, `convsearch up`): free ports, start, wait, stop."""
 
 import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 
 from convsearch.channels import create_channel, wait_until_serving
 
@@ -14,30 +16,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_service(command: str, *args: str, service: str = "", timeout_s: float = 120.0, env=None):
-    """Starts `command args` (an installed console script), waits until `service` is SERVING.
+def _log_of(process: subprocess.Popen) -> str:
+    process.log_file.seek(0)
+    return process.log_file.read()
 
-    Returns (process, address). The caller stops it with `stop_service`.
-    """
-    port = free_port()
+
+def start_service(command: str, *args: str, service: str = "", timeout_s: float = 120.0, env=None,
+                  port: int | None = None, host: str = "127.0.0.1"):
+    """Starts `command args` (an installed console script) on `port` (default: a free one), its
+    log in a temporary file, and waits until `service` is SERVING. Returns (process, address);
+    stop it with `stop_service`. Raises RuntimeError with its log if it exits or stays unhealthy."""
+    port = port or free_port()
+    log_file = tempfile.TemporaryFile("w+")
     process = subprocess.Popen(
-        [os.path.join(os.path.dirname(sys.executable), command), "--host", "127.0.0.1",
-         "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        [os.path.join(os.path.dirname(sys.executable), command), "--host", host, "--port", str(port), *args],
+        stdout=log_file, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+    process.log_file = log_file
     address = f"127.0.0.1:{port}"
     channel = create_channel(address)
+    deadline = time.monotonic() + timeout_s
     try:
-        wait_until_serving(channel, service, timeout_s)
-    except TimeoutError:
-        process.kill()
-        raise RuntimeError(f"{command} did not become healthy:\n{process.communicate()[0]}") from None
+        while True:
+            try:
+                wait_until_serving(channel, service, 0.5)
+                return process, address
+            except TimeoutError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    process.kill()
+                    process.wait()
+                    raise RuntimeError(f"{command} did not become healthy:\n{_log_of(process)}") from None
     finally:
         channel.close()
-    return process, address
 
 
 def stop_service(process: subprocess.Popen, timeout_s: float = 30.0) -> str:
     """SIGTERM, wait, return everything it logged."""
     process.terminate()
-    output, _ = process.communicate(timeout=timeout_s)
-    return output
+    process.wait(timeout=timeout_s)
+    return _log_of(process)

@@ -18,7 +18,7 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   echo "installing torch 2.14.1 + torchvision 0.29.1 ..."
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
-python -m pip install -q -e '.[dev]' -e services/extractor -e services/index
+python -m pip install -q -e '.[dev]' -e services/extractor -e services/index -e services/gateway
 python scripts/gen_protos.py
 
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then

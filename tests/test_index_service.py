@@ -84,6 +84,9 @@ def test_datasets_items_and_collections(index):
     fetched = stub.GetVectors(pb.GetVectorsRequest(dataset="shoes", collection=COLLECTION, ids=["i005", "no"]))
     np.testing.assert_array_equal(from_tensor(fetched.vectors), vectors[[5]])
     assert list(fetched.missing_ids) == ["no"]
+    which = stub.GetVectors(pb.GetVectorsRequest(dataset="shoes", collection=COLLECTION, ids=["i005", "no"],
+                                                 ids_only=True))
+    assert (list(which.ids), list(which.missing_ids), which.vectors.data) == (["i005"], ["no"], b"")
 
 
 def test_filters_exclusions_and_deletes(index):

@@ -225,6 +225,12 @@ class VectorCollection:
                 self._wal.append(wal.encode(wal.DELETE, present))
             return self._apply_delete(present)
 
+    def has(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """(ids with a vector, ids without)."""
+        with self.lock.read():
+            slot = self._slot
+            return [i for i in ids if i in slot], [i for i in ids if i not in slot]
+
     def get(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
         """(ids found, their vectors, ids without a vector)."""
         with self.lock.read():

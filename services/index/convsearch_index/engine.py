@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from convsearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from convsearch.naming import collection_name
 from convsearch_index.collection import VectorCollection, VectorSpec
 from convsearch_index.distances import check_metric
 from convsearch_index.records import DatasetRecord, ItemRecord, Records
@@ -51,8 +52,7 @@ class CollectionKey:
 
     @property
     def name(self) -> str:
-        metric = f"minkowski{self.minkowski_p:g}" if self.metric == "minkowski" else self.metric
-        return f"{self.model}/{self.layer}/{self.pooling}/{metric}"
+        return collection_name(self.model, self.layer, self.pooling, self.metric, self.minkowski_p)
 
 
 @dataclasses.dataclass
@@ -282,9 +282,6 @@ class Index:
         hits, was_exact = info.vectors.search(queries, k, ef, allowed, exact, self.limits.exact_below)
         unlabeled = itertools.repeat("")
         return [(ids, list(map(labels.get, ids, unlabeled)), distances) for ids, distances in hits], was_exact
-
-    def get_vectors(self, dataset: str, name: str, ids: Sequence[str]):
-        return self.collection(dataset, name).vectors.get(ids)
 
     # ---- durability --------------------------------------------------------------------
 

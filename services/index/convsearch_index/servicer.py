@@ -137,8 +137,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def GetVectors(self, request, context):
-        found, vectors, missing = self.index.get_vectors(request.dataset, request.collection, list(request.ids))
-        return pb.GetVectorsResponse(ids=found, vectors=to_tensor(vectors), missing_ids=missing)
+        vectors = self.index.collection(request.dataset, request.collection).vectors
+        if request.ids_only:
+            found, missing = vectors.has(list(request.ids))
+            return pb.GetVectorsResponse(ids=found, missing_ids=missing)
+        found, values, missing = vectors.get(list(request.ids))
+        return pb.GetVectorsResponse(ids=found, vectors=to_tensor(values), missing_ids=missing)
 
     @map_errors
     def SnapshotDataset(self, request, context):

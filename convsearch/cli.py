@@ -1,0 +1,311 @@
+"""The `convsearch` command: run the services locally, manage datasets, ingest, index, search,
+and the demo. Tables for people, --json for scripts; errors as one line.
+
+Exit codes: 0 done, 1 the request failed, 2 bad usage, 3 a service is unavailable, 130 interrupted.
+"""
+
+import argparse
+import csv
+import dataclasses
+import json
+import pathlib
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+
+from convsearch.channels import create_channel, wait_until_serving
+from convsearch.client import Client
+from convsearch.embedding import Configuration
+from convsearch.errors import ConvsearchError, NotFound, Unavailable
+from convsearch.local import GATEWAY, LocalStack
+
+FASHION200 = pathlib.Path(__file__).resolve().parent.parent / "datasets" / "fashion200"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEMO_MODEL = "efficientnet_lite0"
+
+
+class UsageError(Exception):
+    """A bad command line (exit code 2)."""
+
+
+def progress(label: str, done: int, total: int, rate: float = 0.0, final: bool = False) -> None:
+    """A progress bar on stderr (only on a terminal, and the final line always)."""
+    if not (sys.stderr.isatty() or final):
+        return
+    sys.stdout.flush()
+    width = 30
+    filled = width * done // total if total else width
+    speed = f" {rate:.1f} img/s" if rate else ""
+    end = "\n" if final else ""
+    sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{speed}{end}")
+    sys.stderr.flush()
+
+
+def table(rows: list[dict], columns: list[str]) -> str:
+    widths = {c: max(len(c), *(len(str(row[c])) for row in rows)) if rows else len(c) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(row[c]).ljust(widths[c]) for c in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def emit(args, data, rows: list[dict] | None = None, columns: list[str] | None = None) -> None:
+    if args.json:
+        print(json.dumps(data, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+    elif rows is not None:
+        print(table(rows, columns))
+
+
+def read_items(path: pathlib.Path) -> Iterator[tuple[str, str, bytes]]:
+    """(id, label, bytes) from an ImageFolder-style folder (sub-folders are labels) or a CSV
+    manifest of path,label (paths relative to the manifest). Ids are paths without extension."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        for file in files:
+            relative = file.relative_to(path)
+            label = relative.parts[0] if len(relative.parts) > 1 else ""
+            yield str(relative.with_suffix("")), label, file.read_bytes()
+    elif path.suffix.lower() == ".csv":
+        with open(path, newline="") as handle:
+            for row in csv.reader(handle):
+                if not row or row[0] == "path":
+                    continue
+                file = path.parent / row[0]
+                if not file.is_file():
+                    raise UsageError(f"{path}: {row[0]} not found (paths are relative to the manifest)")
+                yield str(pathlib.Path(row[0]).with_suffix("")), row[1] if len(row) > 1 else "", file.read_bytes()
+    else:
+        raise UsageError(f"{path} is neither a folder of images nor a .csv manifest")
+
+
+def configuration(args) -> Configuration:
+    return Configuration(args.model, tuple(args.layers or ()), args.pooling, args.metric, args.p)
+
+
+def run_ingest(client: Client, dataset: str, path: pathlib.Path) -> dict:
+    try:
+        client.dataset(dataset)
+    except NotFound:
+        client.create_dataset(dataset)
+    items = list(read_items(path))
+    counts = {"stored": 0, "replaced": 0, "failed": 0}
+    failures = []
+    for done, result in enumerate(client.ingest(dataset, items), 1):
+        counts[result.status] += 1
+        if result.error:
+            failures.append(f"{result.id}: {result.error}")
+        progress("ingest", done, len(items), final=done == len(items))
+    for failure in failures[:10]:
+        print(f"  failed {failure}", file=sys.stderr)
+    return {"dataset": dataset, **counts}
+
+
+def run_index(client: Client, dataset: str, config: Configuration) -> dict:
+    last = None
+    for last in client.index(dataset, [config]):
+        progress("index ", last.done, last.total, last.images_per_second, final=last.finished)
+    return {"dataset": dataset, "collections": list(last.collections), "embedded": last.done - last.failed,
+            "failed": last.failed, "images_per_second": round(last.images_per_second, 1), "errors": list(last.errors)}
+
+
+def search_rows(result) -> list[dict]:
+    return [{"rank": rank, "id": hit.id, "label": hit.label, "distance": f"{hit.distance:.4f}",
+             "match": "" if not result.query_label else ("yes" if hit.label == result.query_label else "NO")}
+            for rank, hit in enumerate(result.hits, 1)]
+
+
+# ---- commands ----------------------------------------------------------------------------
+
+def cmd_up(args) -> int:
+    data_dir = pathlib.Path(args.data_dir)
+    extractor_args = ("--device", args.device) + (("--allow-random-weights",) if args.allow_random_weights else ())
+    print(f"starting extractor, index and gateway (data in {data_dir.resolve()}) ...", file=sys.stderr)
+    stack = LocalStack(data_dir, args.port, args.extractor_port, args.index_port, extractor_args, host=args.host)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    emit(args, {"gateway": stack.gateway, "extractor": stack.extractor, "index": stack.index})
+    if not args.json:
+        print(f"gateway    {stack.gateway}\nextractor  {stack.extractor}\nindex      {stack.index}\n"
+              "all healthy; Ctrl-C stops them", flush=True)
+    while not stop.wait(0.5):
+        if any(process.poll() is not None for process in stack.processes.values()):
+            print("a service exited; stopping the others", file=sys.stderr)
+            break
+    stack.stop()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args, client: Client) -> int:
+    models = client.models(all_layers=args.all_layers)
+    rows = [{"model": m.name, "input": m.input_size, "params": f"{m.parameter_count:,}",
+             "weights": "pretrained" if m.pretrained else ("random" if m.available else "missing"),
+             "featured layers": " ".join(layer.name for layer in m.layers if layer.featured)} for m in models]
+    emit(args, models, rows, ["model", "input", "params", "weights", "featured layers"])
+    return 0
+
+
+def cmd_datasets(args, client: Client) -> int:
+    datasets = client.datasets()
+    rows = [{"dataset": d.name, "items": d.item_count, "collections": d.collection_count,
+             "description": d.description} for d in datasets]
+    emit(args, datasets, rows, ["dataset", "items", "collections", "description"])
+    return 0
+
+
+def cmd_ingest(args, client: Client) -> int:
+    summary = run_ingest(client, args.dataset, pathlib.Path(args.path))
+    emit(args, summary, [summary], ["dataset", "stored", "replaced", "failed"])
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_index(args, client: Client) -> int:
+    summary = run_index(client, args.dataset, configuration(args))
+    rows = [{"collection": name} for name in summary["collections"]]
+    emit(args, summary, rows, ["collection"])
+    if not args.json:
+        print(f"embedded {summary['embedded']}, failed {summary['failed']}")
+    return 0 if summary["failed"] == 0 else 1
+
+
+def cmd_search(args, client: Client) -> int:
+    image = pathlib.Path(args.image).read_bytes() if args.image else None
+    result = client.search(args.dataset, image=image, item_id=args.id, configuration=configuration(args), k=args.k)
+    emit(args, result, search_rows(result), ["rank", "id", "label", "distance", "match"])
+    if not args.json and result.search_score is not None:
+        print(f"query label {result.query_label}: {result.same_label_count} / {result.scored_results} results in "
+              f"the same category, search score {result.search_score:.2f}%")
+    return 0
+
+
+def cmd_delete_dataset(args, client: Client) -> int:
+    client.delete_dataset(args.name)
+    emit(args, {"deleted": args.name})
+    return 0
+
+
+def demo(client: Client) -> int:
+    config = Configuration(DEMO_MODEL)
+    print(f"ingesting fashion200 (Fashion-MNIST, 10 classes x 20) from {FASHION200} ...")
+    ingested = run_ingest(client, "fashion200", FASHION200)
+    print(f"  stored {ingested['stored']}, replaced {ingested['replaced']}, failed {ingested['failed']}")
+    print(f"indexing with {DEMO_MODEL} at its featured layers, cosine ...")
+    indexed = run_index(client, "fashion200", config)
+    print(f"  {len(indexed['collections'])} collections; embedded {indexed['embedded']} images")
+    layer = indexed["collections"][-1].split("/")[1]
+    first_of_class = {}
+    for item_id, label, _ in read_items(FASHION200):
+        first_of_class.setdefault(label, item_id)
+    scores = []
+    for label, item_id in first_of_class.items():
+        result = client.search("fashion200", item_id=item_id, configuration=Configuration(DEMO_MODEL, (layer,)), k=5)
+        scores.append(result.search_score)
+        marks = " ".join(("" if hit.label == label else "x") + hit.label for hit in result.hits)
+        print(f"{item_id:28} {label:11} score {result.search_score:6.2f}%  "
+              f"{result.same_label_count:2d}/15 same  top 5: {marks}")
+    print(f"mean search score at {layer}: {sum(scores) / len(scores):.2f}% (x marks a result of another class)")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    channel = create_channel(args.gateway)
+    try:
+        wait_until_serving(channel, GATEWAY, timeout_s=1.0)
+        running = True
+    except TimeoutError:
+        running = False
+    finally:
+        channel.close()
+    if running and not args.fresh:
+        with Client(args.gateway) as client:
+            return demo(client)
+    print("starting extractor, index and gateway for the demo ...", flush=True)
+    with tempfile.TemporaryDirectory() as data_dir, LocalStack(pathlib.Path(data_dir)) as stack:
+        with Client(stack.gateway) as client:
+            return demo(client)
+
+
+# ---- parsing -----------------------------------------------------------------------------
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="convsearch", description="ConvNet Search: semantic image search with CNNs.")
+    top.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
+    top.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("up", help="run extractor, index and gateway locally until Ctrl-C")
+    up.add_argument("--data-dir", default="./data", help="where the index keeps its data (default %(default)s)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="gateway port")
+    up.add_argument("--extractor-port", type=int, default=50052)
+    up.add_argument("--index-port", type=int, default=50053)
+    up.add_argument("--device", default="auto")
+    up.add_argument("--allow-random-weights", action="store_true")
+
+    models = commands.add_parser("models", help="list models and their featured layers")
+    models.add_argument("--all-layers", action="store_true")
+    commands.add_parser("datasets", help="list datasets")
+    delete = commands.add_parser("delete-dataset", help="delete a dataset with its items and collections")
+    delete.add_argument("name")
+
+    ingest = commands.add_parser("ingest", help="store a folder (sub-folders are labels) or a CSV manifest")
+    ingest.add_argument("path")
+    ingest.add_argument("--dataset", required=True)
+
+    def add_configuration(command, layers_help):
+        command.add_argument("--dataset", required=True)
+        command.add_argument("--model", default="", help="default: the extractor's default model")
+        command.add_argument("--layers", "--layer", nargs="*", help=layers_help)
+        command.add_argument("--pooling", default="avg", choices=["avg", "max", "flatten"])
+        command.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "sqeuclidean", "ip",
+                                                                   "manhattan", "chebyshev", "minkowski"])
+        command.add_argument("--p", type=float, default=2.0, help="minkowski p")
+
+    index = commands.add_parser("index", help="embed and index a dataset at a configuration")
+    add_configuration(index, "default: the model's featured layers")
+    search = commands.add_parser("search", help="nearest items to an image file or a stored item")
+    add_configuration(search, "one layer; default: the model's last featured layer")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--image", help="an image file")
+    query.add_argument("--id", help="a stored item's id")
+    search.add_argument("--k", type=int, default=15)
+
+    demo_command = commands.add_parser("demo", help="ingest fashion200, index it with lite0, "
+                                                    "search one image per class")
+    demo_command.add_argument("--fresh", action="store_true", help="start new local services even if a gateway runs")
+    return top
+
+
+HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "ingest": cmd_ingest, "index": cmd_index,
+            "search": cmd_search, "delete-dataset": cmd_delete_dataset}
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "up":
+            return cmd_up(args)
+        if args.command == "demo":
+            return cmd_demo(args)
+        with Client(args.gateway) as client:
+            return HANDLERS[args.command](args, client)
+    except UsageError as exc:
+        print(f"convsearch: {exc}", file=sys.stderr)
+        return 2
+    except Unavailable as exc:
+        print(f"convsearch: {exc}", file=sys.stderr)
+        return 3
+    except (ConvsearchError, RuntimeError, OSError) as exc:
+        print(f"convsearch: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("convsearch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""The Python client of ConvNet Search: talks to the gateway; takes and returns plain Python
+and numpy types, never protos; failures raise `convsearch.errors` exceptions.
+
+    from convsearch.client import Client
+    client = Client("127.0.0.1:50051")
+    client.create_dataset("shoes")
+    client.ingest("shoes", [("a1", "boot", open("a1.jpg", "rb").read())])
+    for progress in client.index("shoes", [Configuration("efficientnet_lite0")]):
+        print(progress.done, "/", progress.total)
+    result = client.search("shoes", item_id="a1")
+"""
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+import grpc
+
+from convsearch.channels import create_channel
+from convsearch.embedding import Configuration
+from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
+from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
+from convsearch.gateway.v1 import gateway_pb2 as pb
+from convsearch.gateway.v1 import gateway_pb2_grpc
+from convsearch.index.v1 import index_pb2
+
+DEFAULT = Configuration()  # the default model at its featured layers, average pooling, cosine
+_STATUS_NAMES = {pb.INGEST_STATUS_STORED: "stored", pb.INGEST_STATUS_REPLACED: "replaced",
+                 pb.INGEST_STATUS_FAILED: "failed"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    name: str
+    op: str
+    output_shape: tuple[int, ...]
+    parameter_count: int
+    featured: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    name: str
+    input_size: int
+    parameter_count: int
+    pretrained: bool
+    available: bool
+    unavailable_reason: str
+    layers: tuple[Layer, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+    name: str
+    count: int
+    dimension: int
+    metric: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    name: str
+    description: str
+    item_count: int
+    collection_count: int
+    collections: tuple[Collection, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestResult:
+    id: str
+    status: str  # stored, replaced or failed
+    error: str
+    indexed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexProgress:
+    total: int
+    done: int
+    failed: int
+    images_per_second: float
+    collections: tuple[str, ...]
+    finished: bool
+    errors: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Hit:
+    id: str
+    label: str
+    distance: float
+    metadata: dict[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    hits: tuple[Hit, ...]
+    collection: str
+    query_label: str
+    search_score: float | None  # percent, for a stored labeled query item; None otherwise
+    same_label_count: int
+    scored_results: int
+    exact: bool
+
+
+def _configuration(configuration: Configuration) -> pb.Configuration:
+    return pb.Configuration(model=configuration.model, layers=configuration.layers,
+                            pooling=POOLING_ENUMS[configuration.pooling], metric=METRIC_ENUMS[configuration.metric],
+                            minkowski_p=configuration.minkowski_p)
+
+
+def _dataset(message, collections=()) -> Dataset:
+    return Dataset(message.name, message.description, message.item_count, message.collection_count,
+                   tuple(Collection(c.name, c.count, c.spec.dimension, c.name.rsplit("/", 1)[-1])
+                         for c in collections))
+
+
+class Client:
+    """A connection to the gateway at `address` (host:port)."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0):
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = create_channel(address)
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _error(self, exc: grpc.RpcError) -> ConvsearchError:
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and "unavailable" not in (exc.details() or ""):
+            return Unavailable(f"the gateway at {self.address} is unavailable ({exc.details()}); is it running?")
+        return ERRORS_BY_CODE.get(exc.code().name, ConvsearchError)(exc.details())
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def _stream(self, responses):
+        try:
+            yield from responses
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+
+    def models(self, all_layers: bool = False) -> list[Model]:
+        """Every model with its layers (featured only unless all_layers)."""
+        reply = self._call("ListModels", pb.ListModelsRequest(include_all_layers=all_layers))
+        return [Model(m.name, m.input_size, m.parameter_count, m.pretrained, m.available, m.unavailable_reason,
+                      tuple(Layer(la.name, la.op, tuple(la.output_shape), la.parameter_count, la.featured)
+                            for la in m.layers)) for m in reply.models]
+
+    def create_dataset(self, name: str, description: str = "") -> Dataset:
+        reply = self._call("CreateDataset", pb.CreateDatasetRequest(name=name, description=description))
+        return _dataset(reply.dataset)
+
+    def datasets(self) -> list[Dataset]:
+        return [_dataset(d) for d in self._call("ListDatasets", pb.ListDatasetsRequest()).datasets]
+
+    def dataset(self, name: str) -> Dataset:
+        reply = self._call("GetDataset", pb.GetDatasetRequest(name=name))
+        return _dataset(reply.dataset, reply.collections)
+
+    def delete_dataset(self, name: str) -> None:
+        self._call("DeleteDataset", pb.DeleteDatasetRequest(name=name))
+
+    def delete_items(self, dataset: str, ids: Sequence[str]) -> int:
+        return self._call("DeleteItems", pb.DeleteItemsRequest(dataset=dataset, ids=list(ids))).deleted
+
+    def ingest(self, dataset: str, items: Iterable[tuple], configurations: Sequence[Configuration] = (),
+               batch: int = 32) -> Iterator[IngestResult]:
+        """Stores items given as (id, label, image bytes) or (id, label, image bytes, metadata);
+        yields a result per item, in order. With configurations, embeds them at once."""
+        def requests():
+            first = True
+            chunk = []
+            for item in items:
+                chunk.append(index_pb2.Item(id=item[0], label=item[1] or "", image=item[2],
+                                            metadata=item[3] if len(item) > 3 else {}))
+                if len(chunk) == batch:
+                    yield self._ingest_message(dataset, configurations, chunk, first)
+                    first, chunk = False, []
+            if chunk or first:
+                yield self._ingest_message(dataset, configurations, chunk, first)
+
+        for reply in self._stream(self._stub.Ingest(requests(), timeout=None)):
+            yield IngestResult(reply.id, _STATUS_NAMES.get(reply.status, "failed"), reply.error, reply.indexed)
+
+    @staticmethod
+    def _ingest_message(dataset, configurations, chunk, first) -> pb.IngestRequest:
+        return pb.IngestRequest(dataset=dataset if first else "", items=chunk,
+                                configurations=[_configuration(c) for c in configurations] if first else [])
+
+    def index(self, dataset: str, configurations: Sequence[Configuration] = (DEFAULT,),
+              batch_size: int = 0) -> Iterator[IndexProgress]:
+        """Embeds and indexes what the configurations' collections lack; yields progress."""
+        request = pb.IndexDatasetRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
+                                         batch_size=batch_size)
+        for reply in self._stream(self._stub.IndexDataset(request, timeout=None)):
+            yield IndexProgress(reply.total, reply.done, reply.failed, reply.images_per_second,
+                                tuple(reply.collections), reply.finished, tuple(reply.errors))
+
+    def search(self, dataset: str, image: bytes | None = None, item_id: str | None = None,
+               configuration: Configuration = DEFAULT, k: int = 15, include_labels: Sequence[str] = (),
+               exclude_labels: Sequence[str] = (), exact: bool = False) -> SearchResult:
+        """The k nearest items to an image or a stored item, under a configuration of one layer
+        (no layer: the model's last featured layer)."""
+        request = pb.SearchRequest(dataset=dataset, configuration=_configuration(configuration), k=k,
+                                   include_labels=include_labels, exclude_labels=exclude_labels, exact=exact)
+        if item_id is not None:
+            request.item_id = item_id
+        elif image is not None:
+            request.image = image
+        reply = self._call("Search", request)
+        return SearchResult(
+            tuple(Hit(h.id, h.label, h.distance, dict(h.metadata)) for h in reply.hits), reply.collection,
+            reply.query_label, reply.search_score if reply.search_score >= 0 else None, reply.same_label_count,
+            reply.scored_results, reply.exact)
+
+    def image(self, dataset: str, item_id: str, thumbnail_size: int = 0) -> bytes:
+        """An item's image bytes, or a thumbnail fitting thumbnail_size x thumbnail_size."""
+        return self._call("GetImage", pb.GetImageRequest(dataset=dataset, item_id=item_id,
+                                                         thumbnail_size=thumbnail_size)).image

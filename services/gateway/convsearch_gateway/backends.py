@@ -1,0 +1,95 @@
+"""The gateway's two backends: channels, stubs, deadlines, and errors that name the backend."""
+
+import logging
+import threading
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convsearch.channels import create_channel
+from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
+from convsearch.extractor.v1 import extractor_pb2_grpc
+from convsearch.index.v1 import index_pb2_grpc
+
+log = logging.getLogger("convsearch.gateway.backends")
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+class Backend:
+    """One backend service behind a channel, called with a deadline."""
+
+    def __init__(self, name: str, address: str, stub_class, service: str, deadline_s: float, max_message_mb: int):
+        self.name = name
+        self.address = address
+        self.service = service
+        self.deadline_s = deadline_s
+        self.channel = create_channel(address, max_message_mb)
+        self.stub = stub_class(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self.serving = False
+
+    def error(self, exc: grpc.RpcError) -> ConvsearchError:
+        """The domain error for a failed call; unreachable backends are named with their address."""
+        if exc.code() in _UNREACHABLE:
+            return Unavailable(f"the {self.name} at {self.address} is unavailable ({exc.code().name}: "
+                               f"{exc.details()}); check that it is running")
+        return ERRORS_BY_CODE.get(exc.code().name, ConvsearchError)(exc.details())
+
+    def timeout(self, remaining: float | None) -> float:
+        """This call's deadline: the backend's own, or what is left of the client's if less."""
+        return self.deadline_s if remaining is None else max(0.001, min(self.deadline_s, remaining))
+
+    def call(self, method: str, request, remaining: float | None = None):
+        """A unary call; raises the mapped domain error."""
+        try:
+            return getattr(self.stub, method)(request, timeout=self.timeout(remaining))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def check(self) -> bool:
+        """Asks the backend's health; remembers and returns whether it is SERVING."""
+        try:
+            reply = self._health.Check(health_pb2.HealthCheckRequest(service=self.service), timeout=1.0)
+            self.serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            self.serving = False
+        return self.serving
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class Backends:
+    """The extractor and the index, and a thread that keeps their health current."""
+
+    def __init__(self, extractor: str, index: str, deadline_s: float, max_message_mb: int):
+        self.extractor = Backend("extractor", extractor, extractor_pb2_grpc.ExtractorServiceStub,
+                                 "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb)
+        self.index = Backend("index", index, index_pb2_grpc.IndexServiceStub,
+                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def watch(self, interval_s: float, on_change: Callable[[bool, bool], None]) -> None:
+        """Checks both backends every `interval_s`; calls on_change(extractor_up, index_up) on changes."""
+        def loop():
+            last = None
+            while True:
+                state = (self.extractor.check(), self.index.check())
+                if state != last:
+                    log.info("backends: extractor %s, index %s", *("up" if up else "DOWN" for up in state))
+                    on_change(*state)
+                    last = state
+                if self._stop.wait(interval_s):
+                    return
+
+        self._watcher = threading.Thread(target=loop, name="backend-health", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        self.extractor.close()
+        self.index.close()

@@ -1,0 +1,77 @@
+"""Turning a client's configurations (model, layers, pooling, metric) into the collections that
+hold them, with each one's vector dimension, using the extractor's catalogue."""
+
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable
+
+import numpy as np
+
+from convsearch.embedding import Configuration
+from convsearch.errors import InvalidArgument, NotFound
+from convsearch.extractor.v1 import extractor_pb2
+from convsearch.naming import collection_name
+from convsearch_gateway.backends import Backend
+
+_CATALOG_TTL_S = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One collection to fill: a layer of a model under a pooling and a metric."""
+
+    model: str
+    layer: str
+    pooling: str
+    metric: str
+    minkowski_p: float
+    dimension: int
+
+    @property
+    def collection(self) -> str:
+        return collection_name(self.model, self.layer, self.pooling, self.metric, self.minkowski_p)
+
+
+class ModelCatalog:
+    """The extractor's models, fetched once a minute at most."""
+
+    def __init__(self, extractor: Backend):
+        self.extractor = extractor
+        self._lock = threading.Lock()
+        self._fetched_at = -_CATALOG_TTL_S
+        self._reply: extractor_pb2.ListModelsResponse | None = None
+
+    def models(self, remaining: float | None = None) -> extractor_pb2.ListModelsResponse:
+        with self._lock:
+            if self._reply is None or time.monotonic() - self._fetched_at > _CATALOG_TTL_S:
+                request = extractor_pb2.ListModelsRequest(include_all_layers=True)
+                self._reply = self.extractor.call("ListModels", request, remaining)
+                self._fetched_at = time.monotonic()
+            return self._reply
+
+    def targets(self, configurations: Iterable[Configuration], remaining: float | None = None) -> list[Target]:
+        """The collections the configurations name, in order, without repeats."""
+        reply = self.models(remaining)
+        models = {model.name: model for model in reply.models}
+        targets: list[Target] = []
+        for configuration in configurations:
+            name = configuration.model or reply.default_model
+            model = models.get(name)
+            if model is None:
+                raise NotFound(f"unknown model {name!r}; known models: {', '.join(models)}")
+            layers = {layer.name: layer for layer in model.layers}
+            names = configuration.layers or tuple(layer.name for layer in model.layers if layer.featured)
+            for layer_name in names:
+                layer = layers.get(layer_name)
+                if layer is None or not layer.output_shape:
+                    featured = ", ".join(layer.name for layer in model.layers if layer.featured)
+                    raise InvalidArgument(f"model {name} has no usable layer {layer_name!r}; its featured layers "
+                                          f"are {featured}")
+                shape = list(layer.output_shape)
+                flat = configuration.pooling == "flatten" or len(shape) == 1
+                target = Target(name, layer_name, configuration.pooling, configuration.metric,
+                                configuration.minkowski_p, int(np.prod(shape)) if flat else shape[0])
+                if target not in targets:
+                    targets.append(target)
+        return targets

@@ -1,0 +1,83 @@
+"""Ingest: store a stream of items, a result per item, and optionally embed them at once."""
+
+import dataclasses
+from collections.abc import Iterable, Iterator, Sequence
+
+from convsearch.errors import ConvsearchError, InvalidArgument
+from convsearch.index.v1 import index_pb2
+from convsearch_gateway.backends import Backends
+from convsearch_gateway.configurations import Target
+from convsearch_gateway.images import check_image
+from convsearch_gateway.indexing import index_items
+
+MAX_ID = 256
+
+
+@dataclasses.dataclass
+class IngestResult:
+    """What happened to one item: status is 'stored', 'replaced' or 'failed'."""
+
+    id: str
+    status: str
+    error: str = ""
+    indexed: bool = False
+
+
+def _problem(item: index_pb2.Item) -> str:
+    if not item.id or len(item.id) > MAX_ID:
+        return f"item id must have 1 to {MAX_ID} characters (got {len(item.id)})"
+    try:
+        check_image(item.image)
+    except InvalidArgument as exc:
+        return f"item {item.id!r} {exc}"
+    return ""
+
+
+def ingest_batch(backends: Backends, dataset: str, items: Sequence[index_pb2.Item], targets: Sequence[Target],
+                 batch_size: int) -> list[IngestResult]:
+    """Stores the good items of one batch (embedding them if targets are given); a result per item."""
+    results = [IngestResult(item.id, "failed", problem) if (problem := _problem(item)) else None for item in items]
+    seen: set[str] = set()
+    for position, item in enumerate(items):
+        if results[position] is None and item.id in seen:
+            results[position] = IngestResult(item.id, "failed", f"item id {item.id!r} appears twice in one message")
+        seen.add(item.id)
+    good = [item for item, result in zip(items, results, strict=True) if result is None]
+    if good:
+        existing = {i.id for i in backends.index.call("GetItems", index_pb2.GetItemsRequest(
+            dataset=dataset, ids=[item.id for item in good])).items}
+        backends.index.call("PutItems", index_pb2.PutItemsRequest(dataset=dataset, items=good))
+        failures: dict[str, str] = {}
+        if targets:
+            for progress in index_items(backends, dataset, targets, batch_size, [item.id for item in good]):
+                failures = progress.failed_ids
+        for position, item in enumerate(items):
+            if results[position] is None:
+                results[position] = IngestResult(item.id, "replaced" if item.id in existing else "stored",
+                                                 failures.get(item.id, ""), bool(targets) and item.id not in failures)
+    return results
+
+
+def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resolve_targets, batch_size: int = 32
+           ) -> Iterator[IngestResult]:
+    """Consumes (dataset, configurations, items) messages; yields a result per item in order.
+
+    Errors of the stream itself (no dataset, unknown dataset or configuration, a backend down)
+    end it with that error; errors of single items are their results."""
+    dataset, targets = "", None
+    for name, configurations, items in messages:
+        if name and dataset and name != dataset:
+            raise InvalidArgument(f"the stream switched from dataset {dataset!r} to {name!r}; open one per dataset")
+        dataset = dataset or name
+        if not dataset:
+            raise InvalidArgument("the first message of an ingest stream must name the dataset")
+        if targets is None:
+            targets = resolve_targets(configurations) if configurations else []
+            backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=dataset))
+        for start in range(0, len(items), batch_size):
+            try:
+                yield from ingest_batch(backends, dataset, items[start:start + batch_size], targets, batch_size)
+            except ConvsearchError as exc:
+                if exc.code == "UNAVAILABLE":
+                    raise
+                yield from (IngestResult(item.id, "failed", str(exc)) for item in items[start:start + batch_size])

@@ -1,0 +1,64 @@
+"""Entry point of `convsearch-gateway`: wires config, backends, servicer and server together."""
+
+import logging
+
+from grpc_health.v1 import health_pb2
+
+from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from convsearch.logs import setup_logging
+from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server
+from convsearch_gateway.backends import Backends
+from convsearch_gateway.config import GatewayConfig, load_config
+from convsearch_gateway.servicer import GatewayServicer
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
+# Health names for what the gateway can do: everything needs the index; embedding needs the extractor.
+INDEX_HEALTH, EXTRACTOR_HEALTH = f"{SERVICE_NAME}/index", f"{SERVICE_NAME}/extractor"
+log = logging.getLogger("convsearch.gateway")
+
+
+class _GatewayService(RunningService):
+    """Health follows the backends: SERVING when both are, per capability otherwise."""
+
+    def __init__(self, backends: Backends, interval_s: float, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backends = backends
+        self._interval_s = interval_s
+
+    def start(self) -> None:
+        super().start()
+        self.backends.watch(self._interval_s, self._on_backends)
+
+    def _on_backends(self, extractor_up: bool, index_up: bool) -> None:
+        def status(up: bool):
+            return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+
+        self.set_serving(extractor_up and index_up)
+        self.health.set(INDEX_HEALTH, status(index_up))
+        self.health.set(EXTRACTOR_HEALTH, status(extractor_up))
+
+
+def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
+    """Builds the gateway's server on config.port (0 picks one); returns it and its port."""
+    backends = Backends(config.extractor, config.index, config.deadline_s, config.max_message_mb)
+    server = create_server(config.max_concurrent_rpcs, config.max_message_mb)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size), server)
+    health = add_health_and_reflection(server, [SERVICE_NAME, INDEX_HEALTH, EXTRACTOR_HEALTH])
+    port = bind(server, config.host, config.port)
+    service = _GatewayService(backends, config.health_interval_s, server, health, [SERVICE_NAME], log,
+                              on_stop=backends.close)
+    return service, port
+
+
+def main(argv=None) -> None:
+    """Runs the gateway until SIGTERM or SIGINT."""
+    setup_logging("convsearch.gateway")
+    config = load_config(argv)
+    service, port = build_server(config)
+    service.start()
+    log.info("gateway listening on %s:%d (extractor %s, index %s)", config.host, port, config.extractor, config.index)
+    service.run_until_signalled(config.grace_s)
+
+
+if __name__ == "__main__":
+    main()
