@@ -20,12 +20,13 @@ class LocalStack:
     def __init__(self, data_dir: pathlib.Path, gateway_port: int | None = None, extractor_port: int | None = None,
                  index_port: int | None = None, extractor_args: tuple[str, ...] = (), host: str = "127.0.0.1"):
         self.processes = {}
+        self.index_dir = pathlib.Path(data_dir) / "index"
         try:
             self.processes["extractor"], self.extractor = start_service(
                 "convsearch-extractor", "--metrics-port", "-1", *extractor_args, service=EXTRACTOR,
                 port=extractor_port, host=host)
             self.processes["index"], self.index = start_service(
-                "convsearch-index", "--data-dir", str(pathlib.Path(data_dir) / "index"), service=INDEX,
+                "convsearch-index", "--data-dir", str(self.index_dir), service=INDEX,
                 port=index_port, host=host)
             self.processes["gateway"], self.gateway = start_service(
                 "convsearch-gateway", "--extractor", self.extractor, "--index", self.index, service=GATEWAY,

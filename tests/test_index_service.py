@@ -209,3 +209,16 @@ def test_snapshot_and_restore(index):
     assert hits[0][0][0] == "i000"
     items = stub.GetItems(pb.GetItemsRequest(dataset="shoes2", ids=["i007"], include_images=True)).items
     assert items[0].image == b"img7" and items[0].label == "b"
+
+
+def test_search_by_stored_items(index):
+    stub = index.stub
+    vectors = fill(stub)
+    reply = stub.Search(pb.SearchRequest(dataset="shoes", collection=COLLECTION, query_ids=["i000", "i007"], k=5,
+                                         exclude_ids=["i003"]))
+    by_vector, _ = search(stub, vectors[[0, 7]], k=8)
+    for result, expected, query in zip(reply.results, by_vector, ("i000", "i007"), strict=True):
+        assert list(result.ids) == [i for i, _, _ in expected if i not in (query, "i003")][:5]
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Search(pb.SearchRequest(dataset="shoes", collection=COLLECTION, query_ids=["ghost"], k=5))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'ghost' has no vector" in error.value.details()

@@ -38,40 +38,27 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
         target, = catalog.targets([configuration], remaining)
     else:
         target = catalog.targets([configuration], remaining)[-1]
-    query_label, exclude_ids = "", []
+    request = index_pb2.SearchRequest(dataset=dataset, collection=target.collection, k=k,
+                                      include_labels=include_labels, exclude_labels=exclude_labels, exact=exact)
     if item_id:
-        found = backends.index.call("GetVectors", index_pb2.GetVectorsRequest(
-            dataset=dataset, collection=target.collection, ids=[item_id]), remaining)
-        if not found.ids:
-            items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=[item_id]),
-                                        remaining)
-            if not items.items:
-                raise NotFound(f"dataset {dataset!r} has no item {item_id!r}")
-            raise NotFound(f"item {item_id!r} has no vector in {target.collection}; index the dataset at this "
-                           "configuration first")
-        queries = found.vectors
-        query_label = backends.index.call("GetItems", index_pb2.GetItemsRequest(
-            dataset=dataset, ids=[item_id]), remaining).items[0].label
-        exclude_ids = [item_id]
+        request.query_ids.append(item_id)
+        request.k = max(k, TOP)  # the score needs the top 15
+        reply = _search_stored(backends, request, item_id, remaining)
     elif image is not None:
         embedded = backends.extractor.call("Embed", extractor_pb2.EmbedRequest(
             config=extractor_pb2.EmbedConfig(model=target.model, layers=[target.layer],
                                              pooling=POOLING_ENUMS[target.pooling]), images=[image]), remaining)
-        queries = embedded.layers[0].vectors
+        request.queries.CopyFrom(embedded.layers[0].vectors)
+        reply = backends.index.call("Search", request, remaining)
     else:
         raise InvalidArgument("a search needs a query: image bytes or a stored item's id")
-    wanted = max(k, TOP) if query_label else k
-    reply = backends.index.call("Search", index_pb2.SearchRequest(
-        dataset=dataset, collection=target.collection, queries=queries, k=wanted,
-        include_labels=include_labels, exclude_labels=exclude_labels, exclude_ids=exclude_ids, exact=exact),
-        remaining)
     result = reply.results[0]
-    metadata = {}
-    if result.ids:
-        items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=result.ids[:k]),
-                                    remaining)
-        metadata = {item.id: dict(item.metadata) for item in items.items}
-    hits = [(i, label, distance, metadata.get(i, {}))
+    # One call for the hits' metadata and the query item's label.
+    wanted = ([item_id] if item_id else []) + list(result.ids[:k])
+    items = {item.id: item for item in backends.index.call("GetItems", index_pb2.GetItemsRequest(
+        dataset=dataset, ids=wanted), remaining).items} if wanted else {}
+    query_label = items[item_id].label if item_id in items else ""
+    hits = [(i, label, distance, dict(items[i].metadata) if i in items else {})
             for i, label, distance in zip(result.ids[:k], result.labels[:k], result.distances[:k], strict=True)]
     answer = SearchResult(hits, target.collection, reply.exact, query_label)
     if query_label:
@@ -80,3 +67,16 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
         answer.same_label_count = sum(label == query_label for label in scored)
         answer.scored_results = len(scored)
     return answer
+
+
+def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id: str, remaining: float | None):
+    """Searches with a stored item's vector; NOT_FOUND says whether the item or its vector is missing."""
+    try:
+        return backends.index.call("Search", request, remaining)
+    except NotFound:
+        items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
+                                    remaining)
+        if not items.items:
+            raise NotFound(f"dataset {request.dataset!r} has no item {item_id!r}") from None
+        raise NotFound(f"item {item_id!r} has no vector in {request.collection}; index the dataset at this "
+                       "configuration first") from None

@@ -65,6 +65,11 @@ class CollectionInfo:
     vectors: VectorCollection
 
 
+def _without(ids: list[str], distances: np.ndarray, dropped: set[str], k: int) -> tuple[list[str], np.ndarray]:
+    keep = [position for position, i in enumerate(ids) if i not in dropped][:k]
+    return [ids[p] for p in keep], distances[keep]
+
+
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name or ""):
         raise InvalidArgument(f"invalid dataset name {name!r}: use 1-64 of a-z, 0-9, _ and -, "
@@ -260,10 +265,11 @@ class Index:
         with self._guard.read():
             return info.vectors.upsert(ids, vectors)
 
-    def search(self, dataset: str, name: str, queries: np.ndarray, k: int, ef: int = 0,
+    def search(self, dataset: str, name: str, queries: np.ndarray | list[str], k: int, ef: int = 0,
                include_labels: Sequence[str] = (), exclude_labels: Sequence[str] = (),
                exclude_ids: Sequence[str] = (), exact: bool = False):
-        """([(ids, labels, distances)] per query, nearest first; exact?)."""
+        """([(ids, labels, distances)] per query, nearest first; exact?). `queries` are vectors, or
+        ids of items whose stored vectors are the queries (each then left out of its own results)."""
         info = self.collection(dataset, name)
         if not 1 <= k <= self.limits.max_k:
             raise InvalidArgument(f"k = {k} is out of range; use 1 to {self.limits.max_k}")
@@ -271,15 +277,28 @@ class Index:
             raise InvalidArgument(f"ef = {ef} is out of range; use 0 (the collection's) to 10000")
         if not 1 <= len(queries) <= self.limits.max_queries:
             raise InvalidArgument(f"{len(queries)} queries; send 1 to {self.limits.max_queries}")
+        query_ids: list[str] = []
+        if isinstance(queries, list):
+            query_ids = queries
+            _, queries, missing = info.vectors.get(query_ids)
+            if missing:
+                raise NotFound(f"item {missing[0]!r} has no vector in collection {name!r} of {dataset!r}")
         labels = self._labels[dataset]
+        skip = set(exclude_ids)
         allowed = None
-        if include_labels or exclude_labels or exclude_ids:
-            include, exclude, skip = set(include_labels), set(exclude_labels), set(exclude_ids)
+        if include_labels or exclude_labels:
+            include, exclude = set(include_labels), set(exclude_labels)
             allowed = np.array([item_id is not None and item_id not in skip
                                 and (not include or labels.get(item_id) in include)
                                 and labels.get(item_id) not in exclude
                                 for item_id in info.vectors.slot_ids()], bool)
-        hits, was_exact = info.vectors.search(queries, k, ef, allowed, exact, self.limits.exact_below)
+            skip = set()
+        # Excluded ids (and each query item) are dropped after a search for that many more.
+        extra = len(skip) + (1 if query_ids else 0)
+        hits, was_exact = info.vectors.search(queries, k + extra, ef, allowed, exact, self.limits.exact_below)
+        if extra:
+            hits = [_without(ids, distances, skip | ({query_ids[q]} if query_ids else set()), k)
+                    for q, (ids, distances) in enumerate(hits)]
         unlabeled = itertools.repeat("")
         return [(ids, list(map(labels.get, ids, unlabeled)), distances) for ids, distances in hits], was_exact
 

@@ -126,9 +126,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def Search(self, request, context):
-        queries = from_tensor(request.queries, "queries")
-        if queries.ndim != 2:
-            raise InvalidArgument(f"queries have shape {list(queries.shape)}; send [Q, dimension]")
+        if request.query_ids:
+            if request.queries.shape:
+                raise InvalidArgument("send either queries or query_ids, not both")
+            queries = list(request.query_ids)
+        else:
+            queries = from_tensor(request.queries, "queries")
+            if queries.ndim != 2:
+                raise InvalidArgument(f"queries have shape {list(queries.shape)}; send [Q, dimension]")
         results, exact = self.index.search(
             request.dataset, request.collection, queries, request.k, request.ef, list(request.include_labels),
             list(request.exclude_labels), list(request.exclude_ids), request.exact)
