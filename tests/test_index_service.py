@@ -222,3 +222,25 @@ def test_search_by_stored_items(index):
     with pytest.raises(grpc.RpcError) as error:
         stub.Search(pb.SearchRequest(dataset="shoes", collection=COLLECTION, query_ids=["ghost"], k=5))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'ghost' has no vector" in error.value.details()
+
+
+def test_attachments_follow_the_collection_version(tmp_path):
+    handle = open_index(tmp_path)
+    stub = handle.stub
+    vectors = fill(stub)
+    stats = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)).collection
+    stub.PutAttachment(pb.PutAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation",
+                                               version=stats.version, data=b"{}"))
+    got = stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation"))
+    assert got.found and got.data == b"{}" and got.version == got.current_version == stats.version
+    close_index(handle)
+    handle = open_index(tmp_path)  # the version survives a restart (checkpoint, then log replay)
+    got = handle.stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation"))
+    assert got.current_version == stats.version
+    handle.stub.UpsertVectors(pb.UpsertVectorsRequest(dataset="shoes", collection=COLLECTION, ids=["i001"],
+                                                      vectors=to_tensor(vectors[:1])))
+    got = handle.stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation"))
+    assert got.found and got.current_version > got.version
+    missing = handle.stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="other"))
+    assert not missing.found
+    close_index(handle)

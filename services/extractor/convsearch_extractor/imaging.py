@@ -64,10 +64,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
-    """Returns (crop, crop, 3) uint8 pixels of an encoded image, EXIF orientation applied.
+def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Image:
+    """The image as upright RGB (EXIF orientation applied, any mode converted).
 
-    Raises ImageError for empty, unrecognised, truncated, zero-size or oversized images.
+    A JPEG may be decoded at a reduced scale still at least `draft_size` on each side. Raises
+    ImageError for empty, unrecognised, truncated, zero-size or oversized images.
     """
     if not data:
         raise ImageError("is empty (0 bytes); send the encoded file's bytes")
@@ -87,9 +88,8 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
         raise ImageError(
             f"is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
             "downscale it first")
-    size = preprocess.resize_size
-    if image.format == "JPEG":
-        image.draft("RGB", (size, size))  # decode at a reduced scale that is still >= size
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", (draft_size, draft_size))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -97,12 +97,21 @@ def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
             image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
-    image = _to_rgb(image)
-    width, height = image.size
-    # Resize-shorter-side-then-centre-crop as a single resize of the source region.
-    side = min(width, height) * preprocess.crop_size / size
+    return _to_rgb(image)
+
+
+def crop_box(width: int, height: int, preprocess: Preprocess) -> tuple[float, float, float, float]:
+    """The region of a width x height image that resize-shorter-side-then-centre-crop keeps."""
+    side = min(width, height) * preprocess.crop_size / preprocess.resize_size
     left, top = (width - side) / 2, (height - side) / 2
+    return left, top, left + side, top + side
+
+
+def decode(data: bytes, preprocess: Preprocess, max_pixels: int) -> np.ndarray:
+    """Returns (crop, crop, 3) uint8 pixels of an encoded image, as the model sees it."""
+    image = open_upright(data, max_pixels, preprocess.resize_size)
     resample = Image.Resampling.BICUBIC if preprocess.bicubic else Image.Resampling.BILINEAR
     crop = preprocess.crop_size
-    image = image.resize((crop, crop), resample, box=(left, top, left + side, top + side))
+    # Resize-shorter-side-then-centre-crop as a single resize of the source region.
+    image = image.resize((crop, crop), resample, box=crop_box(*image.size, preprocess))
     return np.asarray(image, dtype=np.uint8)

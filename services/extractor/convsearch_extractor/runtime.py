@@ -93,6 +93,16 @@ class LoadedModel:
         return extractor
 
     @torch.inference_mode()
+    def feature_maps(self, pixels: np.ndarray, layer: str) -> np.ndarray:
+        """The raw (C, H, W) output of `layer` for one image, float32."""
+        batch = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
+        batch = batch.sub_(self._mean).div_(self._std).contiguous(memory_format=torch.channels_last)
+        with FX_LOCK:
+            extractor = self._extractor((layer,))
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                return extractor(batch)[layer][0].float().cpu().numpy()
+
+    @torch.inference_mode()
     def embed(self, pixels: np.ndarray, spec: EmbedSpec) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 pixels -> {layer: (N, D) float32}, all layers from one forward pass."""
         count = len(pixels)

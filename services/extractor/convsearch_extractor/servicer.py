@@ -12,6 +12,7 @@ from convsearch.grpc_errors import map_errors
 from convsearch.tensors import to_tensor
 from convsearch_extractor import imaging
 from convsearch_extractor.engine import Extractor
+from convsearch_extractor.inspection import inspect
 from convsearch_extractor.runtime import EmbedSpec
 
 # Stream messages in flight at once: bounds memory while decode and forward overlap.
@@ -59,6 +60,17 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             pretrained=self.extractor.pool.acquire(spec.model).pretrained,
             layers=[extractor_pb2.LayerVectors(layer=layer, vectors=to_tensor(vectors[layer]))
                     for layer in spec.layers])
+
+    @map_errors
+    def InspectLayer(self, request, context):
+        extractor = self.extractor
+        result = inspect(extractor.pool, request.model or extractor.default_model, request.layer, request.image,
+                         request.top_channels or 8, extractor.limits.max_pixels)
+        return extractor_pb2.InspectLayerResponse(
+            model=result.model, layer=result.layer, output_shape=result.output_shape,
+            parameter_count=result.parameter_count, pretrained=result.pretrained, width=result.width,
+            height=result.height, channels=[extractor_pb2.ChannelActivation(
+                channel=channel, mean_activation=mean, overlay_png=png) for channel, mean, png in result.channels])
 
     @map_errors
     def BulkEmbed(self, request_iterator, context):

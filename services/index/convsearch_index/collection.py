@@ -63,6 +63,7 @@ class VectorCollection:
         self._slot: dict[str, int] = {}
         self._vectors = np.zeros((0, spec.dimension), np.float32)
         self._alive = np.zeros(0, bool)
+        self.version = 0  # applied batches since creation; replay recounts the logged ones
         self._graph: hnswlib.Index | None = None
         self._load_checkpoint()
         self._replay()
@@ -97,6 +98,7 @@ class VectorCollection:
                 self._graph.resize_index(max(live_needed, 2 * self._graph.get_max_elements()))
 
     def _apply_upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
+        self.version += 1
         fresh = [i for i, item_id in enumerate(ids) if item_id not in self._slot]
         self._ensure_capacity(len(fresh))
         for i in fresh:
@@ -110,6 +112,7 @@ class VectorCollection:
         return len(fresh), len(ids) - len(fresh)
 
     def _apply_delete(self, ids: Sequence[str]) -> int:
+        self.version += 1
         deleted = 0
         for item_id in ids:
             slot = self._slot.pop(item_id, None)
@@ -131,6 +134,7 @@ class VectorCollection:
         checkpoint = self.directory / current.read_text().strip()
         meta = json.loads((checkpoint / "meta.json").read_text())
         self._ids = meta["ids"]
+        self.version = meta["version"]
         self._slot = {item_id: slot for slot, item_id in enumerate(self._ids) if item_id is not None}
         self._vectors = np.load(checkpoint / "vectors.npy")
         self._alive = np.array([item_id is not None for item_id in self._ids], bool)
@@ -168,7 +172,7 @@ class VectorCollection:
             if self._graph is not None:
                 self._graph.save_index(str(temporary / "graph.bin"))
                 capacity = self._graph.get_max_elements()
-            meta = {"ids": self._ids, "ef": self.spec.ef, "capacity": capacity}
+            meta = {"ids": self._ids, "ef": self.spec.ef, "capacity": capacity, "version": self.version}
             (temporary / "meta.json").write_text(json.dumps(meta))
             for path in temporary.iterdir():
                 with open(path, "rb") as handle:
@@ -299,12 +303,12 @@ class VectorCollection:
         return self._hits(labels, from_hnsw(distances, self.spec.metric))
 
     def stats(self) -> dict:
-        """count, deleted, capacity, memory_bytes, approximate."""
+        """count, deleted, capacity, version, memory_bytes, approximate."""
         with self.lock.read():
             graph = self._graph
             capacity = graph.get_max_elements() if graph is not None else len(self._vectors)
             deleted = len(self._ids) - len(self._slot)
             links = self.spec.m * 2 * 4 + 8 if graph is not None else 0
             memory = self._vectors.nbytes + (capacity * (self.spec.dimension * 4 + links) if graph else 0)
-            return {"count": len(self._slot), "deleted": deleted, "capacity": capacity,
+            return {"count": len(self._slot), "deleted": deleted, "capacity": capacity, "version": self.version,
                     "memory_bytes": int(memory), "approximate": graph is not None or self.spec.approximate}

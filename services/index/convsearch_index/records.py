@@ -19,6 +19,9 @@ CREATE INDEX IF NOT EXISTS items_by_label ON items (dataset, label, id);
 CREATE TABLE IF NOT EXISTS collections (
     dataset TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, directory TEXT NOT NULL,
     created_at REAL NOT NULL, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS attachments (
+    dataset TEXT NOT NULL, collection TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
+    data BLOB NOT NULL, PRIMARY KEY (dataset, collection, key));
 """
 
 
@@ -86,7 +89,7 @@ class Records:
     def delete_dataset(self, name: str) -> None:
         self._transaction([(f"DELETE FROM {table} WHERE {column} = ?", (name,))
                            for table, column in (("items", "dataset"), ("collections", "dataset"),
-                                                 ("datasets", "name"))])
+                                                 ("attachments", "dataset"), ("datasets", "name"))])
 
     # ---- items -------------------------------------------------------------------------
 
@@ -148,7 +151,17 @@ class Records:
                 self._query("SELECT dataset, name, spec, directory FROM collections ORDER BY dataset, name")]
 
     def delete_collection(self, dataset: str, name: str) -> None:
-        self._transaction([("DELETE FROM collections WHERE dataset = ? AND name = ?", (dataset, name))])
+        self._transaction([(f"DELETE FROM {table} WHERE dataset = ? AND {column} = ?", (dataset, name))
+                           for table, column in (("collections", "name"), ("attachments", "collection"))])
+
+    def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
+        self._transaction([("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",
+                            (dataset, collection, key, version, data))])
+
+    def attachment(self, dataset: str, collection: str, key: str) -> tuple[int, bytes] | None:
+        rows = self._query("SELECT version, data FROM attachments WHERE dataset = ? AND collection = ? AND key = ?",
+                           (dataset, collection, key))
+        return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def export_dataset(self, dataset: str, path: pathlib.Path) -> None:
         """Copies a dataset's rows into a new SQLite file (for snapshots)."""

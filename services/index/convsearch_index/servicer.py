@@ -157,3 +157,21 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def RestoreDataset(self, request, context):
         return pb.RestoreDatasetResponse(dataset=_dataset(self.index.restore(request.snapshot, request.dataset)))
+
+    @map_errors
+    def PutAttachment(self, request, context):
+        self.index.collection(request.dataset, request.collection)
+        if not request.key:
+            raise InvalidArgument("an attachment needs a key")
+        self.index.records.put_attachment(request.dataset, request.collection, request.key, request.version,
+                                          request.data)
+        return pb.PutAttachmentResponse()
+
+    @map_errors
+    def GetAttachment(self, request, context):
+        info = self.index.collection(request.dataset, request.collection)
+        stored = self.index.records.attachment(request.dataset, request.collection, request.key)
+        reply = pb.GetAttachmentResponse(current_version=info.vectors.version)
+        if stored is not None:
+            reply.found, reply.version, reply.data = True, stored[0], stored[1]
+        return reply

@@ -1,0 +1,78 @@
+"""Looking inside a layer: the channels that respond most to an image, each as its activation
+map upsampled and laid over the image (the live counterpart of a model explorer)."""
+
+import dataclasses
+import io
+
+import numpy as np
+from PIL import Image
+
+from convsearch.errors import InvalidArgument
+from convsearch_extractor.imaging import ImageError, crop_box, open_upright
+from convsearch_extractor.runtime import ModelPool
+
+
+@dataclasses.dataclass
+class Inspection:
+    """A layer's strongest channels for one image: (channel, mean activation, overlay PNG)."""
+
+    model: str
+    layer: str
+    output_shape: tuple[int, ...]
+    parameter_count: int
+    pretrained: bool
+    width: int
+    height: int
+    channels: list[tuple[int, float, bytes]]
+
+
+def _heat(values: np.ndarray) -> np.ndarray:
+    """0..1 values -> RGB: dark blue through red to yellow."""
+    red = np.clip(2.0 * values, 0, 1)
+    green = np.clip(2.0 * values - 1.0, 0, 1)
+    blue = np.clip(1.0 - 2.0 * values, 0, 1) * 0.6
+    return (np.stack([red, green, blue], axis=-1) * 255).astype(np.uint8)
+
+
+def overlay(image: Image.Image, activation: np.ndarray, box: tuple[float, float, float, float]) -> bytes:
+    """PNG of `image` with `activation` (h, w) stretched over `box`; outside it the image is dimmed."""
+    low, high = float(activation.min()), float(activation.max())
+    scaled = (activation - low) / (high - low) if high > low else np.zeros_like(activation)
+    left, top, right, bottom = (round(v) for v in box)
+    heat_map = Image.fromarray((scaled * 255).astype(np.uint8)).resize(
+        (max(1, right - left), max(1, bottom - top)), Image.Resampling.BILINEAR)
+    heat = Image.fromarray(_heat(np.asarray(heat_map, np.float32) / 255.0))
+    base = np.asarray(image, np.float32) * 0.35
+    canvas = Image.fromarray(base.astype(np.uint8))
+    region = image.crop((left, top, right, bottom))
+    canvas.paste(Image.blend(region, heat, 0.55), (left, top))
+    out = io.BytesIO()
+    canvas.save(out, format="PNG")
+    return out.getvalue()
+
+
+def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_pixels: int) -> Inspection:
+    """The `top` channels of `layer` with the largest mean activation for the image `data`."""
+    spec = pool.spec(model)
+    layer_info = pool.graph(model).layers.get(layer)
+    if layer_info is None or len(layer_info.output_shape) != 3:
+        featured = ", ".join(pool.graph(model).featured)
+        raise InvalidArgument(f"layer {layer!r} of {model} has no (C, H, W) feature map to inspect; "
+                              f"try one of {featured}")
+    if not 1 <= top <= layer_info.output_shape[0]:
+        raise InvalidArgument(f"top_channels {top} is out of range; the layer has {layer_info.output_shape[0]}")
+    try:
+        image = open_upright(data, max_pixels)
+    except ImageError as exc:
+        raise InvalidArgument(f"the image {exc}") from None
+    box = crop_box(*image.size, spec.preprocess)
+    resample = Image.Resampling.BICUBIC if spec.preprocess.bicubic else Image.Resampling.BILINEAR
+    size = spec.preprocess.crop_size
+    pixels = np.asarray(image.resize((size, size), resample, box=box), np.uint8)[None]
+    loaded = pool.acquire(model)
+    maps = loaded.feature_maps(pixels, layer)
+    means = maps.mean(axis=(1, 2))
+    strongest = np.argsort(-means, kind="stable")[:top]
+    return Inspection(model, layer, layer_info.output_shape, layer_info.parameter_count, loaded.pretrained,
+                      image.width, image.height,
+                      [(int(c), float(means[c]), overlay(image, maps[c], box)) for c in strongest])
