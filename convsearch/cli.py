@@ -182,6 +182,93 @@ def cmd_search(args, client: Client) -> int:
     return 0
 
 
+def score_rows(scores) -> list[dict]:
+    return [{"model": s.model, "layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
+             f"P@{s.k}": f"{s.precision_at_k:.3f}", f"mAP@{s.k}": f"{s.map_at_k:.3f}", "dims": s.dimension,
+             "params": f"{s.parameter_count:,}"} for s in scores]
+
+
+def run_evaluate(client: Client, dataset: str, **options):
+    last = None
+    for last in client.evaluate(dataset, **options):
+        label = "index   " if last.phase == "indexing" else "evaluate"
+        progress(label, last.done, last.total, final=last.finished)
+    return last.results
+
+
+def cmd_evaluate(args, client: Client) -> int:
+    results = run_evaluate(client, args.dataset, models=args.models or (), metrics=args.metrics or (), k=args.k,
+                           recompute=args.recompute)
+    columns = ["model", "layer", "metric", "score", f"P@{args.k}", f"mAP@{args.k}", "dims", "params"]
+    emit(args, results, score_rows(results), columns)
+    if results and not args.json:
+        best = results[0]
+        print(f"best: {best.model} {best.layer} {best.metric} ({best.mean_score:.2f}% over {best.queries} queries"
+              f"{', ' + str(best.unlabeled) + ' unlabeled skipped' if best.unlabeled else ''})")
+        if best.small_dataset:
+            print("note: fewer than 16 items; scores use the ranks there are")
+    if args.plot:
+        from convsearch import plots
+
+        plots.scores_per_layer(results, pathlib.Path(args.plot), f"{args.dataset}: mean search score per layer")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args, client: Client) -> int:
+    comparison = client.compare(args.dataset, args.id or "")
+    if args.id:
+        by_collection = dict(comparison.item_scores)
+        rows = [{"model": s.model, "layer": s.layer, "metric": s.metric,
+                 "item score": f"{by_collection[s.collection]:.2f}", "mean score": f"{s.mean_score:.2f}"}
+                for s in comparison.ranked if s.collection in by_collection]
+        emit(args, comparison, rows, ["model", "layer", "metric", "item score", "mean score"])
+    else:
+        rows = [{"model": model, "best layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}"}
+                for model, s in sorted(comparison.best_layer_per_model.items(), key=lambda kv: -kv[1].mean_score)]
+        emit(args, comparison, rows, ["model", "best layer", "metric", "score"])
+    if comparison.stale and not args.json:
+        print(f"not current (run evaluate): {', '.join(comparison.stale)}", file=sys.stderr)
+    return 0
+
+
+def cmd_project(args, client: Client) -> int:
+    points = client.project(args.dataset, configuration(args), args.method, args.seed, args.max_points)
+    data = {"collection": points.collection, "total": points.total, "sampled": points.sampled,
+            "points": [{"id": i, "label": label, "x": x, "y": y}
+                       for i, label, x, y in zip(points.ids, points.labels, points.x, points.y, strict=True)]}
+    emit(args, data)
+    if not args.json:
+        print(f"{len(points.ids)} points of {points.collection}"
+              f"{f' (a sample of {points.total})' if points.sampled else ''}")
+    if args.plot:
+        from convsearch import plots
+
+        plots.projection(points, pathlib.Path(args.plot), f"{points.collection} ({args.method})")
+        print(f"wrote {args.plot}", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args, client: Client) -> int:
+    image = pathlib.Path(args.image).read_bytes() if args.image else None
+    found = client.inspect(args.layer, image=image, dataset=args.dataset or "", item_id=args.id or "",
+                           model=args.model, top_channels=args.top)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for rank, (channel, mean, png) in enumerate(found.channels, 1):
+        path = out / f"{found.layer.replace('/', '_')}-{rank:02d}-channel{channel}.png"
+        path.write_bytes(png)
+        rows.append({"rank": rank, "channel": channel, "mean activation": f"{mean:.4f}", "file": str(path)})
+    emit(args, {"model": found.model, "layer": found.layer, "output_shape": found.output_shape,
+                "parameter_count": found.parameter_count, "channels": rows}, rows,
+         ["rank", "channel", "mean activation", "file"])
+    if not args.json:
+        print(f"{found.model} {found.layer}: output {list(found.output_shape)}, "
+              f"{found.parameter_count:,} parameters up to here")
+    return 0
+
+
 def cmd_delete_dataset(args, client: Client) -> int:
     client.delete_dataset(args.name)
     emit(args, {"deleted": args.name})
@@ -207,7 +294,14 @@ def demo(client: Client) -> int:
         marks = " ".join(("" if hit.label == label else "x") + hit.label for hit in result.hits)
         print(f"{item_id:28} {label:11} score {result.search_score:6.2f}%  "
               f"{result.same_label_count:2d}/15 same  top 5: {marks}")
-    print(f"mean search score at {layer}: {sum(scores) / len(scores):.2f}% (x marks a result of another class)")
+    print(f"mean of these {len(scores)} at {layer}: {sum(scores) / len(scores):.2f}% "
+          "(x marks a result of another class)")
+    print(f"\nfashion200 search score per {DEMO_MODEL} featured layer (all 200 queries, cosine):")
+    results = run_evaluate(client, "fashion200", models=[DEMO_MODEL], metrics=["cosine"])
+    by_depth = sorted(results, key=lambda s: s.parameter_count)
+    for score in by_depth:
+        print(f"  {score.layer:28} {score.mean_score:6.2f}%  {'#' * round(score.mean_score / 2)}")
+    print(f"best layer: {results[0].layer} ({results[0].mean_score:.2f}%)")
     return 0
 
 
@@ -274,6 +368,32 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--id", help="a stored item's id")
     search.add_argument("--k", type=int, default=15)
 
+    evaluate = commands.add_parser("evaluate", help="score models x layers x metrics on a labeled dataset")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--models", nargs="*", help="default: every available model, at its featured layers")
+    evaluate.add_argument("--metrics", nargs="*", help="default: cosine")
+    evaluate.add_argument("--k", type=int, default=15, help="k of P@k and mAP@k")
+    evaluate.add_argument("--recompute", action="store_true", help="ignore stored results")
+    evaluate.add_argument("--plot", help="write a chart of mean score per layer for each model to this PNG")
+    compare = commands.add_parser("compare", help="best layer per model, or one item's score per configuration")
+    compare.add_argument("--dataset", required=True)
+    compare.add_argument("--id", help="an item: its score under each evaluated configuration")
+    project = commands.add_parser("project", help="2-D projection (PCA or UMAP) of a collection")
+    add_configuration(project, "one layer; default: the model's last featured layer")
+    project.add_argument("--method", choices=["pca", "umap"], default="pca")
+    project.add_argument("--seed", type=int, default=0)
+    project.add_argument("--max-points", type=int, default=5000)
+    project.add_argument("--plot", help="write a scatter coloured by label to this PNG")
+    inspect = commands.add_parser("inspect", help="a layer's strongest channels for an image, as PNG overlays")
+    inspect_query = inspect.add_mutually_exclusive_group(required=True)
+    inspect_query.add_argument("--image", help="an image file")
+    inspect_query.add_argument("--id", help="a stored item's id (with --dataset)")
+    inspect.add_argument("--dataset")
+    inspect.add_argument("--model", default="")
+    inspect.add_argument("--layer", required=True)
+    inspect.add_argument("--top", type=int, default=8)
+    inspect.add_argument("--out", required=True, help="folder for the PNG files")
+
     demo_command = commands.add_parser("demo", help="ingest fashion200, index it with lite0, "
                                                     "search one image per class")
     demo_command.add_argument("--fresh", action="store_true", help="start new local services even if a gateway runs")
@@ -281,7 +401,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "ingest": cmd_ingest, "index": cmd_index,
-            "search": cmd_search, "delete-dataset": cmd_delete_dataset}
+            "search": cmd_search, "delete-dataset": cmd_delete_dataset, "evaluate": cmd_evaluate,
+            "compare": cmd_compare, "project": cmd_project, "inspect": cmd_inspect}
 
 
 def main(argv=None) -> int:

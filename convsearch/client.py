@@ -103,6 +103,75 @@ class SearchResult:
     exact: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """How well one configuration captures a labeled dataset's classes."""
+
+    collection: str
+    model: str
+    layer: str
+    metric: str
+    mean_score: float
+    precision_at_k: float
+    map_at_k: float
+    k: int
+    per_label_score: dict[str, float]
+    queries: int
+    unlabeled: int
+    dimension: int
+    parameter_count: int
+    cached: bool
+    small_dataset: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationProgress:
+    phase: str  # indexing, evaluating
+    done: int
+    total: int
+    finished: bool
+    results: tuple[Score, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    ranked: tuple[Score, ...]
+    best: Score | None
+    best_layer_per_model: dict[str, Score]
+    item_scores: tuple[tuple[str, float], ...]  # (collection, score) for a compared item
+    stale: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Projection:
+    ids: tuple[str, ...]
+    labels: tuple[str, ...]
+    x: tuple[float, ...]
+    y: tuple[float, ...]
+    sampled: bool
+    total: int
+    collection: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Inspection:
+    model: str
+    layer: str
+    output_shape: tuple[int, ...]
+    parameter_count: int
+    pretrained: bool
+    width: int
+    height: int
+    channels: tuple[tuple[int, float, bytes], ...]  # (channel, mean activation, overlay PNG)
+
+
+def _score(message) -> Score:
+    return Score(message.collection, message.model, message.layer, message.collection.rsplit("/", 1)[-1],
+                 message.mean_score, message.precision_at_k, message.map_at_k, message.k,
+                 dict(message.per_label_score), message.queries, message.unlabeled, message.dimension,
+                 message.parameter_count, message.cached, message.small_dataset)
+
+
 def _configuration(configuration: Configuration) -> pb.Configuration:
     return pb.Configuration(model=configuration.model, layers=configuration.layers,
                             pooling=POOLING_ENUMS[configuration.pooling], metric=METRIC_ENUMS[configuration.metric],
@@ -228,3 +297,46 @@ class Client:
         """An item's image bytes, or a thumbnail fitting thumbnail_size x thumbnail_size."""
         return self._call("GetImage", pb.GetImageRequest(dataset=dataset, item_id=item_id,
                                                          thumbnail_size=thumbnail_size)).image
+
+    def evaluate(self, dataset: str, configurations: Sequence[Configuration] = (), models: Sequence[str] = (),
+                 metrics: Sequence[str] = (), k: int = 15, recompute: bool = False) -> Iterator[EvaluationProgress]:
+        """Scores configurations (explicit; or models x metrics at featured layers; or every
+        available model); yields progress, the last with the results, best first."""
+        request = pb.EvaluateRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
+                                     models=models, metrics=[METRIC_ENUMS[m] for m in metrics], k=k,
+                                     recompute=recompute)
+        for reply in self._stream(self._stub.Evaluate(request, timeout=None)):
+            yield EvaluationProgress(reply.phase, reply.done, reply.total, reply.finished,
+                                     tuple(_score(s) for s in reply.results))
+
+    def compare(self, dataset: str, item_id: str = "") -> Comparison:
+        """The dataset's evaluated configurations ranked, the best, the best layer per model,
+        and with item_id that item's score under each."""
+        reply = self._call("Compare", pb.CompareRequest(dataset=dataset, item_id=item_id))
+        return Comparison(tuple(_score(s) for s in reply.ranked), _score(reply.best) if reply.ranked else None,
+                          {model: _score(s) for model, s in reply.best_layer_per_model.items()},
+                          tuple((q.collection, q.score) for q in reply.item_scores), tuple(reply.stale))
+
+    def project(self, dataset: str, configuration: Configuration = DEFAULT, method: str = "pca", seed: int = 0,
+                max_points: int = 5000) -> Projection:
+        """2-D coordinates (pca or umap) of a collection's vectors with their ids and labels."""
+        methods = {"pca": pb.PROJECTION_METHOD_PCA, "umap": pb.PROJECTION_METHOD_UMAP}
+        if method not in methods:
+            raise ValueError(f"method must be pca or umap, not {method!r}")
+        reply = self._call("Project", pb.ProjectRequest(dataset=dataset, configuration=_configuration(configuration),
+                                                        method=methods[method], seed=seed, max_points=max_points))
+        return Projection(tuple(reply.ids), tuple(reply.labels), tuple(reply.x), tuple(reply.y), reply.sampled,
+                          reply.total, reply.collection)
+
+    def inspect(self, layer: str, image: bytes | None = None, dataset: str = "", item_id: str = "",
+                model: str = "", top_channels: int = 8) -> Inspection:
+        """A layer's strongest channels for an image (bytes, or a stored item) as overlay PNGs."""
+        request = pb.InspectLayerRequest(dataset=dataset, model=model, layer=layer, top_channels=top_channels)
+        if item_id:
+            request.item_id = item_id
+        else:
+            request.image = image or b""
+        found = self._call("InspectLayer", request).inspection
+        return Inspection(found.model, found.layer, tuple(found.output_shape), found.parameter_count,
+                          found.pretrained, found.width, found.height,
+                          tuple((c.channel, c.mean_activation, c.overlay_png) for c in found.channels))

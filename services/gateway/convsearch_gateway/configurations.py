@@ -27,6 +27,7 @@ class Target:
     metric: str
     minkowski_p: float
     dimension: int
+    parameter_count: int = 0
 
     @property
     def collection(self) -> str:
@@ -71,7 +72,8 @@ class ModelCatalog:
                 shape = list(layer.output_shape)
                 flat = configuration.pooling == "flatten" or len(shape) == 1
                 target = Target(name, layer_name, configuration.pooling, configuration.metric,
-                                configuration.minkowski_p, int(np.prod(shape)) if flat else shape[0])
+                                configuration.minkowski_p, int(np.prod(shape)) if flat else shape[0],
+                                layer.parameter_count)
                 if target not in targets:
                     targets.append(target)
         return targets

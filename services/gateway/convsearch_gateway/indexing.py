@@ -58,15 +58,16 @@ def ensure_collections(backends: Backends, dataset: str, targets: Sequence[Targe
             pass  # another run made it meanwhile
 
 
-def all_item_ids(backends: Backends, dataset: str) -> list[str]:
-    ids, token = [], ""
+def all_items(backends: Backends, dataset: str) -> list[tuple[str, str]]:
+    """(id, label) of every item, in id order."""
+    items, token = [], ""
     while True:
         page = backends.index.call("ScanItems", index_pb2.ScanItemsRequest(dataset=dataset, page_size=1000,
                                                                            page_token=token))
-        ids += [item.id for item in page.items]
+        items += [(item.id, item.label) for item in page.items]
         token = page.next_page_token
         if not token:
-            return ids
+            return items
 
 
 def missing_ids(backends: Backends, dataset: str, collection: str, ids: Sequence[str]) -> set[str]:
@@ -82,7 +83,7 @@ def index_items(backends: Backends, dataset: str, targets: Sequence[Target], bat
                 ids: Sequence[str] | None = None) -> Iterator[Progress]:
     """Fills the targets' collections for `ids` (default: every item); yields progress after each batch."""
     ensure_collections(backends, dataset, targets)
-    ids = all_item_ids(backends, dataset) if ids is None else list(ids)
+    ids = [item_id for item_id, _ in all_items(backends, dataset)] if ids is None else list(ids)
     groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for target in targets:
         groups[target.model, target.pooling].append(target)

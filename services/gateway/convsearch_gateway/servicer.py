@@ -1,8 +1,8 @@
 """GatewayService over gRPC: converts messages and leaves the work to the orchestration modules."""
 
 from convsearch.embedding import Configuration
-from convsearch.enums import metric_name, pooling_name
-from convsearch.errors import NotFound
+from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
+from convsearch.errors import InvalidArgument, NotFound
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
@@ -11,10 +11,14 @@ from convsearch.index.v1 import index_pb2
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import ModelCatalog
+from convsearch_gateway.evaluation import compare, evaluate
 from convsearch_gateway.indexing import index_items
 from convsearch_gateway.ingesting import ingest
+from convsearch_gateway.projection import project
 from convsearch_gateway.searching import search
 
+_METHODS = {pb.PROJECTION_METHOD_UNSPECIFIED: "pca", pb.PROJECTION_METHOD_PCA: "pca",
+            pb.PROJECTION_METHOD_UMAP: "umap"}
 _STATUS = {"stored": pb.INGEST_STATUS_STORED, "replaced": pb.INGEST_STATUS_REPLACED,
            "failed": pb.INGEST_STATUS_FAILED}
 
@@ -22,6 +26,15 @@ _STATUS = {"stored": pb.INGEST_STATUS_STORED, "replaced": pb.INGEST_STATUS_REPLA
 def configuration(message: pb.Configuration) -> Configuration:
     return Configuration(message.model, tuple(message.layers), pooling_name(message.pooling),
                          metric_name(message.metric), message.minkowski_p or 2.0)
+
+
+def _score(score) -> pb.ConfigurationScore:
+    return pb.ConfigurationScore(
+        collection=score.collection, model=score.model, layer=score.layer, pooling=POOLING_ENUMS[score.pooling],
+        metric=METRIC_ENUMS[score.metric], mean_score=score.mean_score, precision_at_k=score.precision_at_k,
+        map_at_k=score.map_at_k, k=score.k, per_label_score=score.per_label_score, queries=score.queries,
+        unlabeled=score.unlabeled, dimension=score.dimension, parameter_count=score.parameter_count,
+        cached=score.cached, small_dataset=score.small_dataset)
 
 
 def _featured_only(model: extractor_pb2.ModelInfo) -> extractor_pb2.ModelInfo:
@@ -118,3 +131,70 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             raise NotFound(f"dataset {request.dataset!r} has no item {request.item_id!r}")
         data, mime, width, height = images.thumbnail(reply.items[0].image, request.thumbnail_size)
         return pb.GetImageResponse(image=data, mime_type=mime, width=width, height=height)
+
+    def _search_target(self, message: pb.Configuration, remaining):
+        config = configuration(message)
+        targets = self.catalog.targets([config], remaining)
+        if len(config.layers) > 1:
+            raise InvalidArgument("name one layer (or none for the model's last featured layer)")
+        return targets[-1]
+
+    @map_errors
+    def Evaluate(self, request, context):
+        remaining = context.time_remaining()
+        configurations = [configuration(c) for c in request.configurations]
+        if not configurations:
+            metrics = [metric_name(m) for m in request.metrics] or ["cosine"]
+            models = list(request.models) or [m.name for m in self.catalog.models(remaining).models if m.available]
+            configurations = [Configuration(model, metric=metric) for model in models for metric in metrics]
+        targets = self.catalog.targets(configurations, remaining)
+        if not 1 <= (request.k or 15) <= 1000:
+            raise InvalidArgument(f"k = {request.k} is out of range; use 1 to 1000")
+        for progress in evaluate(self.backends, request.dataset, targets, request.k or 15, request.recompute,
+                                 self.batch_size):
+            yield pb.EvaluateResponse(phase=progress.phase, done=progress.done, total=progress.total,
+                                      finished=progress.finished, results=[_score(s) for s in progress.results])
+
+    @map_errors
+    def Compare(self, request, context):
+        ranked, stale = compare(self.backends, request.dataset)
+        reply = pb.CompareResponse(ranked=[_score(s) for s in ranked], stale=stale)
+        if ranked:
+            reply.best.CopyFrom(_score(ranked[0]))
+        for score in ranked:
+            if score.model not in reply.best_layer_per_model:
+                reply.best_layer_per_model[score.model].CopyFrom(_score(score))
+        if request.item_id:
+            scored = [s for s in ranked if request.item_id in s.per_query]
+            if ranked and not scored:
+                raise NotFound(f"item {request.item_id!r} was not scored in {request.dataset!r} (unlabeled, or "
+                               "added after the last evaluation)")
+            reply.item_scores.extend(pb.QueryScore(collection=s.collection, model=s.model, layer=s.layer,
+                                                   score=s.per_query[request.item_id]) for s in scored)
+        return reply
+
+    @map_errors
+    def Project(self, request, context):
+        target = self._search_target(request.configuration, context.time_remaining())
+        if request.method not in _METHODS:
+            raise InvalidArgument(f"unknown projection method {request.method}")
+        result = project(self.backends, request.dataset, target, _METHODS[request.method], request.seed,
+                         request.max_points or 5000)
+        return pb.ProjectResponse(ids=result.ids, labels=result.labels, x=result.x, y=result.y,
+                                  sampled=result.sampled, total=result.total, cached=result.cached,
+                                  collection=result.collection)
+
+    @map_errors
+    def InspectLayer(self, request, context):
+        remaining = context.time_remaining()
+        if request.WhichOneof("image_source") == "item_id":
+            reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
+                dataset=request.dataset, ids=[request.item_id], include_images=True), remaining)
+            if not reply.items:
+                raise NotFound(f"dataset {request.dataset!r} has no item {request.item_id!r}")
+            image = reply.items[0].image
+        else:
+            image = request.image
+        inspection = self.backends.extractor.call("InspectLayer", extractor_pb2.InspectLayerRequest(
+            model=request.model, layer=request.layer, image=image, top_channels=request.top_channels), remaining)
+        return pb.InspectLayerResponse(inspection=inspection)

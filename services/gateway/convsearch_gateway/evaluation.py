@@ -1,0 +1,140 @@
+"""Evaluation: how well each configuration captures what a labeled dataset's images have in
+common. Every labeled item queries the index (in batches, itself left out); its ranked labels
+give the ConvNet Playground search score, precision@k and average precision@k. Results are kept
+with the collection (as an attachment with the collection's version) and reused until it changes.
+"""
+
+import collections
+import dataclasses
+import json
+from collections.abc import Iterator, Sequence
+
+from convsearch.index.v1 import index_pb2
+from convsearch.scoring import TOP, search_score
+from convsearch_gateway.backends import Backends
+from convsearch_gateway.configurations import Target
+from convsearch_gateway.indexing import all_items, index_items
+
+ATTACHMENT = "evaluation"
+QUERY_BATCH = 256
+
+
+@dataclasses.dataclass
+class Score:
+    """The scores of one configuration on one dataset."""
+
+    collection: str
+    model: str
+    layer: str
+    pooling: str
+    metric: str
+    mean_score: float
+    precision_at_k: float
+    map_at_k: float
+    k: int
+    per_label_score: dict[str, float]
+    queries: int
+    unlabeled: int
+    dimension: int
+    parameter_count: int
+    small_dataset: bool
+    per_query: dict[str, float]
+    cached: bool = False
+
+
+@dataclasses.dataclass
+class EvaluationProgress:
+    phase: str
+    done: int
+    total: int
+    finished: bool = False
+    results: list[Score] = dataclasses.field(default_factory=list)
+
+
+def query_metrics(label: str, ranked: Sequence[str], k: int, relevant: int) -> tuple[float, float, float]:
+    """(search score, precision@k, average precision@k) of one query's ranked result labels;
+    `relevant` is how many other items share its label."""
+    hits = [other == label for other in ranked[:k]]
+    precision = sum(hits) / k
+    found, total = 0, 0.0
+    for rank, hit in enumerate(hits, 1):
+        if hit:
+            found += 1
+            total += found / rank
+    denominator = min(k, relevant)
+    return search_score(label, ranked[:TOP]), precision, total / denominator if denominator else 0.0
+
+
+def score_target(backends: Backends, dataset: str, target: Target, labeled: dict[str, str], unlabeled: int,
+                 total_items: int, k: int) -> Score:
+    """Queries the index once per QUERY_BATCH labeled items and scores the configuration."""
+    sizes = collections.Counter(labeled.values())
+    ids = list(labeled)
+    per_query, precisions, aps = {}, [], []
+    for start in range(0, len(ids), QUERY_BATCH):
+        chunk = ids[start:start + QUERY_BATCH]
+        reply = backends.index.call("Search", index_pb2.SearchRequest(
+            dataset=dataset, collection=target.collection, query_ids=chunk, k=max(k, TOP)))
+        for item_id, result in zip(chunk, reply.results, strict=True):
+            label = labeled[item_id]
+            score, precision, ap = query_metrics(label, list(result.labels), k, sizes[label] - 1)
+            per_query[item_id] = score
+            precisions.append(precision)
+            aps.append(ap)
+    by_label = collections.defaultdict(list)
+    for item_id, score in per_query.items():
+        by_label[labeled[item_id]].append(score)
+    count = max(1, len(per_query))
+    return Score(target.collection, target.model, target.layer, target.pooling, target.metric,
+                 sum(per_query.values()) / count, sum(precisions) / count, sum(aps) / count, k,
+                 {label: sum(scores) / len(scores) for label, scores in sorted(by_label.items())}, len(per_query),
+                 unlabeled, target.dimension, target.parameter_count, total_items <= TOP, per_query)
+
+
+def stored_score(backends: Backends, dataset: str, collection: str) -> tuple[Score | None, bool]:
+    """(the stored evaluation of a collection or None, whether it is current)."""
+    reply = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
+        dataset=dataset, collection=collection, key=ATTACHMENT))
+    if not reply.found:
+        return None, False
+    return Score(**json.loads(reply.data)), reply.version == reply.current_version
+
+
+def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int = 15, recompute: bool = False,
+             batch_size: int = 32) -> Iterator[EvaluationProgress]:
+    """Indexes what is missing, then scores every target (reusing current stored results)."""
+    for progress in index_items(backends, dataset, targets, batch_size):
+        yield EvaluationProgress("indexing", progress.done, progress.total)
+    items = all_items(backends, dataset)
+    labeled = {item_id: label for item_id, label in items if label}
+    results = []
+    for done, target in enumerate(targets, 1):
+        stored, current = stored_score(backends, dataset, target.collection)
+        if stored is not None and current and stored.k == k and not recompute:
+            stored.cached = True
+            results.append(stored)
+        else:
+            version = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
+                dataset=dataset, collection=target.collection)).collection.version
+            score = score_target(backends, dataset, target, labeled, len(items) - len(labeled), len(items), k)
+            backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
+                dataset=dataset, collection=target.collection, key=ATTACHMENT, version=version,
+                data=json.dumps(dataclasses.asdict(score)).encode()))
+            results.append(score)
+        yield EvaluationProgress("evaluating", done, len(targets))
+    results.sort(key=lambda score: -score.mean_score)
+    yield EvaluationProgress("evaluating", len(targets), len(targets), finished=True, results=results)
+
+
+def compare(backends: Backends, dataset: str) -> tuple[list[Score], list[str]]:
+    """(current stored evaluations, best first; collections whose evaluation is stale or missing)."""
+    collections_ = backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset))
+    ranked, stale = [], []
+    for collection in collections_.collections:
+        stored, current = stored_score(backends, dataset, collection.name)
+        if stored is not None and current:
+            ranked.append(stored)
+        else:
+            stale.append(collection.name)
+    ranked.sort(key=lambda score: -score.mean_score)
+    return ranked, stale

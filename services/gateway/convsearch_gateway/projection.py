@@ -1,0 +1,87 @@
+"""2-D pictures of a collection: PCA (fast, deterministic) or UMAP (seeded), over at most
+max_points vectors (a seeded sample above that), kept with the collection until it changes."""
+
+import dataclasses
+import json
+
+import numpy as np
+
+from convsearch.errors import InvalidArgument
+from convsearch.index.v1 import index_pb2
+from convsearch.tensors import from_tensor
+from convsearch_gateway.backends import Backends
+from convsearch_gateway.configurations import Target
+from convsearch_gateway.indexing import all_items
+
+METHODS = ("pca", "umap")
+_FETCH = 2000
+
+
+@dataclasses.dataclass
+class Projection:
+    ids: list[str]
+    labels: list[str]
+    x: list[float]
+    y: list[float]
+    sampled: bool
+    total: int
+    collection: str
+    cached: bool = False
+
+
+def pca_2d(vectors: np.ndarray) -> np.ndarray:
+    """The first two principal components; each axis's sign fixed so the result is deterministic."""
+    centred = vectors.astype(np.float64) - vectors.mean(axis=0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    axes = components[:2]
+    axes *= np.sign(axes[np.arange(len(axes)), np.argmax(np.abs(axes), axis=1)])[:, None]
+    coordinates = centred @ axes.T
+    if coordinates.shape[1] < 2:
+        coordinates = np.pad(coordinates, ((0, 0), (0, 2 - coordinates.shape[1])))
+    return coordinates
+
+
+def umap_2d(vectors: np.ndarray, metric: str, seed: int) -> np.ndarray:
+    import umap  # imported here: it takes seconds to load
+
+    neighbours = max(2, min(15, len(vectors) - 1))
+    reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed,
+                        metric="cosine" if metric in ("cosine", "ip") else "euclidean")
+    return reducer.fit_transform(vectors)
+
+
+def project(backends: Backends, dataset: str, target: Target, method: str, seed: int, max_points: int) -> Projection:
+    """Coordinates for the collection's vectors (a seeded sample of max_points when there are more)."""
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown projection method {method!r}; use pca or umap")
+    if not 3 <= max_points <= 50_000:
+        raise InvalidArgument(f"max_points {max_points} is out of range; use 3 to 50000")
+    key = f"projection/{method}/{seed}/{max_points}"
+    stored = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
+        dataset=dataset, collection=target.collection, key=key))
+    if stored.found and stored.version == stored.current_version:
+        return Projection(**json.loads(stored.data), cached=True)
+    labels = dict(all_items(backends, dataset))
+    ids = list(labels)
+    found, rows = [], []
+    for start in range(0, len(ids), _FETCH):
+        reply = backends.index.call("GetVectors", index_pb2.GetVectorsRequest(
+            dataset=dataset, collection=target.collection, ids=ids[start:start + _FETCH]))
+        found += list(reply.ids)
+        if reply.ids:
+            rows.append(from_tensor(reply.vectors))
+    if len(found) < 3:
+        raise InvalidArgument(f"{target.collection} has {len(found)} vectors; a projection needs 3 or more "
+                              "(index the dataset first)")
+    vectors = np.concatenate(rows)
+    total = len(found)
+    if total > max_points:
+        keep = np.sort(np.random.default_rng(seed).choice(total, max_points, replace=False))
+        found, vectors = [found[i] for i in keep], vectors[keep]
+    coordinates = pca_2d(vectors) if method == "pca" else umap_2d(vectors, target.metric, seed)
+    result = Projection(found, [labels[i] for i in found], coordinates[:, 0].astype(float).tolist(),
+                        coordinates[:, 1].astype(float).tolist(), total > max_points, total, target.collection)
+    backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
+        dataset=dataset, collection=target.collection, key=key, version=stored.current_version,
+        data=json.dumps(dataclasses.asdict(result)).encode()))
+    return result
