@@ -13,6 +13,8 @@ test: setup
 bench: setup
 	.venv/bin/python bench/extractor_bench.py
 	.venv/bin/python bench/index_bench.py
+	.venv/bin/python bench/e2e_bench.py
+	.venv/bin/python bench/evaluate_bench.py
 
 lint: setup
 	.venv/bin/ruff check convsearch services tests bench scripts

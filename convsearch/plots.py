@@ -22,6 +22,8 @@ def scores_per_layer(scores, path: pathlib.Path, title: str) -> None:
         best = max(points, key=lambda s: s.mean_score)
         axes.annotate(best.layer, (points.index(best) + 1, best.mean_score), textcoords="offset points",
                       xytext=(0, 6), ha="center", fontsize=7)
+    if len(lines) == 1:
+        axes.set_xticks(range(1, len(points) + 1), [s.layer for s in points], rotation=30, ha="right", fontsize=8)
     axes.set_xlabel("layer (first conv ... last conv)")
     axes.set_ylabel("mean search score (%)")
     axes.set_ylim(0, 100)

@@ -60,7 +60,7 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
     stored = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
         dataset=dataset, collection=target.collection, key=key))
     if stored.found and stored.version == stored.current_version:
-        return Projection(**json.loads(stored.data), cached=True)
+        return Projection(**{**json.loads(stored.data), "cached": True})
     labels = dict(all_items(backends, dataset))
     ids = list(labels)
     found, rows = [], []
