@@ -86,11 +86,11 @@ def configuration(args) -> Configuration:
 
 
 def run_ingest(client: Client, dataset: str, path: pathlib.Path) -> dict:
+    items = list(read_items(path))
     try:
         client.dataset(dataset)
     except NotFound:
         client.create_dataset(dataset)
-    items = list(read_items(path))
     counts = {"stored": 0, "replaced": 0, "failed": 0}
     failures = []
     for done, result in enumerate(client.ingest(dataset, items), 1):

@@ -187,3 +187,14 @@ def test_searches_while_upserts_stream_in(tmp_path):
         thread.join()
     assert not errors, errors[0]
     assert len(collection) == 6000
+
+
+def test_ties_are_broken_the_same_way_every_time(tmp_path):
+    vector = np.ones((1, 16), np.float32)
+    collection = VectorCollection(tmp_path, VectorSpec(dimension=16), fsync=False)
+    collection.upsert([f"twin-{i}" for i in range(6)], np.repeat(vector, 6, axis=0))
+    for exact in (True, False):
+        rankings = {tuple(i for i, _ in search_pairs(collection, vector, 6, exact=exact)[0][0]) for _ in range(5)}
+        assert len(rankings) == 1
+    exact_order = search_pairs(collection, vector, 6, exact=True)[0][0]
+    assert [i for i, _ in exact_order] == [f"twin-{i}" for i in range(6)]  # insertion order
