@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,7 +19,7 @@ from convsearch.client import Client
 from convsearch.embedding import Configuration
 from convsearch.errors import NotFound, Unavailable
 from convsearch.local import EXTRACTOR, GATEWAY, INDEX, LocalStack
-from convsearch.processes import start_service, stop_service
+from convsearch.processes import free_port, start_service, stop_service
 from convsearch.scoring import search_score
 
 LAYERS = ("_blocks.9._expand_conv", "_conv_head")
@@ -114,7 +115,8 @@ def test_deleted_items_disappear_from_results(client):
     after = client.search("fashion200", item_id="dress/t10k-00013", configuration=LAST, k=50)
     assert not set(gone) & {hit.id for hit in after.hits}
     images = dict((i, (label, data)) for i, label, data in read_items(FASHION200))
-    list(client.ingest("fashion200", [(i, *images[i]) for i in gone], configurations=[LITE0]))
+    again = list(client.ingest("fashion200", [(i, *images[i]) for i in gone], configurations=[LITE0]))
+    assert [(r.status, r.indexed) for r in again] == [("stored", True), ("stored", True)]
     restored = client.search("fashion200", item_id="dress/t10k-00013", configuration=LAST, k=5)
     assert [hit.id for hit in restored.hits] == [hit.id for hit in before.hits]
 
@@ -171,3 +173,26 @@ def test_the_readme_python_example_runs_as_written(stack, client):
                             env={**os.environ, "CONVSEARCH_GATEWAY": stack.gateway}, cwd=README.parent)
     assert result.returncode == 0, result.stderr
     assert "search score" in result.stdout
+
+
+def test_the_gateway_balances_over_several_extractors(stack, client):
+    metrics = [free_port(), free_port()]
+    extractors = [start_service("convsearch-extractor", "--metrics-port", str(port), service=EXTRACTOR)
+                  for port in metrics]
+    gateway, address = start_service("convsearch-gateway", "--extractor", ",".join(a for _, a in extractors),
+                                     "--index", stack.index, service=GATEWAY)
+    def embedded(port: int) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return float(re.search(r"^convsearch_extractor_images_total (\S+)$", text, re.M).group(1))
+
+    try:
+        before = [embedded(port) for port in metrics]
+        with Client(address) as balanced:
+            for _ in range(12):
+                assert balanced.search("fashion200", image=items_png(), configuration=LAST, k=3).hits
+        served = [embedded(port) - start for port, start in zip(metrics, before, strict=True)]
+        assert sum(served) == 12 and min(served) >= 3, served
+    finally:
+        stop_service(gateway)
+        for process, _ in extractors:
+            stop_service(process)
