@@ -68,8 +68,7 @@ class LoadedModel:
         self.pretrained = pretrained
         self.device = device
         self.pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
-        memory = torch.channels_last
-        self.module = module.to(device=device, memory_format=memory)
+        self.module = module.to(device=device, memory_format=torch.channels_last)
         self.bytes = sum(t.numel() * t.element_size()
                          for t in [*module.parameters(), *module.buffers()])
         shape = (1, 3, 1, 1)
@@ -92,15 +91,20 @@ class LoadedModel:
         self._extractors.move_to_end(key)
         return extractor
 
+    def _forward(self, pixels: np.ndarray, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """One forward pass of (N, H, W, 3) uint8 pixels, normalised on the device, to `layers`."""
+        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        with FX_LOCK:
+            extractor = self._extractor(layers)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                return extractor(batch)
+
     @torch.inference_mode()
     def feature_maps(self, pixels: np.ndarray, layer: str) -> np.ndarray:
         """The raw (C, H, W) output of `layer` for one image, float32."""
-        batch = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()
-        batch = batch.sub_(self._mean).div_(self._std).contiguous(memory_format=torch.channels_last)
-        with FX_LOCK:
-            extractor = self._extractor((layer,))
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                return extractor(batch)[layer][0].float().cpu().numpy()
+        return self._forward(pixels, (layer,))[layer][0].float().cpu().numpy()
 
     @torch.inference_mode()
     def embed(self, pixels: np.ndarray, spec: EmbedSpec) -> dict[str, np.ndarray]:
@@ -109,13 +113,7 @@ class LoadedModel:
         if self.pad_batches and padded_size(count) != count:
             padding = np.zeros((padded_size(count) - count, *pixels.shape[1:]), pixels.dtype)
             pixels = np.concatenate([pixels, padding])
-        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with FX_LOCK:
-            extractor = self._extractor(spec.layers)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                outputs = extractor(batch)
+        outputs = self._forward(pixels, spec.layers)
         return {layer: pool(outputs[layer][:count], spec.pooling, spec.normalize).cpu().numpy()
                 for layer in spec.layers}
 
@@ -212,11 +210,6 @@ class ModelPool:
     def _meta_module(spec: ModelSpec) -> nn.Module:
         with torch.device("meta"):
             return spec.build(False)
-
-    def loaded_names(self) -> list[str]:
-        """Models in memory, least recently used first."""
-        with self._lock:
-            return list(self._loaded)
 
     def check_layers(self, spec: EmbedSpec, max_flatten: int) -> dict[str, int]:
         """Validates the layers of a request and returns each one's vector dimension."""
