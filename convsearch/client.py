@@ -22,6 +22,7 @@ from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2
+from convsearch.inspection import Inspection
 
 DEFAULT = Configuration()  # the default model at its featured layers, average pooling, cosine
 _STATUS_NAMES = {pb.INGEST_STATUS_STORED: "stored", pb.INGEST_STATUS_REPLACED: "replaced",
@@ -151,18 +152,6 @@ class Projection:
     sampled: bool
     total: int
     collection: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Inspection:
-    model: str
-    layer: str
-    output_shape: tuple[int, ...]
-    parameter_count: int
-    pretrained: bool
-    width: int
-    height: int
-    channels: tuple[tuple[int, float, bytes], ...]  # (channel, mean activation, overlay PNG)
 
 
 def _score(message) -> Score:

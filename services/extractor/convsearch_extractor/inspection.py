@@ -1,29 +1,15 @@
 """Looking inside a layer: the channels that respond most to an image, each as its activation
 map upsampled and laid over the image (the live counterpart of a model explorer)."""
 
-import dataclasses
 import io
 
 import numpy as np
 from PIL import Image
 
 from convsearch.errors import InvalidArgument
+from convsearch.inspection import Inspection
 from convsearch_extractor.imaging import ImageError, crop_box, open_upright
 from convsearch_extractor.runtime import ModelPool
-
-
-@dataclasses.dataclass
-class Inspection:
-    """A layer's strongest channels for one image: (channel, mean activation, overlay PNG)."""
-
-    model: str
-    layer: str
-    output_shape: tuple[int, ...]
-    parameter_count: int
-    pretrained: bool
-    width: int
-    height: int
-    channels: list[tuple[int, float, bytes]]
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -75,4 +61,4 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
     strongest = np.argsort(-means, kind="stable")[:top]
     return Inspection(model, layer, layer_info.output_shape, layer_info.parameter_count, loaded.pretrained,
                       image.width, image.height,
-                      [(int(c), float(means[c]), overlay(image, maps[c], box)) for c in strongest])
+                      tuple((int(c), float(means[c]), overlay(image, maps[c], box)) for c in strongest))
