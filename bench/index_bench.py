@@ -1,6 +1,7 @@
 """Index search speed: queries/s through the index service over gRPC against raw hnswlib
 in-process on the same vectors and parameters, at 1 and 64 queries per call, with recall@10
-against exact search for both; plus upsert throughput and memory per vector.
+against exact search for both; plus upsert throughput and memory per vector: as the collection
+counts it (bytes_per_vector) and as the process's resident memory grew (rss_bytes_per_vector).
 
 Last stdout line: one JSON object (grpc_qps_b1, raw_qps_b1, grpc_qps_b64, raw_qps_b64, ...).
 """
@@ -36,6 +37,13 @@ def qps(search_batch, queries: np.ndarray, batch: int) -> tuple[float, list[list
     for start in range(0, len(queries), batch):
         found += search_batch(queries[start:start + batch])
     return len(queries) / (time.perf_counter() - started), found
+
+
+def rss_bytes(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
 
 
 def main() -> None:
@@ -74,12 +82,14 @@ def main() -> None:
                 stub.PutItems(pb.PutItemsRequest(dataset="bench", items=items))
             stub.CreateCollection(pb.CreateCollectionRequest(dataset="bench", spec=pb.CollectionSpec(
                 model="bench", layer="layer", dimension=args.dim, m=M, ef_construction=EF_CONSTRUCTION, ef=EF)))
+            rss_before = rss_bytes(process.pid)
             started = time.perf_counter()
             for start in range(0, args.n, args.upsert_batch):
                 stub.UpsertVectors(pb.UpsertVectorsRequest(
                     dataset="bench", collection=COLLECTION, ids=ids[start:start + args.upsert_batch],
                     vectors=to_tensor(vectors[start:start + args.upsert_batch])))
             upsert_vec_s = args.n / (time.perf_counter() - started)
+            rss_per_vector = (rss_bytes(process.pid) - rss_before) / args.n
             print(f"service: upserts {upsert_vec_s:.0f} vectors/s (batches of {args.upsert_batch}, fsync'd)",
                   flush=True)
 
@@ -103,6 +113,8 @@ def main() -> None:
         "recall_at_10": round(recall(grpc_found, truth), 4), "raw_recall_at_10": round(recall(raw_found, truth), 4),
         "upsert_vec_s": round(upsert_vec_s, 1), "raw_build_vec_s": round(args.n / raw_build_s, 1),
         "bytes_per_vector": round(stats.collection.memory_bytes / stats.collection.count, 1),
+        "rss_bytes_per_vector": round(rss_per_vector, 1), "raw_bytes_per_vector": args.dim * 4,
+        "memory_ratio": round(stats.collection.memory_bytes / stats.collection.count / (args.dim * 4), 3),
     }))
 
 

@@ -46,5 +46,11 @@ class Unavailable(ConvsearchError):
     code = "UNAVAILABLE"
 
 
+class DataLoss(ConvsearchError):
+    """Stored data failed its checks: what is damaged is refused whole, never half-served."""
+
+    code = "DATA_LOSS"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                            ResourceExhausted, Unavailable)}
+                                            ResourceExhausted, Unavailable, DataLoss)}

@@ -82,7 +82,7 @@ def test_datasets_items_and_collections(index):
     hits, exact = search(stub, vectors[:2])
     assert hits[0][0][0] == "i000" and hits[1][0][0] == "i001" and not exact
     fetched = stub.GetVectors(pb.GetVectorsRequest(dataset="shoes", collection=COLLECTION, ids=["i005", "no"]))
-    np.testing.assert_array_equal(from_tensor(fetched.vectors), vectors[[5]])
+    np.testing.assert_allclose(from_tensor(fetched.vectors), vectors[[5]], rtol=1e-6)
     assert list(fetched.missing_ids) == ["no"]
     which = stub.GetVectors(pb.GetVectorsRequest(dataset="shoes", collection=COLLECTION, ids=["i005", "no"],
                                                  ids_only=True))

@@ -2,28 +2,47 @@
 write-ahead log and checkpoints. All of hnswlib's rules live here:
 
 - add_items never overlaps knn_query (reader-writer lock); searches run in parallel;
-- labels are ints: each item id gets a slot, never reused, so deleted items never come back;
-- capacity grows before it runs out; deleted slots' memory is reused (replace_deleted);
+- labels are ints: each item id gets a slot, never given to another id, so deleted items never
+  come back; a re-upserted live id is updated in place, and only new slots reuse the memory of
+  deleted ones (replace_deleted), so an id never has two nodes;
+- capacity grows (by a quarter) before it runs out;
 - ef is not saved with the graph: it is kept in the checkpoint's metadata and set after load;
-- knn_query raises when fewer than k results survive: k is capped and exact search answers.
+- knn_query raises when fewer than k results survive: k is capped and exact search answers;
+- no file reaches hnswlib before its checksum is verified.
+
+The graph is the only copy of the vectors of an approximate collection (a cosine one also keeps
+each vector's norm, since hnswlib stores them normalised); the exact-only metrics keep a numpy
+array. Files that fail their checks raise DataLoss: the collection is refused whole, its files
+are left as they are.
 """
 
+import contextlib
 import dataclasses
+import hashlib
 import json
+import logging
 import os
 import pathlib
 import shutil
+import threading
+import time
 from collections.abc import Sequence
 
 import hnswlib
 import numpy as np
 
-from convsearch.errors import InvalidArgument
+from convsearch.errors import DataLoss, InvalidArgument
 from convsearch_index import wal
 from convsearch_index.distances import HNSW_SPACES, exact_knn, from_hnsw
 from convsearch_index.rwlock import RWLock
 
+log = logging.getLogger("convsearch.index")
 _INITIAL_CAPACITY = 1024
+_GROWTH = 1.25
+CHECKPOINT_FORMAT = 2
+# A checkpoint rewrites the collection without its deleted slots once they are this share of all.
+COMPACT_SHARE = 0.3
+_ID_MAP_BYTES = 120  # estimated bytes per slot of the Python id <-> slot maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,145 +69,326 @@ def _fsync_dir(path: pathlib.Path) -> None:
         os.close(fd)
 
 
-class VectorCollection:
-    """Vectors of one (dataset, model, layer, pooling, metric), durable in `directory`."""
+def _sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
-    def __init__(self, directory: pathlib.Path, spec: VectorSpec, fsync: bool = True):
+
+def _grown(array: np.ndarray, needed: int) -> np.ndarray:
+    """`array` with at least `needed` rows (a quarter more than needed when it must grow)."""
+    if needed <= len(array):
+        return array
+    grown = np.zeros((max(needed, int(len(array) * _GROWTH), _INITIAL_CAPACITY), *array.shape[1:]), array.dtype)
+    grown[:len(array)] = array
+    return grown
+
+
+@dataclasses.dataclass
+class _State:
+    """Everything a search reads: swapped whole by compaction."""
+
+    ids: list  # item id per slot, None where deleted
+    slot: dict  # item id -> slot
+    alive: np.ndarray  # per slot
+    graph: hnswlib.Index | None = None  # approximate metrics: the vectors and their graph
+    norms: np.ndarray | None = None  # cosine: each slot's norm (the graph keeps unit vectors)
+    vectors: np.ndarray | None = None  # exact-only metrics
+    free_deleted: int = 0  # graph nodes marked deleted and not reused yet
+
+
+class VectorCollection:
+    """Vectors of one (dataset, model, layer, pooling, metric), durable in `directory`.
+
+    Raises DataLoss when the files in `directory` fail their checks.
+    """
+
+    def __init__(self, directory: pathlib.Path, spec: VectorSpec, fsync: bool = True, name: str = ""):
         self.directory = directory
         self.spec = spec
         self.fsync = fsync
+        self.name = name or directory.name
         self.lock = RWLock()
+        self._writer = threading.Lock()  # one writer (or checkpoint) at a time
         directory.mkdir(parents=True, exist_ok=True)
-        self._ids: list[str | None] = []
-        self._slot: dict[str, int] = {}
-        self._vectors = np.zeros((0, spec.dimension), np.float32)
-        self._alive = np.zeros(0, bool)
+        self._s = self._empty_state()
         self.version = 0  # applied batches since creation; replay recounts the logged ones
-        self._graph: hnswlib.Index | None = None
-        self._load_checkpoint()
-        self._replay()
-        self._wal = wal.WriteAheadLog(directory / "wal.log", fsync)
+        try:
+            migrated = self._load_checkpoint()
+            log_path = directory / "wal.log"
+            legacy_log = wal.is_legacy(log_path)
+            self._replay()
+        except wal.CorruptLog as exc:
+            raise DataLoss(f"the write-ahead log is corrupt ({exc})") from None
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
+            raise DataLoss(f"the checkpoint cannot be read ({type(exc).__name__}: {exc})") from None
+        self._wal: wal.WriteAheadLog | None = None
+        if migrated or legacy_log:
+            # Replaying the old log again over this checkpoint, after a crash, changes nothing.
+            self._write_checkpoint()
+            log_path.unlink(missing_ok=True)
+            log.info("collection %s: rewritten in checkpoint format %d", self.name, CHECKPOINT_FORMAT)
+        self._wal = wal.WriteAheadLog(log_path, fsync)
 
     # ---- state -------------------------------------------------------------------------
 
-    def _new_graph(self, capacity: int) -> hnswlib.Index | None:
-        if not self.spec.approximate:
-            return None
-        graph = hnswlib.Index(space=HNSW_SPACES[self.spec.metric], dim=self.spec.dimension)
+    @property
+    def _space(self) -> str:
+        """hnswlib's space: cosine is inner product over the unit vectors this class makes, so
+        the graph holds exactly the bits it was given."""
+        return "ip" if self.spec.metric == "cosine" else HNSW_SPACES[self.spec.metric]
+
+    def _empty_state(self) -> _State:
+        state = _State([], {}, np.zeros(0, bool))
+        if self.spec.approximate:
+            state.graph = self._new_graph(_INITIAL_CAPACITY)
+            if self.spec.metric == "cosine":
+                state.norms = np.zeros(0, np.float32)
+        else:
+            state.vectors = np.zeros((0, self.spec.dimension), np.float32)
+        return state
+
+    def _new_graph(self, capacity: int) -> hnswlib.Index:
+        graph = hnswlib.Index(space=self._space, dim=self.spec.dimension)
         graph.init_index(max_elements=capacity, M=self.spec.m, ef_construction=self.spec.ef_construction,
                          allow_replace_deleted=True)
         graph.set_ef(self.spec.ef)
         return graph
 
-    def _ensure_capacity(self, extra: int) -> None:
-        needed = len(self._ids) + extra
-        if needed > len(self._vectors):
-            grown = np.zeros((max(needed, 2 * len(self._vectors), _INITIAL_CAPACITY), self.spec.dimension),
-                             np.float32)
-            grown[:len(self._ids)] = self._vectors[:len(self._ids)]
-            self._vectors = grown
-            alive = np.zeros(len(grown), bool)
-            alive[:len(self._ids)] = self._alive[:len(self._ids)]
-            self._alive = alive
-        if self._graph is None and self.spec.approximate:
-            self._graph = self._new_graph(max(_INITIAL_CAPACITY, needed))
-        if self._graph is not None:
-            live_needed = self._graph.get_current_count() + extra
-            if live_needed > self._graph.get_max_elements():
-                self._graph.resize_index(max(live_needed, 2 * self._graph.get_max_elements()))
+    def _rows(self, slots: np.ndarray, state: _State | None = None) -> np.ndarray:
+        """The vectors of these (live) slots, as upserted."""
+        s = state or self._s
+        slots = np.asarray(slots, np.int64)
+        if s.graph is None:
+            return s.vectors[slots]
+        if not len(slots):
+            return np.zeros((0, self.spec.dimension), np.float32)
+        rows = np.asarray(s.graph.get_items(slots), np.float32).reshape(len(slots), self.spec.dimension)
+        return rows * s.norms[slots, None] if s.norms is not None else rows
 
     def _apply_upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
         self.version += 1
-        fresh = [i for i, item_id in enumerate(ids) if item_id not in self._slot]
-        self._ensure_capacity(len(fresh))
+        s = self._s
+        fresh = [i for i, item_id in enumerate(ids) if item_id not in s.slot]
+        existing = [i for i, item_id in enumerate(ids) if item_id in s.slot]
+        needed = len(s.ids) + len(fresh)
+        s.alive = _grown(s.alive, needed)
+        if s.vectors is not None:
+            s.vectors = _grown(s.vectors, needed)
+        if s.norms is not None:
+            s.norms = _grown(s.norms, needed)
         for i in fresh:
-            self._slot[ids[i]] = len(self._ids)
-            self._ids.append(ids[i])
-        slots = np.array([self._slot[item_id] for item_id in ids], np.int64)
-        self._vectors[slots] = vectors
-        self._alive[slots] = True
-        if self._graph is not None:
-            self._graph.add_items(vectors, slots, replace_deleted=True)
-        return len(fresh), len(ids) - len(fresh)
+            s.slot[ids[i]] = len(s.ids)
+            s.ids.append(ids[i])
+        slots = np.array([s.slot[item_id] for item_id in ids], np.int64)
+        s.alive[slots] = True
+        if s.vectors is not None:
+            s.vectors[slots] = vectors
+            return len(fresh), len(existing)
+        if s.norms is not None:
+            norms = np.linalg.norm(vectors, axis=1)
+            s.norms[slots] = norms
+            vectors = vectors / np.maximum(norms, 1e-30)[:, None]
+        new_nodes = max(0, len(fresh) - s.free_deleted)
+        if s.graph.get_current_count() + new_nodes > s.graph.get_max_elements():
+            s.graph.resize_index(max(s.graph.get_current_count() + new_nodes,
+                                     int(s.graph.get_max_elements() * _GROWTH)))
+        if existing:  # live nodes: updated in place
+            s.graph.add_items(vectors[existing], slots[existing], replace_deleted=False)
+        if fresh:  # new slots: may take the memory of deleted nodes
+            s.graph.add_items(vectors[fresh], slots[fresh], replace_deleted=True)
+            s.free_deleted -= min(len(fresh), s.free_deleted)
+        return len(fresh), len(existing)
 
     def _apply_delete(self, ids: Sequence[str]) -> int:
         self.version += 1
+        s = self._s
         deleted = 0
         for item_id in ids:
-            slot = self._slot.pop(item_id, None)
+            slot = s.slot.pop(item_id, None)
             if slot is None:
                 continue
-            self._ids[slot] = None
-            self._alive[slot] = False
-            if self._graph is not None:
-                self._graph.mark_deleted(slot)
+            s.ids[slot] = None
+            s.alive[slot] = False
+            if s.graph is not None:
+                s.graph.mark_deleted(slot)
+                s.free_deleted += 1
             deleted += 1
         return deleted
 
     # ---- durability --------------------------------------------------------------------
 
-    def _load_checkpoint(self) -> None:
+    def _load_checkpoint(self) -> bool:
+        """Loads the checkpoint CURRENT names, verified; True when it was in an older format."""
         current = self.directory / "CURRENT"
         if not current.exists():
-            return
-        checkpoint = self.directory / current.read_text().strip()
+            return False
+        text = current.read_text()
+        if not text.lstrip().startswith("{"):
+            self._load_format_1(self._checkpoint_dir(text.strip()))
+            return True
+        pointer = json.loads(text)
+        checkpoint = self._checkpoint_dir(pointer["checkpoint"])
+        manifest_path = checkpoint / "MANIFEST.json"
+        if _sha256(manifest_path) != pointer["manifest_sha256"]:
+            raise DataLoss(f"{checkpoint.name}/MANIFEST.json fails its checksum")
+        for file_name, entry in json.loads(manifest_path.read_text())["files"].items():
+            path = checkpoint / file_name
+            if not path.is_file() or path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+                raise DataLoss(f"{checkpoint.name}/{file_name} is missing or fails its checksum")
         meta = json.loads((checkpoint / "meta.json").read_text())
-        self._ids = meta["ids"]
+        if meta["format"] != CHECKPOINT_FORMAT or meta["dimension"] != self.spec.dimension:
+            raise DataLoss(f"{checkpoint.name} holds format {meta['format']}, dimension {meta['dimension']}; "
+                           f"expected format {CHECKPOINT_FORMAT}, dimension {self.spec.dimension}")
         self.version = meta["version"]
-        self._slot = {item_id: slot for slot, item_id in enumerate(self._ids) if item_id is not None}
-        self._vectors = np.load(checkpoint / "vectors.npy")
-        self._alive = np.array([item_id is not None for item_id in self._ids], bool)
-        if self.spec.approximate and (checkpoint / "graph.bin").exists():
-            graph = hnswlib.Index(space=HNSW_SPACES[self.spec.metric], dim=self.spec.dimension)
+        s = self._state_from_ids(meta["ids"])
+        if self.spec.approximate:
+            graph = hnswlib.Index(space=self._space, dim=self.spec.dimension)
             graph.load_index(str(checkpoint / "graph.bin"), max_elements=meta["capacity"],
                              allow_replace_deleted=True)
             graph.set_ef(meta["ef"])  # hnswlib does not save ef
-            self._graph = graph
+            labels = set(graph.get_ids_list())
+            if not labels.issuperset(s.slot.values()):
+                raise DataLoss(f"{checkpoint.name}/graph.bin lacks items its metadata lists")
+            s.graph, s.free_deleted = graph, graph.get_current_count() - len(s.slot)
+            if self.spec.metric == "cosine":
+                s.norms = self._array(checkpoint / "norms.npy", (len(s.ids),))
+        else:
+            s.vectors = self._array(checkpoint / "vectors.npy", (len(s.ids), self.spec.dimension))
+        self._s = s
+        return False
+
+    def _checkpoint_dir(self, name: str) -> pathlib.Path:
+        checkpoint = self.directory / name
+        if not name.startswith("ckpt-") or "/" in name or not checkpoint.is_dir():
+            raise DataLoss(f"CURRENT names checkpoint {name[:64]!r}, which does not exist")
+        return checkpoint
+
+    @staticmethod
+    def _state_from_ids(ids: list) -> _State:
+        if not isinstance(ids, list) or not all(i is None or isinstance(i, str) for i in ids):
+            raise DataLoss("the checkpoint's id list is malformed")
+        slot = {item_id: n for n, item_id in enumerate(ids) if item_id is not None}
+        return _State(ids, slot, np.array([item_id is not None for item_id in ids], bool))
+
+    @staticmethod
+    def _array(path: pathlib.Path, shape: tuple) -> np.ndarray:
+        array = np.load(path, allow_pickle=False)
+        if array.shape != shape or array.dtype != np.float32:
+            raise DataLoss(f"{path.parent.name}/{path.name} holds {array.dtype}{list(array.shape)}; "
+                           f"expected float32{list(shape)}")
+        return array
+
+    def _load_format_1(self, checkpoint: pathlib.Path) -> None:
+        """A checkpoint from before checksums: its vectors are read (the graph file is not
+        trusted; the graph is rebuilt from them), then rewritten in the current format."""
+        meta = json.loads((checkpoint / "meta.json").read_text())
+        self.version = meta["version"]
+        loaded = self._state_from_ids(meta["ids"])
+        vectors = self._array(checkpoint / "vectors.npy", (len(loaded.ids), self.spec.dimension))
+        live = sorted(loaded.slot.items(), key=lambda pair: pair[1])
+        self._apply_upsert([item_id for item_id, _ in live], vectors[[n for _, n in live]])
+        self.version = meta["version"]
 
     def _replay(self) -> None:
         for payload in wal.replay(self.directory / "wal.log"):
             op, ids, vectors = wal.decode(payload, self.spec.dimension)
             if op == wal.UPSERT:
                 self._apply_upsert(ids, vectors)
-            else:
+            elif op == wal.DELETE:
                 self._apply_delete(ids)
+            else:
+                raise wal.CorruptLog(f"a record holds unknown operation {op}")
+
+    def _compacted(self) -> _State:
+        """The live slots renumbered 0..n-1 in their order, without the deleted ones."""
+        s = self._s
+        live = np.flatnonzero(s.alive[:len(s.ids)])
+        state = _State([s.ids[n] for n in live], {}, np.ones(len(live), bool))
+        state.slot = {item_id: n for n, item_id in enumerate(state.ids)}
+        if s.graph is None:
+            state.vectors = s.vectors[live].copy()
+            return state
+        state.graph = self._new_graph(max(len(live), _INITIAL_CAPACITY))
+        for start in range(0, len(live), 4096):
+            chunk = live[start:start + 4096]
+            state.graph.add_items(s.graph.get_items(chunk), np.arange(start, start + len(chunk)))
+        if s.norms is not None:
+            state.norms = s.norms[live].copy()
+        return state
+
+    def _needs_compaction(self) -> bool:
+        dead = len(self._s.ids) - len(self._s.slot)
+        return dead > 0 and dead >= COMPACT_SHARE * len(self._s.ids)
 
     def checkpoint(self) -> None:
-        """Saves everything to a new checkpoint, switches CURRENT to it, then empties the log."""
-        with self.lock.read():  # writers wait; searches go on
-            if self._wal.size() == 0 and (self.directory / "CURRENT").exists():
+        """Writes a new checkpoint (compacting first when many slots are dead), switches CURRENT
+        to it, then empties the log. Searches go on meanwhile; writes wait."""
+        with self._writer:
+            if not self._wal.has_records() and (self.directory / "CURRENT").exists() \
+                    and not self._needs_compaction():
                 return
-            number = 1 + max((int(p.name.split("-")[1]) for p in self.directory.glob("ckpt-*")
-                              if p.name.split("-")[1].isdigit()), default=0)
-            name = f"ckpt-{number:06d}"
-            temporary = self.directory / f"{name}.tmp"
-            shutil.rmtree(temporary, ignore_errors=True)
-            temporary.mkdir()
-            with open(temporary / "vectors.npy", "wb") as handle:
-                np.save(handle, self._vectors[:len(self._ids)])
-                handle.flush()
+            if self._needs_compaction():
+                started, before = time.monotonic(), len(self._s.ids)
+                with self.lock.read():
+                    compacted = self._compacted()
+                with self.lock.write():
+                    self._s = compacted
+                log.info("collection %s: compacted %d slots to %d in %.2fs", self.name, before,
+                         len(compacted.ids), time.monotonic() - started)
+            with self.lock.read():
+                self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
+        s = self._s
+        number = 1 + max((int(p.name.split("-")[1]) for p in self.directory.glob("ckpt-*")
+                          if p.name.split("-")[1].isdigit()), default=0)
+        name = f"ckpt-{number:06d}"
+        temporary = self.directory / f"{name}.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        count = len(s.ids)
+        if s.graph is not None:
+            s.graph.save_index(str(temporary / "graph.bin"))
+            if s.norms is not None:
+                np.save(temporary / "norms.npy", s.norms[:count])
+        else:
+            np.save(temporary / "vectors.npy", s.vectors[:count])
+        meta = {"format": CHECKPOINT_FORMAT, "dimension": self.spec.dimension, "ids": s.ids,
+                "ef": self.spec.ef, "capacity": s.graph.get_max_elements() if s.graph is not None else 0,
+                "version": self.version}
+        (temporary / "meta.json").write_text(json.dumps(meta))
+        files = {}
+        for path in sorted(temporary.iterdir()):
+            with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-            capacity = 0
-            if self._graph is not None:
-                self._graph.save_index(str(temporary / "graph.bin"))
-                capacity = self._graph.get_max_elements()
-            meta = {"ids": self._ids, "ef": self.spec.ef, "capacity": capacity, "version": self.version}
-            (temporary / "meta.json").write_text(json.dumps(meta))
-            for path in temporary.iterdir():
-                with open(path, "rb") as handle:
-                    os.fsync(handle.fileno())
-            _fsync_dir(temporary)
-            os.replace(temporary, self.directory / name)
-            pointer = self.directory / "CURRENT.tmp"
-            pointer.write_text(name)
-            with open(pointer, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(pointer, self.directory / "CURRENT")
-            _fsync_dir(self.directory)
+            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+        self._write_durably(temporary / "MANIFEST.json", json.dumps({"files": files}))
+        _fsync_dir(temporary)
+        os.replace(temporary, self.directory / name)
+        manifest_sha256 = _sha256(self.directory / name / "MANIFEST.json")
+        self._write_durably(self.directory / "CURRENT.tmp",
+                            json.dumps({"checkpoint": name, "manifest_sha256": manifest_sha256}))
+        os.replace(self.directory / "CURRENT.tmp", self.directory / "CURRENT")
+        _fsync_dir(self.directory)
+        if self._wal is not None:
             self._wal.truncate()
-            for old in self.directory.glob("ckpt-*"):
-                if old.name != name:
-                    shutil.rmtree(old, ignore_errors=True)
+        for old in self.directory.glob("ckpt-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @staticmethod
+    def _write_durably(path: pathlib.Path, text: str) -> None:
+        with open(path, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def export_checkpoint(self, target: pathlib.Path) -> None:
+        """Checkpoints, then copies that checkpoint (files and manifest) to `target`."""
+        self.checkpoint()
+        with self._writer:
+            name = json.loads((self.directory / "CURRENT").read_text())["checkpoint"]
+            shutil.copytree(self.directory / name, target)
 
     def close(self, checkpoint: bool = True) -> None:
         """Checkpoints (unless told not to) and closes the log."""
@@ -213,18 +413,23 @@ class VectorCollection:
             raise InvalidArgument(f"vector of item {ids[int(np.argmax(bad))]!r} has NaN or infinite "
                                   "values; send finite numbers")
 
+    @contextlib.contextmanager
+    def _writing(self):
+        with self._writer, self.lock.write():
+            yield
+
     def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
         """Inserts or replaces vectors; durable when it returns. (inserted, replaced)."""
         vectors = np.asarray(vectors, np.float32)
         self._check_vectors(ids, vectors)
-        with self.lock.write():
+        with self._writing():
             self._wal.append(wal.encode(wal.UPSERT, list(ids), vectors))
             return self._apply_upsert(ids, vectors)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Deletes the vectors of these items (those that have one); durable when it returns."""
-        with self.lock.write():
-            present = [item_id for item_id in ids if item_id in self._slot]
+        with self._writing():
+            present = [item_id for item_id in ids if item_id in self._s.slot]
             if present:
                 self._wal.append(wal.encode(wal.DELETE, present))
             return self._apply_delete(present)
@@ -232,24 +437,24 @@ class VectorCollection:
     def has(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """(ids with a vector, ids without)."""
         with self.lock.read():
-            slot = self._slot
+            slot = self._s.slot
             return [i for i in ids if i in slot], [i for i in ids if i not in slot]
 
     def get(self, ids: Sequence[str]) -> tuple[list[str], np.ndarray, list[str]]:
         """(ids found, their vectors, ids without a vector)."""
         with self.lock.read():
-            found = [item_id for item_id in ids if item_id in self._slot]
-            vectors = self._vectors[[self._slot[item_id] for item_id in found]].copy()
-            return found, vectors.reshape(len(found), self.spec.dimension), \
-                [item_id for item_id in ids if item_id not in self._slot]
+            slot = self._s.slot
+            found = [item_id for item_id in ids if item_id in slot]
+            vectors = self._rows(np.array([slot[item_id] for item_id in found], np.int64))
+            return found, vectors.reshape(len(found), self.spec.dimension), [i for i in ids if i not in slot]
 
     def slot_ids(self) -> list[str | None]:
         """Item id of each slot (None where deleted); positions are the `allowed` mask's."""
         with self.lock.read():
-            return list(self._ids)
+            return list(self._s.ids)
 
     def __len__(self) -> int:
-        return len(self._slot)
+        return len(self._s.slot)
 
     def search(self, queries: np.ndarray, k: int, ef: int = 0, allowed: np.ndarray | None = None,
                exact: bool = False, exact_below: int = 2000) -> tuple[list[tuple[list[str], np.ndarray]], bool]:
@@ -257,7 +462,8 @@ class VectorCollection:
 
         `allowed` is a boolean mask over slots (see `slot_ids`); when it leaves fewer than
         `exact_below` candidates (or fewer than 5% of the items), exact search answers, since a
-        graph walk would have to skip most of what it visits.
+        graph walk would have to skip most of what it visits. Exact search ranks by float64
+        distances, ties broken by item id; the graph ranks by float32 distances.
         """
         queries = np.asarray(queries, np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.spec.dimension:
@@ -268,28 +474,31 @@ class VectorCollection:
         ef = ef or self.spec.ef
         lock = self.lock.read() if ef == self.spec.ef else self.lock.write()  # ef is the graph's state
         with lock:
-            live = self._alive[:len(self._ids)]
+            s = self._s
+            live = s.alive[:len(s.ids)]
             if allowed is not None:
                 live = live & allowed[:len(live)]
-            candidates = len(self._slot) if allowed is None else int(live.sum())
+            candidates = len(s.slot) if allowed is None else int(live.sum())
             if candidates == 0:
                 return [([], np.zeros(0, np.float32)) for _ in queries], True
-            use_exact = exact or self._graph is None or (
-                allowed is not None and (candidates < exact_below or candidates < 0.05 * len(self._slot)))
+            use_exact = exact or s.graph is None or (
+                allowed is not None and (candidates < exact_below or candidates < 0.05 * len(s.slot)))
             if not use_exact:
                 found = self._graph_search(queries, min(k, candidates), ef, live if allowed is not None else None)
                 if found is not None:
                     return found, False
-            rows = np.flatnonzero(live)
-            slots, distances = exact_knn(queries, self._vectors, rows, k, self.spec.metric, self.spec.minkowski_p)
-            return self._hits(slots, distances), True
+            slots, distances = exact_knn(queries, self._rows, np.flatnonzero(live), k, self.spec.metric,
+                                         self.spec.minkowski_p, names=s.ids)
+            return self._hits(slots, distances.astype(np.float32)), True
 
     def _hits(self, slots: np.ndarray, distances: np.ndarray) -> list[tuple[list[str], np.ndarray]]:
-        by_slot = self._ids.__getitem__
+        by_slot = self._s.ids.__getitem__
         return [(list(map(by_slot, row)), row_dist) for row, row_dist in zip(slots.tolist(), distances, strict=True)]
 
     def _graph_search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
-        graph = self._graph
+        graph = self._s.graph
+        if self.spec.metric == "cosine":
+            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
         if ef != self.spec.ef:
             graph.set_ef(ef)
         try:
@@ -303,12 +512,32 @@ class VectorCollection:
         return self._hits(labels, from_hnsw(distances, self.spec.metric))
 
     def stats(self) -> dict:
-        """count, deleted, capacity, version, memory_bytes, approximate."""
+        """count, deleted, capacity, version, memory_bytes, approximate.
+
+        memory_bytes counts what the collection allocates: hnswlib's nodes (vector, level-0
+        links, label, per-node bookkeeping) over its capacity, the numpy arrays, and an estimate
+        of the id maps.
+        """
         with self.lock.read():
-            graph = self._graph
-            capacity = graph.get_max_elements() if graph is not None else len(self._vectors)
-            deleted = len(self._ids) - len(self._slot)
-            links = self.spec.m * 2 * 4 + 8 if graph is not None else 0
-            memory = self._vectors.nbytes + (capacity * (self.spec.dimension * 4 + links) if graph else 0)
-            return {"count": len(self._slot), "deleted": deleted, "capacity": capacity, "version": self.version,
-                    "memory_bytes": int(memory), "approximate": graph is not None or self.spec.approximate}
+            s = self._s
+            memory = s.alive.nbytes + _ID_MAP_BYTES * len(s.ids)
+            if s.graph is not None:
+                capacity = s.graph.get_max_elements()
+                node = self.spec.dimension * 4 + (2 * self.spec.m * 4 + 4) + 8 + 8 + 4 + 40
+                memory += capacity * node + (s.norms.nbytes if s.norms is not None else 0)
+            else:
+                capacity = len(s.vectors)
+                memory += s.vectors.nbytes
+            return {"count": len(s.slot), "deleted": len(s.ids) - len(s.slot), "capacity": capacity,
+                    "version": self.version, "memory_bytes": int(memory), "approximate": s.graph is not None}
+
+
+def install_checkpoint(source: pathlib.Path, directory: pathlib.Path) -> None:
+    """Makes a copied checkpoint folder (see export_checkpoint) the state of a new collection in
+    `directory`; opening it verifies every file."""
+    directory.mkdir(parents=True)
+    shutil.copytree(source, directory / "ckpt-000001")
+    manifest = directory / "ckpt-000001" / "MANIFEST.json"
+    pointer = json.dumps({"checkpoint": "ckpt-000001", "manifest_sha256": _sha256(manifest)}) \
+        if manifest.exists() else "ckpt-000001"  # a checkpoint from before checksums
+    VectorCollection._write_durably(directory / "CURRENT", pointer)

@@ -1,5 +1,12 @@
 """The index's proto-free core: datasets, items and collections, their validation, their
-durability (a lock file, SQLite, per-collection logs and checkpoints) and snapshots."""
+durability (a lock file, SQLite, per-collection logs and checkpoints) and snapshots.
+
+A collection whose files fail their checks at start is kept as damaged: it answers DATA_LOSS
+(with the way back), while every other collection and dataset keeps serving. Vectors are
+derived data, so the way back is to rebuild it from the dataset's items (IndexDataset with
+rebuild_damaged, which deletes it first: its files move to DATA_DIR/damaged/) or to restore the
+dataset from a snapshot.
+"""
 
 import dataclasses
 import fcntl
@@ -19,11 +26,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from convsearch.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from convsearch.naming import collection_name
-from convsearch_index.collection import VectorCollection, VectorSpec
+from convsearch_index.collection import VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
-from convsearch_index.records import DatasetRecord, ItemRecord, Records
+from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_digest
 from convsearch_index.rwlock import RWLock
 
 log = logging.getLogger("convsearch.index")
@@ -62,7 +69,16 @@ class CollectionInfo:
     dataset: str
     key: CollectionKey
     spec: VectorSpec
-    vectors: VectorCollection
+    directory: pathlib.Path
+    vectors: VectorCollection | None  # None when damaged
+    weights: str = ""  # fingerprint of the weights that made the vectors; "" when unknown
+    damage: str = ""  # what is wrong with its files, and the way back; "" when healthy
+
+    def healthy(self) -> VectorCollection:
+        """The vectors; DATA_LOSS when the collection is damaged."""
+        if self.vectors is None:
+            raise DataLoss(self.damage)
+        return self.vectors
 
 
 def _without(ids: list[str], distances: np.ndarray, dropped: set[str], k: int) -> tuple[list[str], np.ndarray]:
@@ -109,17 +125,39 @@ class Index:
         self._collections: dict[tuple[str, str], CollectionInfo] = {}
         self._labels: dict[str, dict[str, str]] = {name: self.records.labels(name)
                                                    for name in self.records.dataset_names()}
-        for dataset, _name, spec, directory in self.records.collections():
-            self._open_collection(dataset, spec, pathlib.Path(directory))
-        log.info("opened %s: %d datasets, %d collections", data_dir, len(self._labels), len(self._collections))
+        # Replacing an item's image takes its dataset's write side; storing vectors the read side.
+        self._dataset_locks: dict[str, RWLock] = {}
+        for dataset, name, spec, stored in self.records.collections():
+            relative = pathlib.Path(stored)
+            if relative.is_absolute():  # written before paths were relative to the data dir
+                relative = pathlib.Path("collections") / relative.name
+                self.records.move_collection(dataset, name, str(relative))
+            self._open_collection(dataset, spec, relative)
+        damaged = [info for info in self._collections.values() if info.damage]
+        for info in damaged:
+            log.error("%s", info.damage)
+        log.info("opened %s: %d datasets, %d collections (%d damaged)", data_dir, len(self._labels),
+                 len(self._collections), len(damaged))
 
-    def _open_collection(self, dataset: str, spec: dict, directory: pathlib.Path) -> CollectionInfo:
+    def _open_collection(self, dataset: str, spec: dict, relative: pathlib.Path) -> CollectionInfo:
         key = CollectionKey(spec["model"], spec["layer"], spec["pooling"], spec["metric"], spec["minkowski_p"])
         vector_spec = VectorSpec(spec["dimension"], spec["metric"], spec["minkowski_p"], spec["m"],
                                  spec["ef_construction"], spec["ef"])
-        info = CollectionInfo(dataset, key, vector_spec, VectorCollection(directory, vector_spec, self.fsync))
+        directory = self.data_dir / relative
+        info = CollectionInfo(dataset, key, vector_spec, directory, None, spec.get("weights", ""))
+        try:
+            info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}")
+        except DataLoss as exc:
+            info.damage = (
+                f"collection {key.name!r} of dataset {dataset!r} is damaged: {exc}. Its files are kept as they "
+                f"are ({relative}). Rebuild it from the dataset's items (IndexDataset with rebuild_damaged, "
+                "e.g. `convsearch index --rebuild-damaged`), or restore the dataset from a snapshot")
         self._collections[dataset, key.name] = info
         return info
+
+    def _dataset_lock(self, dataset: str) -> RWLock:
+        with self._meta:
+            return self._dataset_locks.setdefault(dataset, RWLock())
 
     # ---- datasets ----------------------------------------------------------------------
 
@@ -157,7 +195,9 @@ class Index:
 
     def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> tuple[int, int]:
         """Upserts items: (inserted, replaced). A replaced item whose image changed loses its
-        vectors, so the next indexing run embeds it again."""
+        vectors, so the next indexing run embeds it again: they are deleted (durably) before the
+        new image is committed, so a crash in between leaves the old image without vectors,
+        never the new image with the old vectors."""
         self._require_dataset(dataset)
         if not items:
             raise InvalidArgument("no items given; send at least one")
@@ -168,13 +208,18 @@ class Index:
         for item in items:
             if len(item.label) > MAX_ID:
                 raise InvalidArgument(f"label of item {item.id!r} is longer than {MAX_ID} characters")
-        with self._guard.read():
-            inserted, replaced, changed = self.records.put_items(dataset, items)
-            self._labels[dataset].update((item.id, item.label) for item in items)
+        for item in items:
+            item.digest = image_digest(item.image)
+        with self._guard.read(), self._dataset_lock(dataset).write():
+            existing = self.records.digests(dataset, ids)
+            changed = [item.id for item in items if item.id in existing and existing[item.id] != item.digest]
             if changed:
                 for info in self._dataset_collections(dataset):
-                    info.vectors.delete(changed)
-        return len(inserted), len(replaced)
+                    if info.vectors is not None:  # a damaged one is rebuilt whole
+                        info.vectors.delete(changed)
+            self.records.put_items(dataset, items)
+            self._labels[dataset].update((item.id, item.label) for item in items)
+        return len(items) - len(existing), len(existing)
 
     def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> tuple[list[ItemRecord], list[str]]:
         self._require_dataset(dataset)
@@ -192,7 +237,8 @@ class Index:
         self._require_dataset(dataset)
         with self._guard.read():
             for info in self._dataset_collections(dataset):
-                info.vectors.delete(ids)
+                if info.vectors is not None:
+                    info.vectors.delete(ids)
             deleted = self.records.delete_items(dataset, ids)
             for item_id in deleted:
                 self._labels[dataset].pop(item_id, None)
@@ -209,7 +255,7 @@ class Index:
             return [info for (d, _), info in self._collections.items() if d == dataset]
 
     def create_collection(self, dataset: str, key: CollectionKey, dimension: int, m: int = 16,
-                          ef_construction: int = 200, ef: int = 64) -> CollectionInfo:
+                          ef_construction: int = 200, ef: int = 64, weights: str = "") -> CollectionInfo:
         self._require_dataset(dataset)
         if not key.model or not key.layer:
             raise InvalidArgument("a collection needs a model and a layer")
@@ -221,13 +267,13 @@ class Index:
             if not low <= value <= high:
                 raise InvalidArgument(f"{what} {value} is out of range; use {low} to {high}")
         spec = {**dataclasses.asdict(key), "dimension": dimension, "m": m, "ef_construction": ef_construction,
-                "ef": ef}
+                "ef": ef, "weights": weights}
         with self._guard.read(), self._meta:
             if (dataset, key.name) in self._collections:
                 raise AlreadyExists(f"collection {key.name!r} of dataset {dataset!r} exists already")
-            directory = self.data_dir / "collections" / uuid.uuid4().hex
-            self.records.create_collection(dataset, key.name, spec, str(directory))
-            return self._open_collection(dataset, spec, directory)
+            relative = pathlib.Path("collections") / uuid.uuid4().hex
+            self.records.create_collection(dataset, key.name, spec, str(relative))
+            return self._open_collection(dataset, spec, relative)
 
     def collection(self, dataset: str, name: str) -> CollectionInfo:
         self._require_dataset(dataset)
@@ -244,9 +290,15 @@ class Index:
 
     def _drop_collection(self, dataset: str, name: str) -> None:
         info = self._collections.pop((dataset, name))
-        info.vectors.close(checkpoint=False)
         self.records.delete_collection(dataset, name)
-        shutil.rmtree(info.vectors.directory, ignore_errors=True)
+        if info.vectors is not None:
+            info.vectors.close(checkpoint=False)
+            shutil.rmtree(info.directory, ignore_errors=True)
+        elif info.directory.exists():
+            kept = self.data_dir / "damaged" / f"{dataset}-{info.directory.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+            kept.parent.mkdir(exist_ok=True)
+            os.replace(info.directory, kept)
+            log.warning("damaged collection %s of %s deleted; its files are kept in %s", name, dataset, kept)
 
     def delete_collection(self, dataset: str, name: str) -> None:
         self.collection(dataset, name)
@@ -255,22 +307,35 @@ class Index:
 
     # ---- vectors -----------------------------------------------------------------------
 
-    def upsert_vectors(self, dataset: str, name: str, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
-        info = self.collection(dataset, name)
+    def upsert_vectors(self, dataset: str, name: str, ids: Sequence[str], vectors: np.ndarray,
+                       digests: Sequence[str] = ()) -> tuple[int, int, list[str]]:
+        """(inserted, replaced, stale ids). With `digests` (the image digest each vector was made
+        from), vectors of items whose image has changed since are not stored: those are stale."""
+        collection = self.collection(dataset, name).healthy()
         labels = self._labels[dataset]
         unknown = [item_id for item_id in ids if item_id not in labels]
         if unknown:
             raise NotFound(f"item {unknown[0]!r} is not in dataset {dataset!r} ({len(unknown)} unknown ids); "
                            "put the items first")
-        with self._guard.read():
-            return info.vectors.upsert(ids, vectors)
+        if digests and len(digests) != len(ids):
+            raise InvalidArgument(f"{len(digests)} image digests for {len(ids)} ids; send one per id, or none")
+        with self._guard.read(), self._dataset_lock(dataset).read():
+            stale: list[str] = []
+            if digests:
+                current = self.records.digests(dataset, ids)
+                fresh = [n for n, item_id in enumerate(ids) if current.get(item_id) == digests[n]]
+                stale = [item_id for n, item_id in enumerate(ids) if current.get(item_id) != digests[n]]
+                ids, vectors = [ids[n] for n in fresh], np.asarray(vectors)[fresh]
+                if not ids:
+                    return 0, 0, stale
+            return (*collection.upsert(ids, vectors), stale)
 
     def search(self, dataset: str, name: str, queries: np.ndarray | list[str], k: int, ef: int = 0,
                include_labels: Sequence[str] = (), exclude_labels: Sequence[str] = (),
                exclude_ids: Sequence[str] = (), exact: bool = False):
         """([(ids, labels, distances)] per query, nearest first; exact?). `queries` are vectors, or
         ids of items whose stored vectors are the queries (each then left out of its own results)."""
-        info = self.collection(dataset, name)
+        collection = self.collection(dataset, name).healthy()
         if not 1 <= k <= self.limits.max_k:
             raise InvalidArgument(f"k = {k} is out of range; use 1 to {self.limits.max_k}")
         if not 0 <= ef <= 10_000:
@@ -280,7 +345,7 @@ class Index:
         query_ids: list[str] = []
         if isinstance(queries, list):
             query_ids = queries
-            _, queries, missing = info.vectors.get(query_ids)
+            _, queries, missing = collection.get(query_ids)
             if missing:
                 raise NotFound(f"item {missing[0]!r} has no vector in collection {name!r} of {dataset!r}")
         labels = self._labels[dataset]
@@ -291,11 +356,11 @@ class Index:
             allowed = np.array([item_id is not None and item_id not in skip
                                 and (not include or labels.get(item_id) in include)
                                 and labels.get(item_id) not in exclude
-                                for item_id in info.vectors.slot_ids()], bool)
+                                for item_id in collection.slot_ids()], bool)
             skip = set()
         # Excluded ids (and each query item) are dropped after a search for that many more.
         extra = len(skip) + (1 if query_ids else 0)
-        hits, was_exact = info.vectors.search(queries, k + extra, ef, allowed, exact, self.limits.exact_below)
+        hits, was_exact = collection.search(queries, k + extra, ef, allowed, exact, self.limits.exact_below)
         if extra:
             hits = [_without(ids, distances, skip | ({query_ids[q]} if query_ids else set()), k)
                     for q, (ids, distances) in enumerate(hits)]
@@ -307,7 +372,7 @@ class Index:
     def checkpoint(self) -> None:
         """Checkpoints every collection whose log holds something."""
         with self._meta:
-            infos = list(self._collections.values())
+            infos = [info for info in self._collections.values() if info.vectors is not None]
         for info in infos:
             info.vectors.checkpoint()
 
@@ -321,12 +386,10 @@ class Index:
             self.records.export_dataset(dataset, work / "records.sqlite")
             manifest = {"dataset": dataset, "collections": []}
             for index, info in enumerate(self._dataset_collections(dataset)):
-                info.vectors.checkpoint()
-                current = (info.vectors.directory / "CURRENT").read_text().strip()
-                shutil.copytree(info.vectors.directory / current, work / f"collection-{index}")
+                info.healthy().export_checkpoint(work / f"collection-{index}")
                 manifest["collections"].append({"folder": f"collection-{index}", "spec": {
                     **dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
-                    "ef_construction": info.spec.ef_construction, "ef": info.spec.ef}})
+                    "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}})
             (work / "manifest.json").write_text(json.dumps(manifest))
             partial = target.with_suffix(".tar.tmp")
             with tarfile.open(partial, "w") as archive:
@@ -351,20 +414,18 @@ class Index:
             self._labels[dataset] = self.records.labels(dataset)
             with self._guard.read(), self._meta:
                 for entry in manifest["collections"]:
-                    directory = self.data_dir / "collections" / uuid.uuid4().hex
-                    directory.mkdir()
-                    shutil.copytree(work / entry["folder"], directory / "ckpt-000001")
-                    (directory / "CURRENT").write_text("ckpt-000001")
+                    relative = pathlib.Path("collections") / uuid.uuid4().hex
+                    install_checkpoint(work / entry["folder"], self.data_dir / relative)
                     key = CollectionKey(**{k: entry["spec"][k] for k in
                                            ("model", "layer", "pooling", "metric", "minkowski_p")})
-                    self.records.create_collection(dataset, key.name, entry["spec"], str(directory))
-                    self._open_collection(dataset, entry["spec"], directory)
+                    self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
+                    self._open_collection(dataset, entry["spec"], relative)
         return self.dataset(dataset)
 
     def close(self) -> None:
         """Checkpoints everything and releases the data dir."""
         with self._meta:
-            infos = list(self._collections.values())
+            infos = [info for info in self._collections.values() if info.vectors is not None]
         for info in infos:
             info.vectors.close()
         self.records.close()

@@ -1,7 +1,9 @@
-"""Datasets, items (with their image bytes) and collection definitions in SQLite, WAL mode,
-synchronous=FULL: a committed write survives a crash."""
+"""Datasets, items (with their image bytes and its digest) and collection definitions in
+SQLite, WAL mode, synchronous=FULL: a committed write survives a crash. A collection's directory
+is stored relative to the data dir, so a moved or copied data dir keeps working."""
 
 import dataclasses
+import hashlib
 import json
 import pathlib
 import sqlite3
@@ -14,7 +16,7 @@ CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY, description TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     dataset TEXT NOT NULL, id TEXT NOT NULL, label TEXT NOT NULL, metadata TEXT NOT NULL,
-    image BLOB NOT NULL, PRIMARY KEY (dataset, id)) WITHOUT ROWID;
+    image BLOB NOT NULL, digest TEXT NOT NULL DEFAULT '', PRIMARY KEY (dataset, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_by_label ON items (dataset, label, id);
 CREATE TABLE IF NOT EXISTS collections (
     dataset TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, directory TEXT NOT NULL,
@@ -33,6 +35,12 @@ class ItemRecord:
     label: str = ""
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     image: bytes = b""
+    digest: str = ""
+
+
+def image_digest(image: bytes) -> str:
+    """What identifies an image's bytes: the first 32 hex digits of their SHA-256."""
+    return hashlib.sha256(image).hexdigest()[:32]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +63,18 @@ class Records:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
+        self._add_digests()
+
+    def _add_digests(self) -> None:
+        """Gives items stored before digests existed theirs (once)."""
+        if "digest" not in [row[1] for row in self._query("PRAGMA table_info(items)")]:
+            self._db.execute("ALTER TABLE items ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
+        while True:
+            rows = self._query("SELECT dataset, id, image FROM items WHERE digest = '' LIMIT 500")
+            if not rows:
+                return
+            self._transaction(("UPDATE items SET digest = ? WHERE dataset = ? AND id = ?",
+                               (image_digest(bytes(image)), dataset, item_id)) for dataset, item_id, image in rows)
 
     def _query(self, sql: str, args: Sequence = ()) -> list[tuple]:
         with self._lock:
@@ -93,23 +113,23 @@ class Records:
 
     # ---- items -------------------------------------------------------------------------
 
-    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> tuple[list[str], list[str], list[str]]:
-        """Upserts items in one transaction: (inserted ids, replaced ids, ids whose image changed)."""
-        ids = [item.id for item in items]
-        existing = {}
+    def digests(self, dataset: str, ids: Sequence[str]) -> dict[str, str]:
+        """Image digest of each of these items that exists."""
+        found = {}
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = list(ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            existing.update(self._query(f"SELECT id, image FROM items WHERE dataset = ? AND id IN ({marks})",
-                                        (dataset, *chunk)))
+            found.update(self._query(f"SELECT id, digest FROM items WHERE dataset = ? AND id IN ({marks})",
+                                     (dataset, *chunk)))
+        return found
+
+    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> None:
+        """Upserts items (their digests computed here) in one transaction."""
         self._transaction(
-            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?)",
-             (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image))
+            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
+             (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image,
+              item.digest or image_digest(item.image)))
             for item in items)
-        inserted = [i for i in ids if i not in existing]
-        replaced = [i for i in ids if i in existing]
-        changed = [item.id for item in items if item.id in existing and existing[item.id] != item.image]
-        return inserted, replaced, changed
 
     def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> dict[str, ItemRecord]:
         image = "image" if include_images else "x''"
@@ -117,9 +137,9 @@ class Records:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            for row in self._query(f"SELECT id, label, metadata, {image} FROM items "
+            for row in self._query(f"SELECT id, label, metadata, {image}, digest FROM items "
                                    f"WHERE dataset = ? AND id IN ({marks})", (dataset, *chunk)):
-                found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]))
+                found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4])
         return found
 
     def scan_items(self, dataset: str, after: str, limit: int, include_images: bool, label: str = ""
@@ -127,8 +147,9 @@ class Records:
         image = "image" if include_images else "x''"
         where = "dataset = ? AND id > ?" + (" AND label = ?" if label else "")
         args = (dataset, after, label) if label else (dataset, after)
-        return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3])) for row in self._query(
-            f"SELECT id, label, metadata, {image} FROM items WHERE {where} ORDER BY id LIMIT ?", (*args, limit))]
+        return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4]) for row in self._query(
+            f"SELECT id, label, metadata, {image}, digest FROM items WHERE {where} ORDER BY id LIMIT ?",
+            (*args, limit))]
 
     def labels(self, dataset: str) -> dict[str, str]:
         return dict(self._query("SELECT id, label FROM items WHERE dataset = ?", (dataset,)))
@@ -149,6 +170,10 @@ class Records:
         """(dataset, name, spec, directory) of every collection."""
         return [(d, n, json.loads(s), path) for d, n, s, path in
                 self._query("SELECT dataset, name, spec, directory FROM collections ORDER BY dataset, name")]
+
+    def move_collection(self, dataset: str, name: str, directory: str) -> None:
+        self._transaction([("UPDATE collections SET directory = ? WHERE dataset = ? AND name = ?",
+                            (directory, dataset, name))])
 
     def delete_collection(self, dataset: str, name: str) -> None:
         self._transaction([(f"DELETE FROM {table} WHERE dataset = ? AND {column} = ?", (dataset, name))
@@ -182,12 +207,15 @@ class Records:
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
             try:
+                columns = [row[1] for row in self._db.execute("PRAGMA snapshot.table_info(items)")]
+                digest = "digest" if "digest" in columns else "''"  # snapshots from before digests
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO main.items SELECT ?, id, label, metadata, image "
+                self._db.execute(f"INSERT INTO main.items SELECT ?, id, label, metadata, image, {digest} "
                                  "FROM snapshot.items WHERE dataset = ?", (target, source))
                 self._db.execute("COMMIT")
             finally:
                 self._db.execute("DETACH DATABASE snapshot")
+        self._add_digests()
 
     def close(self) -> None:
         with self._lock:

@@ -18,16 +18,17 @@ def _dataset(record: DatasetRecord) -> pb.Dataset:
 
 
 def _item(record: ItemRecord) -> pb.Item:
-    return pb.Item(id=record.id, label=record.label, metadata=record.metadata, image=record.image)
+    return pb.Item(id=record.id, label=record.label, metadata=record.metadata, image=record.image,
+                   image_digest=record.digest)
 
 
 def _collection(info: CollectionInfo) -> pb.Collection:
-    stats = info.vectors.stats()
+    stats = info.vectors.stats() if info.vectors is not None else {}
     spec = pb.CollectionSpec(
         model=info.key.model, layer=info.key.layer, pooling=POOLING_ENUMS[info.key.pooling],
         metric=METRIC_ENUMS[info.key.metric], minkowski_p=info.key.minkowski_p, dimension=info.spec.dimension,
-        m=info.spec.m, ef_construction=info.spec.ef_construction, ef=info.spec.ef)
-    return pb.Collection(name=info.key.name, dataset=info.dataset, spec=spec, **stats)
+        m=info.spec.m, ef_construction=info.spec.ef_construction, ef=info.spec.ef, weights=info.weights)
+    return pb.Collection(name=info.key.name, dataset=info.dataset, spec=spec, damage=info.damage, **stats)
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
@@ -101,7 +102,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling), metric_name(spec.metric),
                             spec.minkowski_p or 2.0)
         info = self.index.create_collection(request.dataset, key, spec.dimension, spec.m or 16,
-                                            spec.ef_construction or 200, spec.ef or 64)
+                                            spec.ef_construction or 200, spec.ef or 64, weights=spec.weights)
         return pb.CreateCollectionResponse(collection=_collection(info))
 
     @map_errors
@@ -115,14 +116,16 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def GetCollectionStats(self, request, context):
-        return pb.GetCollectionStatsResponse(collection=_collection(
-            self.index.collection(request.dataset, request.collection)))
+        info = self.index.collection(request.dataset, request.collection)
+        info.healthy()
+        return pb.GetCollectionStatsResponse(collection=_collection(info))
 
     @map_errors
     def UpsertVectors(self, request, context):
         vectors = from_tensor(request.vectors, "vectors")
-        inserted, replaced = self.index.upsert_vectors(request.dataset, request.collection, list(request.ids), vectors)
-        return pb.UpsertVectorsResponse(inserted=inserted, replaced=replaced)
+        inserted, replaced, stale = self.index.upsert_vectors(request.dataset, request.collection,
+                                                              list(request.ids), vectors, list(request.image_digests))
+        return pb.UpsertVectorsResponse(inserted=inserted, replaced=replaced, stale_ids=stale)
 
     @map_errors
     def Search(self, request, context):
@@ -142,7 +145,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def GetVectors(self, request, context):
-        vectors = self.index.collection(request.dataset, request.collection).vectors
+        vectors = self.index.collection(request.dataset, request.collection).healthy()
         if request.ids_only:
             found, missing = vectors.has(list(request.ids))
             return pb.GetVectorsResponse(ids=found, missing_ids=missing)
@@ -160,7 +163,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def PutAttachment(self, request, context):
-        self.index.collection(request.dataset, request.collection)
+        self.index.collection(request.dataset, request.collection).healthy()
         if not request.key:
             raise InvalidArgument("an attachment needs a key")
         self.index.records.put_attachment(request.dataset, request.collection, request.key, request.version,
@@ -171,7 +174,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def GetAttachment(self, request, context):
         info = self.index.collection(request.dataset, request.collection)
         stored = self.index.records.attachment(request.dataset, request.collection, request.key)
-        reply = pb.GetAttachmentResponse(current_version=info.vectors.version)
+        reply = pb.GetAttachmentResponse(current_version=info.healthy().version)
         if stored is not None:
             reply.found, reply.version, reply.data = True, stored[0], stored[1]
         return reply

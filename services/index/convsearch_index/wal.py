@@ -1,6 +1,16 @@
 """The write-ahead log of a collection: every batch of vector upserts or deletes is one record,
-fsync'd before the RPC answers. A record is [length][crc32][payload], so a torn tail left by a
-crash is recognised and cut off at replay, and a batch is applied whole or not at all.
+fsync'd before the RPC answers, so a batch is applied whole or not at all.
+
+The file starts with MAGIC; a record is [length][crc32 of payload][crc32 of those 8 bytes][payload].
+Replay tells the two ways a log can end badly apart:
+
+- a torn tail: the last record is incomplete (the file ends inside it, or only zeros follow the
+  last good record). That write was never acknowledged; it is cut off.
+- corruption: a complete record (or a header) whose checksum fails, wherever it is. Nothing is
+  cut: replay raises CorruptLog and the file stays as it is, for the collection to be refused.
+
+Logs written before MAGIC existed ([length][crc32][payload] records, no file header) are still
+read; the collection checkpoints right after reading one, which starts a log in this format.
 """
 
 import os
@@ -12,7 +22,13 @@ from collections.abc import Iterator
 import numpy as np
 
 UPSERT, DELETE = 1, 2
-_HEADER = struct.Struct("<II")
+MAGIC = b"CSWAL2\n\x00"
+_HEADER = struct.Struct("<III")
+_LEGACY_HEADER = struct.Struct("<II")
+
+
+class CorruptLog(Exception):
+    """A complete record of the log fails its checksum."""
 
 
 def encode(op: int, ids: list[str], vectors: np.ndarray | None = None) -> bytes:
@@ -40,6 +56,12 @@ def decode(payload: bytes, dimension: int) -> tuple[int, list[str], np.ndarray |
     return op, ids, vectors
 
 
+def record(payload: bytes) -> bytes:
+    """One record as the log holds it."""
+    head = struct.pack("<II", len(payload), zlib.crc32(payload))
+    return head + struct.pack("<I", zlib.crc32(head)) + payload
+
+
 class WriteAheadLog:
     """Append-only, fsync'd log file."""
 
@@ -47,41 +69,70 @@ class WriteAheadLog:
         self.path = path
         self.fsync = fsync
         self._file = open(path, "ab")  # noqa: SIM115 - kept open for the collection's life
+        if self._file.tell() == 0:
+            self._start()
 
-    def append(self, payload: bytes) -> None:
-        """Writes one record and makes it durable."""
-        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+    def _start(self) -> None:
+        self._file.write(MAGIC)
         self._file.flush()
         if self.fsync:
             os.fsync(self._file.fileno())
 
-    def size(self) -> int:
-        return self._file.tell()
+    def append(self, payload: bytes) -> None:
+        """Writes one record and makes it durable."""
+        self._file.write(record(payload))
+        self._file.flush()
+        if self.fsync:
+            os.fsync(self._file.fileno())
+
+    def has_records(self) -> bool:
+        return self._file.tell() > len(MAGIC)
 
     def truncate(self) -> None:
         """Empties the log (after a checkpoint holds everything in it)."""
         self._file.truncate(0)
         self._file.seek(0)
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        self._start()
 
     def close(self) -> None:
         self._file.close()
 
 
+def is_legacy(path: pathlib.Path) -> bool:
+    """True for a non-empty log written before MAGIC existed."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as handle:
+        return handle.read(len(MAGIC)) != MAGIC
+
+
 def replay(path: pathlib.Path) -> Iterator[bytes]:
-    """Payloads of the intact records in order; cuts a torn or corrupt tail off the file."""
+    """Payloads of the records in order; cuts a torn tail off the file; raises CorruptLog."""
     if not path.exists():
         return
     data = path.read_bytes()
-    offset = 0
-    while offset + _HEADER.size <= len(data):
-        length, crc = _HEADER.unpack_from(data, offset)
-        payload = data[offset + _HEADER.size:offset + _HEADER.size + length]
-        if len(payload) != length or zlib.crc32(payload) != crc:
-            break
+    legacy = bool(data) and not data.startswith(MAGIC)
+    header = _LEGACY_HEADER if legacy else _HEADER
+    offset = 0 if legacy or not data else len(MAGIC)
+    while offset < len(data):
+        if offset + header.size > len(data):
+            break  # torn tail: an incomplete header
+        if not any(data[offset:offset + header.size]) and not any(data[offset:]):
+            break  # torn tail: space the crash left unwritten
+        fields = header.unpack_from(data, offset)
+        length, crc = fields[0], fields[1]
+        if not legacy and zlib.crc32(data[offset:offset + 8]) != fields[2]:
+            raise CorruptLog(f"{path.name}: the header of the record at byte {offset} fails its checksum")
+        end = offset + header.size + length
+        if end > len(data):
+            break  # torn tail: the last record is incomplete
+        payload = data[offset + header.size:end]
+        if zlib.crc32(payload) != crc:
+            raise CorruptLog(f"{path.name}: the record at byte {offset} ({length} bytes) fails its checksum")
         yield payload
-        offset += _HEADER.size + length
-    if offset != len(data):
+        offset = end
+    if offset < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(offset)
+            handle.flush()
+            os.fsync(handle.fileno())

@@ -1,0 +1,374 @@
+"""Nothing lost, nothing wrong: regression tests for defects of the index's storage. Each
+test names the defect it guards against; each failed before its fix.
+
+Corrupt files make only their collection fail (DATA_LOSS, files kept); torn log tails are cut;
+ghost nodes, stale vectors after an image replacement, absolute paths, dead rows and negative
+distances are gone.
+"""
+
+import hashlib
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+
+from convsearch.errors import DataLoss
+from convsearch.synthetic import clustered_vectors
+from convsearch_index import wal
+from convsearch_index.collection import VectorCollection, VectorSpec
+from convsearch_index.engine import CollectionKey, Index
+from convsearch_index.records import ItemRecord
+
+DIM = 16
+
+
+def ids_of(n: int, start: int = 0) -> list[str]:
+    return [f"item-{i:04d}" for i in range(start, start + n)]
+
+
+def ranked(collection, queries, k, exact=False):
+    results, _ = collection.search(queries, k, exact=exact)
+    return [(ids, [float(d) for d in distances]) for ids, distances in results]
+
+
+def tree_digest(folder: pathlib.Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---- 1. ghost duplicates -----------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "ip"])
+def test_reupserting_a_live_id_while_a_slot_is_deleted_leaves_no_ghost(tmp_path, metric):
+    vectors = clustered_vectors(40, DIM, 4, 0)
+    collection = VectorCollection(tmp_path, VectorSpec(DIM, metric, ef=200), fsync=False)
+    collection.upsert(ids_of(30), vectors[:30])
+    collection.delete(ids_of(3))  # deleted slots that replace_deleted could reuse
+    collection.upsert(ids_of(5, 10), vectors[30:35])  # live ids, new vectors
+    for exact in (False, True):
+        ids, _ = ranked(collection, vectors[30:31], 40, exact)[0]
+        assert len(ids) == len(set(ids)) == 27, ids
+        assert ids[0] == "item-0010"  # the new vector, not the stale one
+    collection.delete(["item-0010"])
+    for exact in (False, True):
+        ids, _ = ranked(collection, vectors[30:31], 40, exact)[0]
+        assert "item-0010" not in ids and len(ids) == 26
+    collection.close()
+    reopened = VectorCollection(tmp_path, collection.spec, fsync=False)
+    assert len(ranked(reopened, vectors[:1], 40)[0][0]) == 26
+
+
+# ---- 2. write-ahead-log corruption versus a torn tail --------------------------------------
+
+def logged_collection(tmp_path, batches=10, metric="cosine"):
+    """A collection with `batches` logged batches of 5 vectors and no checkpoint."""
+    vectors = clustered_vectors(5 * batches, DIM, 5, 1)
+    collection = VectorCollection(tmp_path, VectorSpec(DIM, metric), fsync=False)
+    for batch in range(batches):
+        collection.upsert(ids_of(5, 5 * batch), vectors[5 * batch:5 * batch + 5])
+    collection.close(checkpoint=False)
+    return collection.spec, vectors
+
+
+def record_offsets(path: pathlib.Path) -> list[int]:
+    data, offsets, offset = path.read_bytes(), [], len(wal.MAGIC)
+    while offset < len(data):
+        offsets.append(offset)
+        offset += 12 + int.from_bytes(data[offset:offset + 4], "little")
+    return offsets
+
+
+def flip(path: pathlib.Path, offset: int, count: int = 1) -> None:
+    data = bytearray(path.read_bytes())
+    for position in range(offset, offset + count):
+        data[position] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("record", [2, 9])  # the third of ten, and the last
+@pytest.mark.parametrize("where", ["payload", "header"])
+def test_a_corrupt_log_record_is_refused_and_kept_never_cut(tmp_path, record, where):
+    spec, _ = logged_collection(tmp_path)
+    log_path = tmp_path / "wal.log"
+    offset = record_offsets(log_path)[record]
+    flip(log_path, offset + (40 if where == "payload" else 1))
+    before = log_path.read_bytes()
+    with pytest.raises(DataLoss, match=f"record at byte {offset}"):
+        VectorCollection(tmp_path, spec, fsync=False)
+    assert log_path.read_bytes() == before  # nothing cut, nothing rewritten
+
+
+def test_a_torn_tail_is_cut_and_everything_before_it_kept(tmp_path):
+    spec, vectors = logged_collection(tmp_path)
+    log_path = tmp_path / "wal.log"
+    last = record_offsets(log_path)[9]
+    with open(log_path, "r+b") as handle:
+        handle.truncate(last + 30)  # the last write never finished: it was not acknowledged
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    assert len(collection) == 45
+    assert log_path.stat().st_size == last
+    collection.upsert(["after"], vectors[:1])
+    collection.close(checkpoint=False)
+    assert len(VectorCollection(tmp_path, spec, fsync=False)) == 46
+
+
+def test_zeros_after_the_last_record_are_a_torn_tail(tmp_path):
+    spec, _ = logged_collection(tmp_path, batches=3)
+    log_path = tmp_path / "wal.log"
+    size = log_path.stat().st_size
+    with open(log_path, "ab") as handle:
+        handle.write(bytes(4096))  # space a crash left allocated but unwritten
+    assert len(VectorCollection(tmp_path, spec, fsync=False)) == 15
+    assert log_path.stat().st_size == size
+
+
+def test_a_log_written_before_the_format_had_a_magic_is_still_read(tmp_path):
+    vectors = clustered_vectors(10, DIM, 2, 2)
+    spec = VectorSpec(DIM)
+    legacy = b""
+    for batch in range(2):
+        payload = wal.encode(wal.UPSERT, ids_of(5, 5 * batch), vectors[5 * batch:5 * batch + 5])
+        legacy += len(payload).to_bytes(4, "little") + zlib_crc(payload).to_bytes(4, "little") + payload
+    (tmp_path / "wal.log").write_bytes(legacy)
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    assert len(collection) == 10
+    assert (tmp_path / "wal.log").read_bytes() == wal.MAGIC  # now held by a checkpoint
+    np.testing.assert_allclose(collection.get(ids_of(10))[1], vectors, rtol=1e-6)
+
+
+def zlib_crc(data: bytes) -> int:
+    import zlib
+
+    return zlib.crc32(data)
+
+
+# ---- 3. corrupt checkpoints ----------------------------------------------------------------
+
+def checkpointed(tmp_path, metric="cosine", n=400):
+    vectors = clustered_vectors(n, DIM, 8, 3)
+    collection = VectorCollection(tmp_path, VectorSpec(DIM, metric), fsync=False)
+    collection.upsert(ids_of(n), vectors)
+    collection.close()
+    pointer = json.loads((tmp_path / "CURRENT").read_text())
+    return collection.spec, tmp_path / pointer["checkpoint"]
+
+
+def damage_flip_60(path):
+    size = path.stat().st_size
+    for offset in np.random.default_rng(0).integers(0, size, 60):
+        flip(path, int(offset))
+
+
+def damage_truncate(path):
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("metric,file_name,damage", [
+    ("cosine", "graph.bin", damage_flip_60),
+    ("cosine", "graph.bin", damage_truncate),
+    ("cosine", "norms.npy", lambda p: flip(p, p.stat().st_size - 3)),
+    ("manhattan", "vectors.npy", lambda p: flip(p, p.stat().st_size - 3)),  # one byte: a wrong vector
+    ("manhattan", "vectors.npy", damage_truncate),
+    ("euclidean", "meta.json", lambda p: p.write_text("{not json")),
+    ("euclidean", "MANIFEST.json", lambda p: flip(p, 20)),
+])
+def test_a_damaged_checkpoint_file_is_refused_before_it_is_loaded(tmp_path, metric, file_name, damage):
+    spec, checkpoint = checkpointed(tmp_path, metric)
+    damage(checkpoint / file_name)
+    before = tree_digest(tmp_path)
+    with pytest.raises(DataLoss):
+        VectorCollection(tmp_path, spec, fsync=False)
+    assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("pointer", ["garbage\x00\x01", "ckpt-999999", '{"checkpoint": "ckpt-000001"}',
+                                     "../../etc"])
+def test_a_bad_current_pointer_is_refused(tmp_path, pointer):
+    spec, _ = checkpointed(tmp_path)
+    (tmp_path / "CURRENT").write_text(pointer)
+    with pytest.raises(DataLoss):
+        VectorCollection(tmp_path, spec, fsync=False)
+
+
+def test_a_checkpoint_from_before_checksums_is_rebuilt_from_its_vectors(tmp_path):
+    """Format 1 had vectors.npy, graph.bin and meta.json, and CURRENT held the folder name."""
+    vectors = clustered_vectors(50, DIM, 5, 4)
+    folder = tmp_path / "ckpt-000003"
+    folder.mkdir()
+    np.save(folder / "vectors.npy", vectors)
+    ids = ids_of(50)
+    ids[7] = None  # a deleted slot
+    (folder / "meta.json").write_text(json.dumps({"ids": ids, "ef": 64, "capacity": 1024, "version": 4}))
+    (folder / "graph.bin").write_bytes(b"not trusted, never read")
+    (tmp_path / "CURRENT").write_text("ckpt-000003")
+    collection = VectorCollection(tmp_path, VectorSpec(DIM), fsync=False)
+    assert len(collection) == 49 and collection.version == 4
+    assert ranked(collection, vectors[3:4], 1)[0][0] == ["item-0003"]
+    assert json.loads((tmp_path / "CURRENT").read_text())["checkpoint"] != "ckpt-000003"
+
+
+# ---- 2-4 through the index core: one collection fails, the rest serves; the way back ----------
+
+def make_index(data_dir, datasets=("shoes", "bags")):
+    index = Index(data_dir, fsync=False)
+    vectors = clustered_vectors(60, DIM, 3, 5)
+    for name in datasets:
+        index.create_dataset(name)
+        index.put_items(name, [ItemRecord(i, "a", image=i.encode()) for i in ids_of(60)])
+        for metric in ("cosine", "euclidean"):
+            index.create_collection(name, CollectionKey("m", "l", metric=metric), DIM)
+            index.upsert_vectors(name, f"m/l/avg/{metric}", ids_of(60), vectors)
+    return index, vectors
+
+
+def test_one_damaged_collection_answers_data_loss_and_the_rest_keeps_serving(tmp_path):
+    index, vectors = make_index(tmp_path)
+    directory = index.collection("shoes", "m/l/avg/cosine").directory
+    index.close()
+    damage_flip_60(directory / json.loads((directory / "CURRENT").read_text())["checkpoint"] / "graph.bin")
+    index = Index(tmp_path, fsync=False)
+    with pytest.raises(DataLoss, match=r"collection 'm/l/avg/cosine' of dataset 'shoes' is damaged.*"
+                                       r"rebuild_damaged.*snapshot"):
+        index.search("shoes", "m/l/avg/cosine", vectors[:1], 5)
+    with pytest.raises(DataLoss):
+        index.upsert_vectors("shoes", "m/l/avg/cosine", ids_of(1), vectors[:1])
+    listed = {info.key.name: info.damage for info in index.collections("shoes")}
+    assert listed["m/l/avg/euclidean"] == "" and "graph.bin" in listed["m/l/avg/cosine"]
+    for dataset, name in (("shoes", "m/l/avg/euclidean"), ("bags", "m/l/avg/cosine")):
+        results, _ = index.search(dataset, name, vectors[:1], 5)
+        assert results[0][0][0] == "item-0000"
+    # Items still change; the damaged collection is skipped (it is rebuilt whole).
+    index.put_items("shoes", [ItemRecord("item-0001", "a", image=b"new image")])
+    index.delete_items("shoes", ["item-0002"])
+    # The way back: delete it (its files are kept), create it again, fill it from the items.
+    index.delete_collection("shoes", "m/l/avg/cosine")
+    kept = list((tmp_path / "damaged").iterdir())
+    assert len(kept) == 1 and list(kept[0].glob("ckpt-*/graph.bin"))
+    index.create_collection("shoes", CollectionKey("m", "l"), DIM)
+    index.upsert_vectors("shoes", "m/l/avg/cosine", ids_of(2, 3), vectors[3:5])
+    assert index.search("shoes", "m/l/avg/cosine", vectors[3:4], 1)[0][0][0] == ["item-0003"]
+    index.close()
+
+
+def test_a_damaged_collection_does_not_stop_the_index_from_starting(tmp_path):
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    directory = index.collection("shoes", "m/l/avg/euclidean").directory
+    index.close()
+    (directory / "CURRENT").write_text("\x00garbage")
+    index = Index(tmp_path, fsync=False)
+    assert [info.key.name for info in index.collections("shoes") if info.damage] == ["m/l/avg/euclidean"]
+    index.close()
+
+
+# ---- 5. a moved or copied data dir ----------------------------------------------------------
+
+def test_a_copied_data_dir_works_and_never_writes_into_the_original(tmp_path):
+    index, vectors = make_index(tmp_path / "original", datasets=("shoes",))
+    expected = index.search("shoes", "m/l/avg/cosine", vectors[:3], 5)
+    index.close()
+    shutil.copytree(tmp_path / "original", tmp_path / "copy")
+    original = tree_digest(tmp_path / "original")
+    shutil.move(tmp_path / "original", tmp_path / "moved")
+    copy = Index(tmp_path / "copy", fsync=False)
+    assert copy.search("shoes", "m/l/avg/cosine", vectors[:3], 5)[0][0][0] == expected[0][0][0]
+    copy.upsert_vectors("shoes", "m/l/avg/cosine", ids_of(10), vectors[10:20])
+    copy.checkpoint()
+    copy.close()
+    assert tree_digest(tmp_path / "moved") == original
+    moved = Index(tmp_path / "moved", fsync=False)
+    assert len(moved.collection("shoes", "m/l/avg/cosine").healthy()) == 60
+    moved.close()
+
+
+def test_absolute_collection_paths_from_older_versions_are_made_relative(tmp_path):
+    index, vectors = make_index(tmp_path / "a", datasets=("shoes",))
+    for _, name, _, stored in index.records.collections():
+        index.records.move_collection("shoes", name, str(tmp_path / "elsewhere" / pathlib.Path(stored).name))
+    index.close()
+    index = Index(tmp_path / "a", fsync=False)
+    assert all(not pathlib.Path(d).is_absolute() for *_, d in index.records.collections())
+    assert len(index.collection("shoes", "m/l/avg/cosine").healthy()) == 60
+    index.close()
+
+
+# ---- 6. an image replacement and its vectors ------------------------------------------------
+
+@pytest.mark.parametrize("crash_in", ["vector delete", "items commit"])
+def test_a_crash_during_an_image_replacement_never_leaves_the_new_image_with_old_vectors(
+        tmp_path, monkeypatch, crash_in):
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+
+    def crash(*args, **kwargs):
+        raise SystemExit(f"killed during the {crash_in}")
+
+    if crash_in == "items commit":
+        monkeypatch.setattr(index.records, "put_items", crash)
+    else:
+        monkeypatch.setattr(VectorCollection, "delete", crash)
+    with pytest.raises(SystemExit):
+        index.put_items("shoes", [ItemRecord("item-0004", "a", image=b"a new image")])
+    monkeypatch.undo()
+    index.close()
+    index = Index(tmp_path, fsync=False)
+    item = index.get_items("shoes", ["item-0004"], True)[0][0]
+    with_vectors = [info.key.name for info in index.collections("shoes") if info.healthy().has(["item-0004"])[0]]
+    # Either the old image (with or without its vectors: IndexDataset embeds what lacks them) or
+    # the new one without vectors; never the new image with the old image's vectors.
+    assert item.image == b"item-0004" or not with_vectors, (item.image, with_vectors)
+    index.close()
+
+
+def test_vectors_made_from_a_replaced_image_are_not_stored(tmp_path):
+    index, vectors = make_index(tmp_path, datasets=("shoes",))
+    old = index.get_items("shoes", ["item-0001", "item-0002"], False)[0]
+    index.put_items("shoes", [ItemRecord("item-0001", "a", image=b"replaced meanwhile")])
+    inserted, replaced, stale = index.upsert_vectors("shoes", "m/l/avg/cosine", ["item-0001", "item-0002"],
+                                                     vectors[:2], [item.digest for item in old])
+    assert (inserted, replaced, stale) == (0, 1, ["item-0001"])
+    assert index.collection("shoes", "m/l/avg/cosine").healthy().has(["item-0001"])[0] == []
+    index.close()
+
+
+# ---- 7. compaction -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["cosine", "manhattan"])
+def test_compaction_reclaims_deleted_rows_without_changing_any_answer(tmp_path, metric):
+    vectors = clustered_vectors(1000, DIM, 10, 6)
+    collection = VectorCollection(tmp_path, VectorSpec(DIM, metric, ef=1000), fsync=False)
+    collection.upsert(ids_of(1000), vectors)
+    collection.delete(ids_of(500, 250))
+    queries = clustered_vectors(20, DIM, 10, 7)
+    exact_before = ranked(collection, queries, 30, exact=True)
+    approximate_before = ranked(collection, queries, 30)
+    stored_before = collection.get(ids_of(1000))
+    collection.checkpoint()
+    stats = collection.stats()
+    assert (stats["count"], stats["deleted"]) == (500, 0)
+    if metric == "manhattan":
+        assert stats["capacity"] == 500
+    assert ranked(collection, queries, 30, exact=True) == exact_before
+    assert [ids for ids, _ in ranked(collection, queries, 30)] == [ids for ids, _ in approximate_before]
+    after = collection.get(ids_of(1000))
+    assert after[0] == stored_before[0] and after[2] == stored_before[2]
+    np.testing.assert_array_equal(after[1], stored_before[1])
+    collection.close()
+    reopened = VectorCollection(tmp_path, collection.spec, fsync=False)
+    assert ranked(reopened, queries, 30, exact=True) == exact_before
+
+
+# ---- 11. near-parallel vectors under cosine ------------------------------------------------
+
+def test_near_parallel_vectors_never_get_negative_distances_and_ties_rank_by_id(tmp_path):
+    base = np.abs(np.random.default_rng(8).normal(size=(1, 64))).astype(np.float32) + 1.0
+    near = base * np.float32(1.0 + 1e-7) + np.linspace(0, 1e-6, 64, dtype=np.float32)
+    collection = VectorCollection(tmp_path, VectorSpec(64, "cosine"), fsync=False)
+    collection.upsert(["z-near", "b-copy", "a-copy", "m-scaled"], np.concatenate([near, base, base, 3 * base]))
+    for exact in (True, False):
+        ids, distances = ranked(collection, base, 4, exact)[0]
+        assert min(distances) >= 0 and not any(np.signbit(distances))
+    ids, distances = ranked(collection, base, 4, exact=True)[0]
+    assert ids.index("a-copy") < ids.index("b-copy") and ids[3] == "z-near", (ids, distances)
+    assert distances[ids.index("a-copy")] == distances[ids.index("b-copy")] < distances[3]
