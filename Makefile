@@ -1,5 +1,5 @@
 # The two commands: `make demo` (set up, then run the demo) and `make test` (set up, then test).
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint images compose-test
 
 setup:
 	bash scripts/setup.sh
@@ -8,7 +8,14 @@ demo: setup
 	.venv/bin/convsearch demo
 
 test: setup
-	.venv/bin/python -m pytest -q -m "not gpu" --durations=10
+	.venv/bin/python -m pytest -q -m "not gpu and not docker" --durations=10
+
+images:
+	bash scripts/docker_daemon.sh
+	bash scripts/images.sh
+
+compose-test: setup
+	.venv/bin/python -m pytest -q -m docker tests/test_compose.py
 
 bench: setup
 	.venv/bin/python bench/extractor_bench.py

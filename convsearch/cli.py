@@ -103,12 +103,23 @@ def run_ingest(client: Client, dataset: str, path: pathlib.Path) -> dict:
     return {"dataset": dataset, **counts}
 
 
-def run_index(client: Client, dataset: str, config: Configuration) -> dict:
+def run_index(client: Client, dataset: str, config: Configuration, rebuild_damaged: bool = False) -> dict:
     last = None
-    for last in client.index(dataset, [config]):
+    for last in client.index(dataset, [config], rebuild_damaged=rebuild_damaged):
         progress("index ", last.done, last.total, last.images_per_second, final=last.finished)
     return {"dataset": dataset, "collections": list(last.collections), "embedded": last.done - last.failed,
             "failed": last.failed, "images_per_second": round(last.images_per_second, 1), "errors": list(last.errors)}
+
+
+def weights_mark(pretrained: bool, weights: str) -> str:
+    """A result's weights for a table: plain when pretrained, a loud marker otherwise."""
+    if pretrained:
+        return "pretrained"
+    return "RANDOM (!)" if weights == "random" else "UNKNOWN (!)"
+
+
+NOT_PRETRAINED = ("warning: results marked (!) come from random or unrecorded weights, not pretrained ones; "
+                  "they say nothing about the model")
 
 
 def search_rows(result) -> list[dict]:
@@ -164,7 +175,7 @@ def cmd_ingest(args, client: Client) -> int:
 
 
 def cmd_index(args, client: Client) -> int:
-    summary = run_index(client, args.dataset, configuration(args))
+    summary = run_index(client, args.dataset, configuration(args), args.rebuild_damaged)
     rows = [{"collection": name} for name in summary["collections"]]
     emit(args, summary, rows, ["collection"])
     if not args.json:
@@ -179,13 +190,16 @@ def cmd_search(args, client: Client) -> int:
     if not args.json and result.search_score is not None:
         print(f"query label {result.query_label}: {result.same_label_count} / {result.scored_results} results in "
               f"the same category, search score {result.search_score:.2f}%")
+    if not args.json and not result.pretrained:
+        print(f"warning: {result.collection} was made with {'random' if result.weights == 'random' else 'unknown'} "
+              "weights, not pretrained ones; these results say nothing about the model")
     return 0
 
 
 def score_rows(scores) -> list[dict]:
     return [{"model": s.model, "layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
              f"P@{s.k}": f"{s.precision_at_k:.3f}", f"mAP@{s.k}": f"{s.map_at_k:.3f}", "dims": s.dimension,
-             "params": f"{s.parameter_count:,}"} for s in scores]
+             "params": f"{s.parameter_count:,}", "weights": weights_mark(s.pretrained, s.weights)} for s in scores]
 
 
 def run_evaluate(client: Client, dataset: str, **options):
@@ -199,14 +213,19 @@ def run_evaluate(client: Client, dataset: str, **options):
 def cmd_evaluate(args, client: Client) -> int:
     results = run_evaluate(client, args.dataset, models=args.models or (), metrics=args.metrics or (), k=args.k,
                            recompute=args.recompute)
-    columns = ["model", "layer", "metric", "score", f"P@{args.k}", f"mAP@{args.k}", "dims", "params"]
+    columns = ["model", "layer", "metric", "score", f"P@{args.k}", f"mAP@{args.k}", "dims", "params", "weights"]
     emit(args, results, score_rows(results), columns)
     if results and not args.json:
         best = results[0]
+        unlabeled = f", {best.unlabeled} unlabeled items: not queries, misses in results" if best.unlabeled else ""
         print(f"best: {best.model} {best.layer} {best.metric} ({best.mean_score:.2f}% over {best.queries} queries"
-              f"{', ' + str(best.unlabeled) + ' unlabeled skipped' if best.unlabeled else ''})")
+              f"{unlabeled})")
+        if best.single_item_classes:
+            print(f"note: {best.single_item_classes} classes have a single item; it can only score 0")
         if best.small_dataset:
-            print("note: fewer than 16 items; scores use the ranks there are")
+            print("note: fewer than 16 items; the search score uses the ranks there are, P@k and mAP@k do not")
+        if not all(score.pretrained for score in results):
+            print(NOT_PRETRAINED)
     if args.plot:
         from convsearch import plots
 
@@ -220,13 +239,17 @@ def cmd_compare(args, client: Client) -> int:
     if args.id:
         by_collection = dict(comparison.item_scores)
         rows = [{"model": s.model, "layer": s.layer, "metric": s.metric,
-                 "item score": f"{by_collection[s.collection]:.2f}", "mean score": f"{s.mean_score:.2f}"}
+                 "item score": f"{by_collection[s.collection]:.2f}", "mean score": f"{s.mean_score:.2f}",
+                 "weights": weights_mark(s.pretrained, s.weights)}
                 for s in comparison.ranked if s.collection in by_collection]
-        emit(args, comparison, rows, ["model", "layer", "metric", "item score", "mean score"])
+        emit(args, comparison, rows, ["model", "layer", "metric", "item score", "mean score", "weights"])
     else:
-        rows = [{"model": model, "best layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}"}
+        rows = [{"model": model, "best layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
+                 "weights": weights_mark(s.pretrained, s.weights)}
                 for model, s in sorted(comparison.best_layer_per_model.items(), key=lambda kv: -kv[1].mean_score)]
-        emit(args, comparison, rows, ["model", "best layer", "metric", "score"])
+        emit(args, comparison, rows, ["model", "best layer", "metric", "score", "weights"])
+    if not args.json and not all(score.pretrained for score in comparison.ranked):
+        print(NOT_PRETRAINED)
     if comparison.stale and not args.json:
         print(f"not current (run evaluate): {', '.join(comparison.stale)}", file=sys.stderr)
     return 0
@@ -272,6 +295,12 @@ def cmd_inspect(args, client: Client) -> int:
 def cmd_delete_dataset(args, client: Client) -> int:
     client.delete_dataset(args.name)
     emit(args, {"deleted": args.name})
+    return 0
+
+
+def cmd_delete_collection(args, client: Client) -> int:
+    client.delete_collection(args.dataset, args.collection)
+    emit(args, {"dataset": args.dataset, "deleted": args.collection})
     return 0
 
 
@@ -345,6 +374,11 @@ def parser() -> argparse.ArgumentParser:
     commands.add_parser("datasets", help="list datasets")
     delete = commands.add_parser("delete-dataset", help="delete a dataset with its items and collections")
     delete.add_argument("name")
+    delete_collection = commands.add_parser(
+        "delete-collection", help="delete one collection of a dataset (the items stay), e.g. to index it with other "
+                                  "weights")
+    delete_collection.add_argument("--dataset", required=True)
+    delete_collection.add_argument("collection", help="its name, as GetDataset lists it: model/layer/pooling/metric")
 
     ingest = commands.add_parser("ingest", help="store a folder (sub-folders are labels) or a CSV manifest")
     ingest.add_argument("path")
@@ -361,6 +395,8 @@ def parser() -> argparse.ArgumentParser:
 
     index = commands.add_parser("index", help="embed and index a dataset at a configuration")
     add_configuration(index, "default: the model's featured layers")
+    index.add_argument("--rebuild-damaged", action="store_true",
+                       help="delete and rebuild, from the dataset's items, collections whose files are damaged")
     search = commands.add_parser("search", help="nearest items to an image file or a stored item")
     add_configuration(search, "one layer; default: the model's last featured layer")
     query = search.add_mutually_exclusive_group(required=True)
@@ -394,15 +430,45 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=int, default=8)
     inspect.add_argument("--out", required=True, help="folder for the PNG files")
 
+    health = commands.add_parser("health", help="ask any service's grpc.health.v1 (exit 0 when SERVING)")
+    health.add_argument("address", help="host:port of a gateway, extractor or index")
+    health.add_argument("service", nargs="?", default="",
+                        help="health name, e.g. convsearch.index.v1.IndexService or liveness (default: the server)")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+
     demo_command = commands.add_parser("demo", help="ingest fashion200, index it with lite0, "
                                                     "search one image per class")
     demo_command.add_argument("--fresh", action="store_true", help="start new local services even if a gateway runs")
     return top
 
 
+def cmd_health(args) -> int:
+    """One grpc.health.v1 check: exit 0 when SERVING, 1 when not, 3 when nothing answers."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = create_channel(args.address)
+    try:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
+                                                          timeout=args.timeout)
+    except grpc.RpcError as exc:
+        if exc.code() == grpc.StatusCode.NOT_FOUND:
+            print(f"{args.address}: no health status for service {args.service!r}", file=sys.stderr)
+            return 1
+        print(f"{args.address}: unreachable ({exc.code().name}: {exc.details()})", file=sys.stderr)
+        return 3
+    finally:
+        channel.close()
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    emit(args, {"address": args.address, "service": args.service, "status": status},
+         [{"address": args.address, "service": args.service or "(server)", "status": status}],
+         ["address", "service", "status"])
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
 HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "ingest": cmd_ingest, "index": cmd_index,
-            "search": cmd_search, "delete-dataset": cmd_delete_dataset, "evaluate": cmd_evaluate,
-            "compare": cmd_compare, "project": cmd_project, "inspect": cmd_inspect}
+            "search": cmd_search, "delete-dataset": cmd_delete_dataset, "delete-collection": cmd_delete_collection,
+            "evaluate": cmd_evaluate, "compare": cmd_compare, "project": cmd_project, "inspect": cmd_inspect}
 
 
 def main(argv=None) -> int:
@@ -412,6 +478,8 @@ def main(argv=None) -> int:
             return cmd_up(args)
         if args.command == "demo":
             return cmd_demo(args)
+        if args.command == "health":
+            return cmd_health(args)
         with Client(args.gateway) as client:
             return HANDLERS[args.command](args, client)
     except UsageError as exc:

@@ -47,6 +47,7 @@ class Model:
     available: bool
     unavailable_reason: str
     layers: tuple[Layer, ...]
+    weights: str  # fingerprint of the weights it runs with: "sha256:...", "random", or "" when unavailable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Collection:
     count: int
     dimension: int
     metric: str
+    weights: str  # fingerprint of the weights that made its vectors; "" when unknown
+    damage: str = ""  # empty when healthy; else what is wrong with its files and the way back
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,11 +105,14 @@ class SearchResult:
     same_label_count: int
     scored_results: int
     exact: bool
+    pretrained: bool  # False: random or unknown weights made the collection, the results say nothing
+    weights: str
 
 
 @dataclasses.dataclass(frozen=True)
 class Score:
-    """How well one configuration captures a labeled dataset's classes."""
+    """How well one configuration captures a labeled dataset's classes (edge cases: see
+    ConfigurationScore in gateway.proto)."""
 
     collection: str
     model: str
@@ -122,7 +128,10 @@ class Score:
     dimension: int
     parameter_count: int
     cached: bool
-    small_dataset: bool
+    small_dataset: bool  # fewer than 16 items: the search score is renormalised, P@k and mAP@k are not
+    single_item_classes: int  # labels with one item, whose query can only score 0
+    pretrained: bool  # False: random or unknown weights made the vectors, the scores say nothing
+    weights: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +167,8 @@ def _score(message) -> Score:
     return Score(message.collection, message.model, message.layer, message.collection.rsplit("/", 1)[-1],
                  message.mean_score, message.precision_at_k, message.map_at_k, message.k,
                  dict(message.per_label_score), message.queries, message.unlabeled, message.dimension,
-                 message.parameter_count, message.cached, message.small_dataset)
+                 message.parameter_count, message.cached, message.small_dataset, message.single_item_classes,
+                 message.pretrained, message.weights)
 
 
 def _configuration(configuration: Configuration) -> pb.Configuration:
@@ -169,8 +179,8 @@ def _configuration(configuration: Configuration) -> pb.Configuration:
 
 def _dataset(message, collections=()) -> Dataset:
     return Dataset(message.name, message.description, message.item_count, message.collection_count,
-                   tuple(Collection(c.name, c.count, c.spec.dimension, c.name.rsplit("/", 1)[-1])
-                         for c in collections))
+                   tuple(Collection(c.name, c.count, c.spec.dimension, c.name.rsplit("/", 1)[-1], c.spec.weights,
+                                    c.damage) for c in collections))
 
 
 class Client:
@@ -213,7 +223,7 @@ class Client:
         reply = self._call("ListModels", pb.ListModelsRequest(include_all_layers=all_layers))
         return [Model(m.name, m.input_size, m.parameter_count, m.pretrained, m.available, m.unavailable_reason,
                       tuple(Layer(la.name, la.op, tuple(la.output_shape), la.parameter_count, la.featured)
-                            for la in m.layers)) for m in reply.models]
+                            for la in m.layers), m.weights) for m in reply.models]
 
     def create_dataset(self, name: str, description: str = "") -> Dataset:
         reply = self._call("CreateDataset", pb.CreateDatasetRequest(name=name, description=description))
@@ -231,6 +241,11 @@ class Client:
 
     def delete_items(self, dataset: str, ids: Sequence[str]) -> int:
         return self._call("DeleteItems", pb.DeleteItemsRequest(dataset=dataset, ids=list(ids))).deleted
+
+    def delete_collection(self, dataset: str, collection: str) -> None:
+        """Deletes one collection (its vectors and stored results; the items stay), e.g. to index
+        it again with other weights."""
+        self._call("DeleteCollection", pb.DeleteCollectionRequest(dataset=dataset, collection=collection))
 
     def ingest(self, dataset: str, items: Iterable[tuple], configurations: Sequence[Configuration] = (),
                batch: int = 32) -> Iterator[IngestResult]:
@@ -257,10 +272,11 @@ class Client:
                                 configurations=[_configuration(c) for c in configurations] if first else [])
 
     def index(self, dataset: str, configurations: Sequence[Configuration] = (DEFAULT,),
-              batch_size: int = 0) -> Iterator[IndexProgress]:
-        """Embeds and indexes what the configurations' collections lack; yields progress."""
+              batch_size: int = 0, rebuild_damaged: bool = False) -> Iterator[IndexProgress]:
+        """Embeds and indexes what the configurations' collections lack; yields progress. With
+        `rebuild_damaged`, a damaged collection (DataLoss) is deleted and filled again from the items."""
         request = pb.IndexDatasetRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
-                                         batch_size=batch_size)
+                                         batch_size=batch_size, rebuild_damaged=rebuild_damaged)
         for reply in self._stream(self._stub.IndexDataset(request, timeout=None)):
             yield IndexProgress(reply.total, reply.done, reply.failed, reply.images_per_second,
                                 tuple(reply.collections), reply.finished, tuple(reply.errors))
@@ -280,7 +296,7 @@ class Client:
         return SearchResult(
             tuple(Hit(h.id, h.label, h.distance, dict(h.metadata)) for h in reply.hits), reply.collection,
             reply.query_label, reply.search_score if reply.search_score >= 0 else None, reply.same_label_count,
-            reply.scored_results, reply.exact)
+            reply.scored_results, reply.exact, reply.pretrained, reply.weights)
 
     def image(self, dataset: str, item_id: str, thumbnail_size: int = 0) -> bytes:
         """An item's image bytes, or a thumbnail fitting thumbnail_size x thumbnail_size."""

@@ -74,6 +74,12 @@ def check_address(address: str, what: str) -> None:
         raise ValueError(f"{what}: {address!r} is not host:port (e.g. 127.0.0.1:50052)")
 
 
+def check_port(port: int, what: str, disabled_ok: bool = False) -> None:
+    """Raises ValueError unless `port` is 0..65535 (0: pick a free one), or -1 when `disabled_ok`."""
+    if not (-1 if disabled_ok else 0) <= port <= 65535:
+        raise ValueError(f"{what} must be 0..65535{' or -1 (none)' if disabled_ok else ''}, got {port}")
+
+
 def check_positive(value: float, what: str) -> None:
     """Raises ValueError unless `value` > 0."""
     if value <= 0:

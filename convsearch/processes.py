@@ -28,9 +28,11 @@ def start_service(command: str, *args: str, service: str = "", timeout_s: float 
     stop it with `stop_service`. Raises RuntimeError with its log if it exits or stays unhealthy."""
     port = port or free_port()
     log_file = tempfile.TemporaryFile("w+")
+    # Metrics on a free port unless told otherwise, so services started side by side never collide.
+    metrics = {f"CONVSEARCH_{service}_METRICS_PORT": "0" for service in ("EXTRACTOR", "INDEX", "GATEWAY")}
     process = subprocess.Popen(
         [os.path.join(os.path.dirname(sys.executable), command), "--host", host, "--port", str(port), *args],
-        stdout=log_file, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})})
+        stdout=log_file, stderr=subprocess.STDOUT, text=True, env={**metrics, **os.environ, **(env or {})})
     process.log_file = log_file
     address = f"127.0.0.1:{port}"
     channel = create_channel(address)

@@ -1,4 +1,5 @@
-"""Server wiring shared by every service: gRPC server, health, reflection, graceful shutdown."""
+"""Server wiring shared by every service: gRPC server, health (with `liveness`), reflection,
+metrics endpoint, graceful shutdown."""
 
 import logging
 import signal
@@ -7,30 +8,42 @@ from collections.abc import Callable, Sequence
 from concurrent import futures
 
 import grpc
+import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from convsearch.observability import serve_metrics
+
 MIB = 1 << 20
+# Health name that is SERVING from start until stop begins, whatever the service's readiness:
+# what liveness probes ask (the service's own name is for readiness). Not a real service, so not
+# listed by reflection.
+LIVENESS = "liveness"
 
 
-def create_server(max_workers: int, max_message_mb: int) -> grpc.Server:
-    """A threaded gRPC server whose messages may be up to `max_message_mb` MiB each way."""
+def create_server(max_workers: int, max_message_mb: int, interceptors: Sequence[grpc.ServerInterceptor] = (),
+                  options: Sequence[tuple[str, int]] = ()) -> grpc.Server:
+    """A threaded gRPC server whose messages may be up to `max_message_mb` MiB each way, with
+    these interceptors and further channel options."""
     limit = max_message_mb * MIB
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
             ("grpc.so_reuseport", 0),
+            *options,
         ],
     )
 
 
 def add_health_and_reflection(server: grpc.Server, service_names: Sequence[str]) -> health.HealthServicer:
-    """Registers grpc.health.v1 (every service NOT_SERVING until `set_serving`) and reflection."""
+    """Registers grpc.health.v1 (every service, and LIVENESS, NOT_SERVING until the service
+    starts) and reflection."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", *service_names):
+    for name in ("", LIVENESS, *service_names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
         (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -58,11 +71,15 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
 
 
 class RunningService:
-    """A built service: its gRPC server, health, metrics endpoint and shutdown hook."""
+    """A built service: its gRPC server, health, metrics endpoint and shutdown hook.
+
+    The metrics endpoint (`metrics_registry` at http://metrics_host:metrics_port/metrics; port 0
+    picks one, -1 serves none) listens from construction; `metrics_port` is the bound port.
+    """
 
     def __init__(self, server: grpc.Server, health_servicer: health.HealthServicer,
                  service_names: Sequence[str], log: logging.Logger,
-                 on_stop: Callable[[], None] = lambda: None, metrics_registry=None,
+                 on_stop: Callable[[], None] = lambda: None, metrics_registry: prom.CollectorRegistry | None = None,
                  metrics_port: int = -1, metrics_host: str = "0.0.0.0"):
         self.server = server
         self.health = health_servicer
@@ -72,23 +89,26 @@ class RunningService:
         self.metrics_port = -1
         self._metrics_server = None
         if metrics_registry is not None and metrics_port >= 0:
-            import prometheus_client
-
-            self._metrics_server, _ = prometheus_client.start_http_server(
-                metrics_port, addr=metrics_host, registry=metrics_registry)
-            self.metrics_port = self._metrics_server.server_port
+            self._metrics_server, self.metrics_port = serve_metrics(metrics_registry, metrics_host, metrics_port)
 
     def set_serving(self, serving: bool) -> None:
         """Health of the whole server and each of its services."""
         set_serving(self.health, self.service_names, serving)
 
     def start(self) -> None:
-        """Starts answering RPCs (health stays NOT_SERVING until `set_serving(True)`)."""
+        """Starts answering RPCs: LIVENESS turns SERVING (the service's own health stays
+        NOT_SERVING until `set_serving(True)`)."""
         self.server.start()
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
+
+    def begin_stop(self) -> None:
+        """The first step of stopping: every health name, LIVENESS too, turns NOT_SERVING."""
+        self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.set_serving(False)
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """NOT_SERVING, drain in-flight RPCs for `grace_s`, then the service's own shutdown."""
-        self.set_serving(False)
+        """`begin_stop`, drain in-flight RPCs for `grace_s`, then the service's own shutdown."""
+        self.begin_stop()
         self.server.stop(grace_s).wait()
         self._on_stop()
         if self._metrics_server is not None:

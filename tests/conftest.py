@@ -1,4 +1,4 @@
-"""Shared fixtures: an in-process extractor on a free port, sample images, a labeled sample."""
+"""Shared fixtures: in-process services on free ports, sample images, a labeled sample."""
 
 import io
 import types
@@ -36,15 +36,26 @@ def fashion500():
     return fashion_mnist_sample(per_class=50)
 
 
-def start_extractor(**overrides):
+def _serve(build, config, service_name: str, timeout_s: float):
+    """Builds and starts a service on a free port; (service, channel, address) once it is SERVING."""
+    service, port = build(config)
+    service.start()
+    address = f"127.0.0.1:{port}"
+    channel = create_channel(address)
+    wait_until_serving(channel, service_name, timeout_s=timeout_s)
+    return service, channel, address
+
+
+def serve_extractor(**overrides):
+    """An in-process extractor (random weights allowed, CPU unless overridden): (service, channel, address)."""
     settings = dict(host="127.0.0.1", port=0, metrics_port=0, allow_random_weights=True,
                     device="cpu", memory_budget_mb=2048)
     settings.update(overrides)
-    service, port = build_server(ExtractorConfig(**settings))
-    service.start()
-    channel = create_channel(f"127.0.0.1:{port}")
-    wait_until_serving(channel, SERVICE_NAME, timeout_s=120)
-    return service, channel
+    return _serve(build_server, ExtractorConfig(**settings), SERVICE_NAME, 120)
+
+
+def start_extractor(**overrides):
+    return serve_extractor(**overrides)[:2]
 
 
 @pytest.fixture(scope="session")
@@ -57,15 +68,28 @@ def extractor():
     service.stop(1.0)
 
 
-def start_index(data_dir, **overrides):
+def serve_index(data_dir, **overrides):
+    """An in-process index keeping its data in data_dir: (service, channel, address)."""
     from convsearch_index.config import IndexConfig
     from convsearch_index.server import SERVICE_NAME as INDEX_SERVICE
     from convsearch_index.server import build_server as build_index
 
-    settings = dict(host="127.0.0.1", port=0, data_dir=str(data_dir), checkpoint_interval_s=3600.0)
+    settings = dict(host="127.0.0.1", port=0, metrics_port=0, data_dir=str(data_dir), checkpoint_interval_s=3600.0)
     settings.update(overrides)
-    service, port = build_index(IndexConfig(**settings))
-    service.start()
-    channel = create_channel(f"127.0.0.1:{port}")
-    wait_until_serving(channel, INDEX_SERVICE, timeout_s=30)
-    return service, channel
+    return _serve(build_index, IndexConfig(**settings), INDEX_SERVICE, 30)
+
+
+def start_index(data_dir, **overrides):
+    return serve_index(data_dir, **overrides)[:2]
+
+
+def serve_gateway(extractor: str, index: str, **overrides):
+    """An in-process gateway over the extractor and index at these addresses: (service, channel, address)."""
+    from convsearch_gateway.config import GatewayConfig
+    from convsearch_gateway.server import SERVICE_NAME as GATEWAY_SERVICE
+    from convsearch_gateway.server import build_server as build_gateway
+
+    settings = dict(host="127.0.0.1", port=0, metrics_port=0, extractor=extractor, index=index,
+                    health_interval_s=0.2)
+    settings.update(overrides)
+    return _serve(build_gateway, GatewayConfig(**settings), GATEWAY_SERVICE, 30)

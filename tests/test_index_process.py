@@ -100,40 +100,8 @@ def test_kill_9_loop_of_upserts_replacements_and_deletes(tmp_path):
                 model="m", layer="l", dimension=8, metric=common_pb2.METRIC_EUCLIDEAN)))
         check_against_acknowledged(stub, collection, items, vectors)
         in_flight: list[set[str]] = []
-
-        def write_until_killed():
-            while True:
-                batch = sorted(set(rng.choice(ids, 4).tolist()))
-                op = rng.choice(["put", "put", "embed", "delete"])
-                in_flight.append(set(batch))
-                try:
-                    if op == "put":  # new items or replaced images
-                        images = {i: rng.bytes(16) for i in batch}
-                        stub.PutItems(pb.PutItemsRequest(dataset="crash", items=[
-                            pb.Item(id=i, label="x", image=images[i]) for i in batch]), timeout=10)
-                        for i in batch:
-                            if items.get(i) != images[i]:
-                                vectors.pop(i, None)
-                            items[i] = images[i]
-                    elif op == "embed":
-                        found = stub.GetItems(pb.GetItemsRequest(dataset="crash", ids=batch, include_images=True),
-                                              timeout=10).items
-                        if found:
-                            reply = stub.UpsertVectors(pb.UpsertVectorsRequest(
-                                dataset="crash", collection=collection, ids=[f.id for f in found],
-                                vectors=to_tensor(np.stack([vector_of(f.image) for f in found])),
-                                image_digests=[f.image_digest for f in found]), timeout=10)
-                            vectors.update((f.id, vector_of(f.image)) for f in found if f.id not in reply.stale_ids)
-                    else:
-                        stub.DeleteItems(pb.DeleteItemsRequest(dataset="crash", ids=batch), timeout=10)
-                        for i in batch:
-                            items.pop(i, None)
-                            vectors.pop(i, None)
-                except grpc.RpcError:
-                    return
-                in_flight.pop()
-
-        writer = threading.Thread(target=write_until_killed)
+        writer = threading.Thread(target=write_until_killed,
+                                  args=(stub, collection, ids, rng, items, vectors, in_flight))
         writer.start()
         writer.join(rng.uniform(0.2, 0.8))
         process.send_signal(signal.SIGKILL)
@@ -147,6 +115,40 @@ def test_kill_9_loop_of_upserts_replacements_and_deletes(tmp_path):
         check_against_acknowledged(stub, collection, items, vectors)
         stop_service(process)
     assert len(items) > 10
+
+
+def write_until_killed(stub, collection, ids, rng, items, vectors, in_flight) -> None:
+    """Random writes until the index dies; the model dicts hold what was acknowledged."""
+    while True:
+        batch = sorted(set(rng.choice(ids, 4).tolist()))
+        op = rng.choice(["put", "put", "embed", "delete"])
+        in_flight.append(set(batch))
+        try:
+            if op == "put":  # new items or replaced images
+                images = {i: rng.bytes(16) for i in batch}
+                stub.PutItems(pb.PutItemsRequest(dataset="crash", items=[
+                    pb.Item(id=i, label="x", image=images[i]) for i in batch]), timeout=10)
+                for i in batch:
+                    if items.get(i) != images[i]:
+                        vectors.pop(i, None)
+                    items[i] = images[i]
+            elif op == "embed":
+                found = stub.GetItems(pb.GetItemsRequest(dataset="crash", ids=batch, include_images=True),
+                                      timeout=10).items
+                if found:
+                    reply = stub.UpsertVectors(pb.UpsertVectorsRequest(
+                        dataset="crash", collection=collection, ids=[f.id for f in found],
+                        vectors=to_tensor(np.stack([vector_of(f.image) for f in found])),
+                        image_digests=[f.image_digest for f in found]), timeout=10)
+                    vectors.update((f.id, vector_of(f.image)) for f in found if f.id not in reply.stale_ids)
+            else:
+                stub.DeleteItems(pb.DeleteItemsRequest(dataset="crash", ids=batch), timeout=10)
+                for i in batch:
+                    items.pop(i, None)
+                    vectors.pop(i, None)
+        except grpc.RpcError:
+            return
+        in_flight.pop()
 
 
 def adopt(stub, collection, ids, items, vectors) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from convsearch.weights import RANDOM, UNKNOWN, fingerprint
 from convsearch_extractor.catalog import ModelSpec
 from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
 
@@ -59,13 +60,15 @@ class LoadedModel:
     """One model on a device, with its feature extractors. Used by one batch thread at a time.
 
     With `pad_batches` (the default on CUDA) batches are padded to a power of two, so the GPU
-    sees few distinct shapes and its kernels are chosen once per shape, at warm-up.
+    sees few distinct shapes and its kernels are chosen once per shape, at warm-up. `weights` is
+    the fingerprint of the weights it was built with (see convsearch.weights).
     """
 
     def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device,
-                 pad_batches: bool | None = None):
+                 pad_batches: bool | None = None, weights: str = UNKNOWN):
         self.spec = spec
         self.pretrained = pretrained
+        self.weights = weights
         self.device = device
         self.pad_batches = device.type == "cuda" if pad_batches is None else pad_batches
         self.module = module.to(device=device, memory_format=torch.channels_last)
@@ -128,6 +131,7 @@ class ModelPool:
         self.budget = memory_budget_bytes
         self.allow_random = allow_random_weights
         self._graphs: dict[str, ModelGraph] = {}
+        self._fingerprints: dict[tuple[str, int, int], str] = {}
         self._loaded: collections.OrderedDict[str, LoadedModel] = collections.OrderedDict()
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -162,6 +166,33 @@ class ModelPool:
         return False, False, (f"pretrained weights for {name} not found at {spec.weights_path}; "
                               f"{spec.missing_weights_hint}, or start the extractor with "
                               "--allow-random-weights for development")
+
+    def weights(self, name: str) -> str:
+        """The fingerprint of the weights Embed runs a model with now: the loaded model's, else
+        those it would load; UNKNOWN when the model is unavailable."""
+        with self._lock:
+            loaded = self._loaded.get(name)
+        if loaded is not None:
+            return loaded.weights
+        available, pretrained, _ = self.status(name)
+        return self._fingerprint(self.spec(name), pretrained) if available else UNKNOWN
+
+    def _fingerprint(self, spec: ModelSpec, pretrained: bool) -> str:
+        """RANDOM, or the weights file's fingerprint, hashed once per version of the file."""
+        if not pretrained:
+            return RANDOM
+        try:
+            stat = spec.weights_path.stat()
+        except OSError:
+            return UNKNOWN  # removed since its status was read
+        key = (str(spec.weights_path), stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            known = self._fingerprints.get(key)
+        if known is None:
+            known = fingerprint(spec.weights_path)
+            with self._lock:
+                self._fingerprints[key] = known
+        return known
 
     def acquire(self, name: str) -> LoadedModel:
         """The loaded model, loading it (and evicting least recently used ones) if needed."""
@@ -199,7 +230,7 @@ class ModelPool:
         except (RuntimeError, OSError) as exc:
             raise FailedPrecondition(f"weights for {name} at {spec.weights_path} could not be "
                                      f"loaded ({exc}); replace the file") from None
-        loaded = LoadedModel(spec, module, pretrained, self.device)
+        loaded = LoadedModel(spec, module, pretrained, self.device, weights=self._fingerprint(spec, pretrained))
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         with self._lock:

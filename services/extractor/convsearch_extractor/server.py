@@ -6,6 +6,7 @@ import threading
 
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.logs import setup_logging
+from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import MIB, RunningService, add_health_and_reflection, bind, create_server
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.config import ExtractorConfig, load_config
@@ -18,7 +19,8 @@ log = logging.getLogger("convsearch.extractor")
 
 
 def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
-    """Builds the extractor's server on config.port (0 picks one); returns it and its port.
+    """Builds the extractor's server on config.port (0 picks one) and its metrics endpoint on
+    config.metrics_port; returns it and its port.
 
     Health is NOT_SERVING until `start()` has loaded and run the default model.
     """
@@ -31,12 +33,14 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
     extractor = Extractor(pool, limits, config.max_batch, config.max_queue_delay_ms / 1000.0,
                           config.decode_workers, config.default_model, config.decoder_processes())
-    server = create_server(config.rpc_workers, config.max_message_mb)
+    registry = metrics_registry(extractor.metrics.registry)
+    server = create_server(config.rpc_workers, config.max_message_mb, [RpcObserver("extractor", registry)],
+                           config.server_options())
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, config.host, config.port)
     service = _ExtractorService(extractor, server, health, [SERVICE_NAME], log,
-                                on_stop=extractor.close, metrics_registry=extractor.metrics.registry,
+                                on_stop=extractor.close, metrics_registry=registry,
                                 metrics_port=config.metrics_port, metrics_host=config.host)
     return service, port
 
@@ -55,8 +59,9 @@ class _ExtractorService(RunningService):
         self._warm_thread.start()
 
     def stop(self, grace_s: float = 5.0) -> None:
-        # Native torch code must not be running in a thread when the interpreter exits.
         self._stopping.set()
+        self.begin_stop()
+        # Native torch code must not be running in a thread when the interpreter exits.
         if self._warm_thread.is_alive():
             self._warm_thread.join()
         super().stop(grace_s)
@@ -68,25 +73,28 @@ class _ExtractorService(RunningService):
             log.exception("default model %s could not be loaded; staying NOT_SERVING",
                           self.extractor.default_model)
             return
+        if self._stopping.is_set():
+            return
         self.set_serving(True)
         log.info("default model %s ready in %.1fs; SERVING", self.extractor.default_model, seconds)
         for name in self.extractor.pool.catalog:  # so the first ListModels is fast
             if self._stopping.is_set():
                 return
             self.extractor.pool.graph(name)
+            self.extractor.pool.weights(name)
 
 
 def main(argv=None) -> None:
     """Runs the extractor until SIGTERM or SIGINT."""
-    setup_logging("convsearch.extractor")
     config = load_config(argv)
+    setup_logging("convsearch.extractor", config.log_format)
     service, port = build_server(config)
     service.start()
     decoders = config.decoder_processes()
     log.info("extractor listening on %s:%d (device %s, max batch %d, queue delay %.1f ms, decoding in %s, "
-             "metrics port %d)", config.host, port, config.torch_device(), config.max_batch,
+             "metrics port %d, max connection age %gs)", config.host, port, config.torch_device(), config.max_batch,
              config.max_queue_delay_ms, f"{decoders} processes" if decoders else
-             f"{config.decode_workers} threads", service.metrics_port)
+             f"{config.decode_workers} threads", service.metrics_port, config.max_connection_age_s)
     service.run_until_signalled(config.grace_s)
 
 

@@ -13,7 +13,7 @@ from convsearch.tensors import to_tensor
 from convsearch_extractor import imaging
 from convsearch_extractor.engine import Extractor
 from convsearch_extractor.inspection import inspect
-from convsearch_extractor.runtime import EmbedSpec
+from convsearch_extractor.runtime import EmbedSpec, LoadedModel
 
 # Stream messages in flight at once: bounds memory while decode and forward overlap.
 _STREAM_WINDOW = 4
@@ -40,7 +40,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             models.append(extractor_pb2.ModelInfo(
                 name=name, input_size=spec.preprocess.crop_size,
                 parameter_count=graph.parameter_count, pretrained=pretrained,
-                available=available, unavailable_reason=reason,
+                available=available, unavailable_reason=reason, weights=pool.weights(name),
                 weights_path=str(spec.weights_path or ""), source=spec.source,
                 layers=[extractor_pb2.LayerInfo(
                     name=layer.name, op=layer.op, output_shape=layer.output_shape,
@@ -55,9 +55,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     def Embed(self, request, context):
         spec, dims = self._resolve(request.config)
         vectors = self.extractor.embed(spec, dims, list(request.images))
+        loaded = self.extractor.pool.acquire(spec.model)
         return extractor_pb2.EmbedResponse(
             model=spec.model, pooling=POOLING_ENUMS[spec.pooling], normalized=spec.normalize,
-            pretrained=self.extractor.pool.acquire(spec.model).pretrained,
+            pretrained=loaded.pretrained, weights=loaded.weights,
             layers=[extractor_pb2.LayerVectors(layer=layer, vectors=to_tensor(vectors[layer]))
                     for layer in spec.layers])
 
@@ -84,9 +85,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             if isinstance(job, Exception):
                 raise job
             spec, ids, first_index, future = job
-            pretrained = self.extractor.pool.acquire(spec.model).pretrained
+            loaded = self.extractor.pool.acquire(spec.model)
             for offset, result in enumerate(future.result()):
-                yield self._bulk_answer(spec, pretrained, ids[offset], first_index + offset, result)
+                yield self._bulk_answer(spec, loaded, ids[offset], first_index + offset, result)
 
     def _read_stream(self, request_iterator, jobs: queue.Queue, context) -> None:
         """Reads the client's messages and starts their work; runs ahead of the answers."""
@@ -118,10 +119,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
 
 
     @staticmethod
-    def _bulk_answer(spec: EmbedSpec, pretrained: bool, image_id: str, index: int, result
+    def _bulk_answer(spec: EmbedSpec, loaded: LoadedModel, image_id: str, index: int, result
                      ) -> extractor_pb2.BulkEmbedResponse:
         answer = extractor_pb2.BulkEmbedResponse(id=image_id, index=index, model=spec.model,
-                                                 pretrained=pretrained)
+                                                 pretrained=loaded.pretrained, weights=loaded.weights)
         if isinstance(result, imaging.ImageError):
             answer.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
             answer.error.message = f"image {index} ({image_id!r}) {result}"

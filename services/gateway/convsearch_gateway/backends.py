@@ -1,16 +1,25 @@
-"""The gateway's two backends: channels, stubs, deadlines, and errors that name the backend."""
+"""The gateway's two backends: channels, stubs, deadlines, and errors that name the backend.
+
+Every call to a backend (unary or streaming, through `Backend.call` or the stub) passes the
+request id of the RPC being served on (x-request-id) and is timed, to its end, in
+convsearch_gateway_backend_duration_seconds (labels backend, method, code). Calls made on
+other threads carry the id only when their work was submitted with its context (see
+convsearch.observability); the health checks run on a thread of their own and carry none.
+"""
 
 import logging
 import threading
 from collections.abc import Callable
 
 import grpc
+import prometheus_client as prom
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convsearch.channels import create_channel
 from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.index.v1 import index_pb2_grpc
+from convsearch.observability import LATENCY_BUCKETS, CallObserver
 
 log = logging.getLogger("convsearch.gateway.backends")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -19,12 +28,13 @@ _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 class Backend:
     """One backend service behind a channel, called with a deadline."""
 
-    def __init__(self, name: str, address: str, stub_class, service: str, deadline_s: float, max_message_mb: int):
+    def __init__(self, name: str, address: str, stub_class, service: str, deadline_s: float, max_message_mb: int,
+                 latency: prom.Histogram):
         self.name = name
         self.address = address
         self.service = service
         self.deadline_s = deadline_s
-        self.channel = create_channel(address, max_message_mb)
+        self.channel = grpc.intercept_channel(create_channel(address, max_message_mb), CallObserver(name, latency))
         self.stub = stub_class(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
@@ -63,11 +73,15 @@ class Backend:
 class Backends:
     """The extractor and the index, and a thread that keeps their health current."""
 
-    def __init__(self, extractor: str, index: str, deadline_s: float, max_message_mb: int):
+    def __init__(self, extractor: str, index: str, deadline_s: float, max_message_mb: int,
+                 registry: prom.CollectorRegistry):
+        latency = prom.Histogram("convsearch_gateway_backend_duration_seconds",
+                                 "Time from the start to the end of a call to a backend", ("backend", "method", "code"),
+                                 registry=registry, buckets=LATENCY_BUCKETS)
         self.extractor = Backend("extractor", extractor, extractor_pb2_grpc.ExtractorServiceStub,
-                                 "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb)
+                                 "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb, latency)
         self.index = Backend("index", index, index_pb2_grpc.IndexServiceStub,
-                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb)
+                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb, latency)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -87,9 +101,12 @@ class Backends:
         self._watcher = threading.Thread(target=loop, name="backend-health", daemon=True)
         self._watcher.start()
 
-    def close(self) -> None:
+    def stop_watching(self) -> None:
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join()
+
+    def close(self) -> None:
+        self.stop_watching()
         self.extractor.close()
         self.index.close()

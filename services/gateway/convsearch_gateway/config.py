@@ -2,7 +2,8 @@
 
 import dataclasses
 
-from convsearch.config import check_address, check_positive, option, parse_config
+from convsearch.config import check_address, check_port, check_positive, option, parse_config
+from convsearch.logs import LOG_FORMATS, check_log_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,6 +12,8 @@ class GatewayConfig:
 
     host: str = option("0.0.0.0", "interface to listen on")
     port: int = option(50051, "gRPC port; 0 picks a free one")
+    metrics_port: int = option(9051, "Prometheus /metrics port; 0 picks a free one, -1 disables")
+    log_format: str = option("text", f"log lines as {' or '.join(LOG_FORMATS)} (JSON: one object a line)")
     extractor: str = option("127.0.0.1:50052", "extractor address: host:port, several comma-separated "
                                                "IPv4 host:port, or one dns:///name (balanced round_robin)")
     index: str = option("127.0.0.1:50053", "index address (host:port or dns:///name)")
@@ -28,8 +31,9 @@ class GatewayConfig:
         check_address(self.index, "index")
         for name in ("deadline_s", "max_concurrent_rpcs", "batch_size", "health_interval_s", "max_message_mb"):
             check_positive(getattr(self, name), name)
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
+        check_port(self.port, "port")
+        check_port(self.metrics_port, "metrics_port", disabled_ok=True)
+        check_log_format(self.log_format)
 
 
 def load_config(argv=None) -> GatewayConfig:

@@ -1,5 +1,6 @@
 """Turning a client's configurations (model, layers, pooling, metric) into the collections that
-hold them, with each one's vector dimension, using the extractor's catalogue."""
+hold them, with each one's vector dimension, using the extractor's catalogue; and the rule that
+a collection only ever holds, or is compared with, vectors of the weights that made it."""
 
 import dataclasses
 import threading
@@ -9,9 +10,10 @@ from collections.abc import Iterable
 import numpy as np
 
 from convsearch.embedding import Configuration
-from convsearch.errors import InvalidArgument, NotFound
+from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.naming import collection_name
+from convsearch.weights import describe
 from convsearch_gateway.backends import Backend
 
 _CATALOG_TTL_S = 60.0
@@ -19,7 +21,8 @@ _CATALOG_TTL_S = 60.0
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """One collection to fill: a layer of a model under a pooling and a metric."""
+    """One collection to fill: a layer of a model under a pooling and a metric. `weights` is the
+    fingerprint of the extractor's weights in its catalogue: a new collection is bound to it."""
 
     model: str
     layer: str
@@ -28,6 +31,7 @@ class Target:
     minkowski_p: float
     dimension: int
     parameter_count: int = 0
+    weights: str = ""
 
     @property
     def collection(self) -> str:
@@ -73,7 +77,19 @@ class ModelCatalog:
                 flat = configuration.pooling == "flatten" or len(shape) == 1
                 target = Target(name, layer_name, configuration.pooling, configuration.metric,
                                 configuration.minkowski_p, int(np.prod(shape)) if flat else shape[0],
-                                layer.parameter_count)
+                                layer.parameter_count, model.weights)
                 if target not in targets:
                     targets.append(target)
         return targets
+
+
+def check_weights(dataset: str, collection: str, collection_weights: str, extractor_weights: str) -> None:
+    """FAILED_PRECONDITION unless vectors the extractor made with `extractor_weights` may join, or
+    be compared with, a collection bound to `collection_weights`."""
+    if extractor_weights != collection_weights:
+        raise FailedPrecondition(
+            f"collection {collection} of {dataset!r} holds vectors of the weights {describe(collection_weights)}, "
+            f"but the extractor now runs the weights {describe(extractor_weights)}; vectors of different weights "
+            "cannot be mixed or compared. To replace its vectors, delete the collection (DeleteCollection, or "
+            f"convsearch delete-collection --dataset {dataset} {collection}) and index again; or use an extractor "
+            "with the collection's weights")

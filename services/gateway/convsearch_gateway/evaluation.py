@@ -2,6 +2,11 @@
 common. Every labeled item queries the index (in batches, itself left out); its ranked labels
 give the ConvNet Playground search score, precision@k and average precision@k. Results are kept
 with the collection (as an attachment with the collection's version) and reused until it changes.
+
+Edge cases, as the API states them: unlabeled items are not queries, but they are among the
+others' results, where they count as misses; an item alone in its class can only score 0 and
+still counts in the means; with fewer than 16 items the search score is renormalised over the
+ranks there are, while precision@k still divides by k.
 """
 
 import collections
@@ -13,9 +18,9 @@ from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
-from convsearch_gateway.indexing import all_items, index_items
+from convsearch_gateway.indexing import all_items, fill_collections, prepared_collections
 
-ATTACHMENT = "evaluation"
+ATTACHMENT = "evaluation/2"  # 2: with single_item_classes and weights; results stored before are recomputed
 QUERY_BATCH = 256
 
 
@@ -38,6 +43,8 @@ class Score:
     dimension: int
     parameter_count: int
     small_dataset: bool
+    single_item_classes: int
+    weights: str  # fingerprint of the weights that made the collection's vectors
     per_query: dict[str, float]
     cached: bool = False
 
@@ -66,7 +73,7 @@ def query_metrics(label: str, ranked: Sequence[str], k: int, relevant: int) -> t
 
 
 def score_target(backends: Backends, dataset: str, target: Target, labeled: dict[str, str], unlabeled: int,
-                 total_items: int, k: int) -> Score:
+                 total_items: int, k: int, weights: str) -> Score:
     """Queries the index once per QUERY_BATCH labeled items and scores the configuration."""
     sizes = collections.Counter(labeled.values())
     ids = list(labeled)
@@ -85,10 +92,14 @@ def score_target(backends: Backends, dataset: str, target: Target, labeled: dict
     for item_id, score in per_query.items():
         by_label[labeled[item_id]].append(score)
     count = max(1, len(per_query))
-    return Score(target.collection, target.model, target.layer, target.pooling, target.metric,
-                 sum(per_query.values()) / count, sum(precisions) / count, sum(aps) / count, k,
-                 {label: sum(scores) / len(scores) for label, scores in sorted(by_label.items())}, len(per_query),
-                 unlabeled, target.dimension, target.parameter_count, total_items <= TOP, per_query)
+    return Score(
+        collection=target.collection, model=target.model, layer=target.layer, pooling=target.pooling,
+        metric=target.metric, mean_score=sum(per_query.values()) / count, precision_at_k=sum(precisions) / count,
+        map_at_k=sum(aps) / count, k=k,
+        per_label_score={label: sum(scores) / len(scores) for label, scores in sorted(by_label.items())},
+        queries=len(per_query), unlabeled=unlabeled, dimension=target.dimension,
+        parameter_count=target.parameter_count, small_dataset=total_items <= TOP,
+        single_item_classes=sum(size == 1 for size in sizes.values()), weights=weights, per_query=per_query)
 
 
 def stored_score(backends: Backends, dataset: str, collection: str) -> tuple[Score | None, bool]:
@@ -102,26 +113,29 @@ def stored_score(backends: Backends, dataset: str, collection: str) -> tuple[Sco
 
 def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int = 15, recompute: bool = False,
              batch_size: int = 32) -> Iterator[EvaluationProgress]:
-    """Indexes what is missing, then scores every target (reusing current stored results)."""
-    for progress in index_items(backends, dataset, targets, batch_size):
-        yield EvaluationProgress("indexing", progress.done, progress.total)
-    items = all_items(backends, dataset)
-    labeled = {item_id: label for item_id, label in items if label}
-    results = []
-    for done, target in enumerate(targets, 1):
-        stored, current = stored_score(backends, dataset, target.collection)
-        if stored is not None and current and stored.k == k and not recompute:
-            stored.cached = True
-            results.append(stored)
-        else:
-            version = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
-                dataset=dataset, collection=target.collection)).collection.version
-            score = score_target(backends, dataset, target, labeled, len(items) - len(labeled), len(items), k)
-            backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
-                dataset=dataset, collection=target.collection, key=ATTACHMENT, version=version,
-                data=json.dumps(dataclasses.asdict(score)).encode()))
-            results.append(score)
-        yield EvaluationProgress("evaluating", done, len(targets))
+    """Indexes what is missing, then scores every target (reusing current stored results). A
+    failed run deletes the collections it created that are still empty."""
+    with prepared_collections(backends, dataset, targets) as weights:
+        for progress in fill_collections(backends, dataset, targets, weights, batch_size):
+            yield EvaluationProgress("indexing", progress.done, progress.total)
+        items = all_items(backends, dataset)
+        labeled = {item_id: label for item_id, label in items if label}
+        results = []
+        for done, target in enumerate(targets, 1):
+            stored, current = stored_score(backends, dataset, target.collection)
+            if stored is not None and current and stored.k == k and not recompute:
+                stored.cached = True
+                results.append(stored)
+            else:
+                version = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
+                    dataset=dataset, collection=target.collection)).collection.version
+                score = score_target(backends, dataset, target, labeled, len(items) - len(labeled), len(items), k,
+                                     weights[target.collection])
+                backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
+                    dataset=dataset, collection=target.collection, key=ATTACHMENT, version=version,
+                    data=json.dumps(dataclasses.asdict(score)).encode()))
+                results.append(score)
+            yield EvaluationProgress("evaluating", done, len(targets))
     results.sort(key=lambda score: -score.mean_score)
     yield EvaluationProgress("evaluating", len(targets), len(targets), finished=True, results=results)
 

@@ -1,29 +1,40 @@
 """Indexing: embed every stored item that a collection lacks and upsert its vectors.
 
-Items are grouped by (model, pooling) so one forward pass fills every layer of a model. Images
-stream to the extractor through BulkEmbed while the vectors of the previous batch are being
-upserted. What is already in a collection is never embedded again, so an interrupted run,
-started again, continues where it stopped.
+Items are grouped by (model, pooling) so one forward pass fills every layer of a model; each
+layer is asked for once, however many metrics it is indexed under, and its vectors go to every
+collection of it that lacks them. Images stream to the extractor through BulkEmbed while the
+vectors of the previous batch are being upserted. What is already in a collection is never
+embedded again, so an interrupted run, started again, continues where it stopped.
+
+A new collection is bound to the extractor's weights, and vectors of other weights are refused
+(FAILED_PRECONDITION) before any is upserted. A run that fails deletes the collections it
+created that are still empty. Vectors go to the index with the digest of the image they were
+made from, so those of an image replaced meanwhile are never stored. A damaged collection is
+DATA_LOSS, unless the run is asked to rebuild it.
 """
 
+import contextlib
+import contextvars
 import dataclasses
 import itertools
+import logging
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
-from convsearch.errors import AlreadyExists
+from convsearch.errors import AlreadyExists, ConvsearchError, DataLoss
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.tensors import from_tensor, to_tensor
 from convsearch_gateway.backends import Backends
-from convsearch_gateway.configurations import Target
+from convsearch_gateway.configurations import Target, check_weights
 
+log = logging.getLogger("convsearch.gateway.indexing")
 _CHECK_CHUNK = 5000
 _MAX_ERRORS = 20
 
@@ -42,20 +53,64 @@ class Progress:
     failed_ids: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
-def ensure_collections(backends: Backends, dataset: str, targets: Sequence[Target]) -> None:
-    """Creates the collections that do not exist yet."""
-    existing = {c.name for c in backends.index.call(
-        "ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset)).collections}
+def _ensure_collections(backends: Backends, dataset: str, targets: Sequence[Target], created: list[str],
+                        rebuild_damaged: bool = False) -> dict[str, str]:
+    """Creates the collections that do not exist yet (appending their names to `created`), and
+    damaged ones again when asked to; returns the weights fingerprint of every target's collection."""
+    listed = backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset)).collections
+    existing = {c.name: c.spec.weights for c in listed}
+    wanted = {target.collection for target in targets}
+    for damaged in (c for c in listed if c.damage and c.name in wanted):
+        if not rebuild_damaged:
+            raise DataLoss(damaged.damage)
+        log.warning("rebuilding damaged collection %s of %s: %s", damaged.name, dataset, damaged.damage)
+        backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(dataset=dataset,
+                                                                                  collection=damaged.name))
+        del existing[damaged.name]
     for target in targets:
         if target.collection in existing:
             continue
         spec = index_pb2.CollectionSpec(
             model=target.model, layer=target.layer, pooling=POOLING_ENUMS[target.pooling],
-            metric=METRIC_ENUMS[target.metric], minkowski_p=target.minkowski_p, dimension=target.dimension)
+            metric=METRIC_ENUMS[target.metric], minkowski_p=target.minkowski_p, dimension=target.dimension,
+            weights=target.weights)
         try:
             backends.index.call("CreateCollection", index_pb2.CreateCollectionRequest(dataset=dataset, spec=spec))
-        except AlreadyExists:
-            pass  # another run made it meanwhile
+            created.append(target.collection)
+            existing[target.collection] = target.weights
+        except AlreadyExists:  # another run made it meanwhile
+            existing[target.collection] = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
+                dataset=dataset, collection=target.collection)).collection.spec.weights
+    return {target.collection: existing[target.collection] for target in targets}
+
+
+def _delete_empty(backends: Backends, dataset: str, names: Sequence[str]) -> None:
+    """Deletes those of the named collections that hold no vectors; a failure here is only logged,
+    so it never hides the run's own error."""
+    for name in names:
+        try:
+            stats = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
+                dataset=dataset, collection=name))
+            if stats.collection.count == 0:
+                backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
+                    dataset=dataset, collection=name))
+        except ConvsearchError as exc:
+            log.warning("could not delete the empty collection %s of %s after a failed run: %s", name, dataset, exc)
+
+
+@contextlib.contextmanager
+def prepared_collections(backends: Backends, dataset: str, targets: Sequence[Target],
+                         rebuild_damaged: bool = False) -> Iterator[dict[str, str]]:
+    """Creates the targets' missing collections (and damaged ones again, when asked to), bound
+    to the extractor's weights, and gives the weights fingerprint of every target's collection.
+    When the block fails (or is abandoned), the collections created here that are still empty
+    are deleted; never one that existed before or holds vectors."""
+    created: list[str] = []
+    try:
+        yield _ensure_collections(backends, dataset, targets, created, rebuild_damaged)
+    except BaseException:
+        _delete_empty(backends, dataset, created)
+        raise
 
 
 def all_items(backends: Backends, dataset: str) -> list[tuple[str, str]]:
@@ -80,18 +135,25 @@ def missing_ids(backends: Backends, dataset: str, collection: str, ids: Sequence
 
 
 def index_items(backends: Backends, dataset: str, targets: Sequence[Target], batch_size: int = 32,
-                ids: Sequence[str] | None = None) -> Iterator[Progress]:
-    """Fills the targets' collections for `ids` (default: every item); yields progress after each batch."""
-    ensure_collections(backends, dataset, targets)
+                ids: Sequence[str] | None = None, rebuild_damaged: bool = False) -> Iterator[Progress]:
+    """Fills the targets' collections (created as needed) for `ids` (default: every item); yields
+    progress after each batch. A failed run deletes the collections it created that are still empty."""
+    with prepared_collections(backends, dataset, targets, rebuild_damaged) as weights:
+        yield from fill_collections(backends, dataset, targets, weights, batch_size, ids)
+
+
+def fill_collections(backends: Backends, dataset: str, targets: Sequence[Target], weights: Mapping[str, str],
+                     batch_size: int = 32, ids: Sequence[str] | None = None) -> Iterator[Progress]:
+    """Fills existing collections for `ids` (default: every item), given each one's weights
+    fingerprint; yields progress after each batch."""
     ids = [item_id for item_id, _ in all_items(backends, dataset)] if ids is None else list(ids)
     groups: dict[tuple[str, str], list[Target]] = defaultdict(list)
     for target in targets:
         groups[target.model, target.pooling].append(target)
+    missing = {target.collection: missing_ids(backends, dataset, target.collection, ids) for target in targets}
     work: dict[tuple[str, str], list[str]] = {}
     for group, members in groups.items():
-        needed: set[str] = set()
-        for target in members:
-            needed |= missing_ids(backends, dataset, target.collection, ids)
+        needed = set().union(*(missing[target.collection] for target in members))
         work[group] = [item_id for item_id in ids if item_id in needed]
     progress = Progress(total=sum(len(need) for need in work.values()),
                         collections=[target.collection for target in targets])
@@ -100,17 +162,18 @@ def index_items(backends: Backends, dataset: str, targets: Sequence[Target], bat
     with ThreadPoolExecutor(1, thread_name_prefix="upsert") as upserter:
         for (model, pooling), need in work.items():
             if need:
-                yield from _embed_group(backends, dataset, model, pooling, groups[model, pooling], need,
-                                        batch_size, progress, started, upserter)
+                yield from _embed_group(backends, dataset, model, pooling, groups[model, pooling], weights, missing,
+                                        need, batch_size, progress, started, upserter)
     progress.finished = True
     yield progress
 
 
 def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, targets: Sequence[Target],
-                 need: Sequence[str], batch_size: int, progress: Progress, started: float,
-                 upserter: ThreadPoolExecutor) -> Iterator[Progress]:
-    layers = [target.layer for target in targets]
+                 weights: Mapping[str, str], missing: Mapping[str, set[str]], need: Sequence[str], batch_size: int,
+                 progress: Progress, started: float, upserter: ThreadPoolExecutor) -> Iterator[Progress]:
+    layers = list(dict.fromkeys(target.layer for target in targets))  # once each, whatever the metrics
     feed_errors: list[Exception] = []
+    digests: dict[str, str] = {}  # of the image each item was embedded from
 
     def requests():
         yield extractor_pb2.BulkEmbedRequest(config=extractor_pb2.EmbedConfig(
@@ -124,6 +187,7 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
                 return
             gone = len(need[start:start + batch_size]) - len(found.items)
             progress.done += gone  # deleted since the run began: nothing to do
+            digests.update((item.id, item.image_digest) for item in found.items)
             yield extractor_pb2.BulkEmbedRequest(images=[
                 extractor_pb2.ImageInput(id=item.id, data=item.image) for item in found.items])
 
@@ -136,16 +200,24 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
         batch_ids.clear()
         for rows in batch_vectors.values():
             rows.clear()
-        return upserter.submit(_upsert, backends, dataset, targets, ids, vectors)
+        # In this RPC's context, so the upserts carry its request id.
+        return upserter.submit(contextvars.copy_context().run, _upsert, backends, dataset, targets, missing, ids,
+                               vectors, [digests.pop(item_id) for item_id in ids], progress)
 
+    accepted_weights = None
+    answers = backends.extractor.stub.BulkEmbed(requests())
     try:
-        for answer in backends.extractor.stub.BulkEmbed(requests()):
+        for answer in answers:
             if answer.WhichOneof("result") == "error":
                 progress.failed += 1
                 progress.done += 1
                 progress.failed_ids[answer.id] = answer.error.message
                 progress.errors.append(f"{answer.id}: {answer.error.message}")
                 continue
+            if answer.weights != accepted_weights:  # each answer says which weights made it
+                for target in targets:
+                    check_weights(dataset, target.collection, weights[target.collection], answer.weights)
+                accepted_weights = answer.weights
             batch_ids.append(answer.id)
             for entry in answer.vectors.layers:
                 batch_vectors[entry.layer].append(from_tensor(entry.vector))
@@ -157,6 +229,8 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
                 pending = flush()
     except grpc.RpcError as exc:
         raise backends.extractor.error(exc) from None
+    finally:
+        answers.cancel()  # the stream ends here when this run stops early; a no-op once it has ended
     if feed_errors:
         raise feed_errors[0]
     for future in itertools.chain([pending] if pending else [], [flush()] if batch_ids else []):
@@ -165,9 +239,21 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
     yield progress
 
 
-def _upsert(backends: Backends, dataset: str, targets: Sequence[Target], ids: list[str], vectors: dict) -> int:
+def _upsert(backends: Backends, dataset: str, targets: Sequence[Target], missing: Mapping[str, set[str]],
+            ids: list[str], vectors: dict, digests: list[str], progress: Progress) -> int:
+    """Upserts each item's vector of a layer into the collections of that layer that lacked it,
+    with the digest of the image it was made from."""
+    stale: set[str] = set()
     for target in targets:
-        backends.index.call("UpsertVectors", index_pb2.UpsertVectorsRequest(
-            dataset=dataset, collection=target.collection, ids=ids, vectors=to_tensor(np.stack(vectors[target.layer]))))
+        rows = [row for row, item_id in enumerate(ids) if item_id in missing[target.collection]]
+        if rows:
+            reply = backends.index.call("UpsertVectors", index_pb2.UpsertVectorsRequest(
+                dataset=dataset, collection=target.collection, ids=[ids[row] for row in rows],
+                vectors=to_tensor(np.stack([vectors[target.layer][row] for row in rows])),
+                image_digests=[digests[row] for row in rows]))
+            stale.update(reply.stale_ids)
+    for item_id in sorted(stale):
+        progress.errors.append(f"{item_id}: its image was replaced while it was embedded; index again to embed "
+                               "the new one")
     return len(ids)
 

@@ -49,8 +49,13 @@ def ingest_batch(backends: Backends, dataset: str, items: Sequence[index_pb2.Ite
         backends.index.call("PutItems", index_pb2.PutItemsRequest(dataset=dataset, items=good))
         failures: dict[str, str] = {}
         if targets:
-            for progress in index_items(backends, dataset, targets, batch_size, [item.id for item in good]):
-                failures = progress.failed_ids
+            try:
+                for progress in index_items(backends, dataset, targets, batch_size, [item.id for item in good]):
+                    failures = progress.failed_ids
+            except ConvsearchError as exc:
+                if exc.code == "UNAVAILABLE":
+                    raise
+                failures = {item.id: str(exc) for item in good}  # stored, but not embedded
         for position, item in enumerate(items):
             if results[position] is None:
                 results[position] = IngestResult(item.id, "replaced" if item.id in existing else "stored",

@@ -1,5 +1,6 @@
-"""Search: by image bytes (embedded at the collection's layer) or by a stored item (its own
-vector, itself left out), with the ConvNet Playground search score for labeled items."""
+"""Search: by image bytes (embedded at the collection's layer, by the weights that made the
+collection, or refused) or by a stored item (its own vector, itself left out), with the ConvNet
+Playground search score for labeled items and the weights that made the collection."""
 
 import dataclasses
 
@@ -10,16 +11,17 @@ from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
-from convsearch_gateway.configurations import ModelCatalog
+from convsearch_gateway.configurations import ModelCatalog, check_weights
 
 
 @dataclasses.dataclass
 class SearchResult:
-    """Hits nearest first, and for a labeled stored query its score."""
+    """Hits nearest first, the weights that made the collection, and for a labeled stored query its score."""
 
     hits: list[tuple[str, str, float, dict[str, str]]]
     collection: str
     exact: bool
+    weights: str
     query_label: str = ""
     search_score: float = -1.0
     same_label_count: int = 0
@@ -34,24 +36,26 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
         raise InvalidArgument(f"k = {k} is out of range; use 1 to 1000")
     if len(configuration.layers) > 1:
         raise InvalidArgument("a search uses one layer; name one (or none for the model's last featured layer)")
+    if not item_id and image is None:
+        raise InvalidArgument("a search needs a query: image bytes or a stored item's id")
     if configuration.layers:
         target, = catalog.targets([configuration], remaining)
     else:
         target = catalog.targets([configuration], remaining)[-1]
+    weights = _collection_weights(backends, dataset, target.collection, remaining)
     request = index_pb2.SearchRequest(dataset=dataset, collection=target.collection, k=k,
                                       include_labels=include_labels, exclude_labels=exclude_labels, exact=exact)
     if item_id:
         request.query_ids.append(item_id)
         request.k = max(k, TOP)  # the score needs the top 15
         reply = _search_stored(backends, request, item_id, remaining)
-    elif image is not None:
+    else:
         embedded = backends.extractor.call("Embed", extractor_pb2.EmbedRequest(
             config=extractor_pb2.EmbedConfig(model=target.model, layers=[target.layer],
                                              pooling=POOLING_ENUMS[target.pooling]), images=[image]), remaining)
+        check_weights(dataset, target.collection, weights, embedded.weights)
         request.queries.CopyFrom(embedded.layers[0].vectors)
         reply = backends.index.call("Search", request, remaining)
-    else:
-        raise InvalidArgument("a search needs a query: image bytes or a stored item's id")
     result = reply.results[0]
     # One call for the hits' metadata and the query item's label.
     wanted = ([item_id] if item_id else []) + list(result.ids[:k])
@@ -60,13 +64,24 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
     query_label = items[item_id].label if item_id in items else ""
     hits = [(i, label, distance, dict(items[i].metadata) if i in items else {})
             for i, label, distance in zip(result.ids[:k], result.labels[:k], result.distances[:k], strict=True)]
-    answer = SearchResult(hits, target.collection, reply.exact, query_label)
+    answer = SearchResult(hits, target.collection, reply.exact, weights, query_label)
     if query_label:
         scored = list(result.labels[:TOP])
         answer.search_score = search_score(query_label, scored)
         answer.same_label_count = sum(label == query_label for label in scored)
         answer.scored_results = len(scored)
     return answer
+
+
+def _collection_weights(backends: Backends, dataset: str, collection: str, remaining: float | None) -> str:
+    """The weights fingerprint of a collection; NOT_FOUND with a hint when the dataset lacks it."""
+    collections = backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset),
+                                      remaining).collections
+    for found in collections:
+        if found.name == collection:
+            return found.spec.weights
+    raise NotFound(f"dataset {dataset!r} has no collection {collection}; index the dataset at this configuration "
+                   "first")
 
 
 def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id: str, remaining: float | None):

@@ -6,6 +6,7 @@ from grpc_health.v1 import health_pb2
 
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.logs import setup_logging
+from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.config import GatewayConfig, load_config
@@ -29,6 +30,10 @@ class _GatewayService(RunningService):
         super().start()
         self.backends.watch(self._interval_s, self._on_backends)
 
+    def begin_stop(self) -> None:
+        self.backends.stop_watching()  # so a backend's change cannot turn it SERVING again
+        super().begin_stop()
+
     def _on_backends(self, extractor_up: bool, index_up: bool) -> None:
         def status(up: bool):
             return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -39,24 +44,28 @@ class _GatewayService(RunningService):
 
 
 def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
-    """Builds the gateway's server on config.port (0 picks one); returns it and its port."""
-    backends = Backends(config.extractor, config.index, config.deadline_s, config.max_message_mb)
-    server = create_server(config.max_concurrent_rpcs, config.max_message_mb)
+    """Builds the gateway's server on config.port (0 picks one) and its metrics endpoint on
+    config.metrics_port; returns it and its port."""
+    registry = metrics_registry()
+    backends = Backends(config.extractor, config.index, config.deadline_s, config.max_message_mb, registry)
+    server = create_server(config.max_concurrent_rpcs, config.max_message_mb, [RpcObserver("gateway", registry)])
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size), server)
     health = add_health_and_reflection(server, [SERVICE_NAME, INDEX_HEALTH, EXTRACTOR_HEALTH])
     port = bind(server, config.host, config.port)
     service = _GatewayService(backends, config.health_interval_s, server, health, [SERVICE_NAME], log,
-                              on_stop=backends.close)
+                              on_stop=backends.close, metrics_registry=registry, metrics_port=config.metrics_port,
+                              metrics_host=config.host)
     return service, port
 
 
 def main(argv=None) -> None:
     """Runs the gateway until SIGTERM or SIGINT."""
-    setup_logging("convsearch.gateway")
     config = load_config(argv)
+    setup_logging("convsearch.gateway", config.log_format)
     service, port = build_server(config)
     service.start()
-    log.info("gateway listening on %s:%d (extractor %s, index %s)", config.host, port, config.extractor, config.index)
+    log.info("gateway listening on %s:%d (extractor %s, index %s, metrics port %d)", config.host, port,
+             config.extractor, config.index, service.metrics_port)
     service.run_until_signalled(config.grace_s)
 
 

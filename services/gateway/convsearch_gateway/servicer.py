@@ -8,6 +8,7 @@ from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.grpc_errors import map_errors
 from convsearch.index.v1 import index_pb2
+from convsearch.weights import is_pretrained
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import ModelCatalog
@@ -34,7 +35,8 @@ def _score(score) -> pb.ConfigurationScore:
         metric=METRIC_ENUMS[score.metric], mean_score=score.mean_score, precision_at_k=score.precision_at_k,
         map_at_k=score.map_at_k, k=score.k, per_label_score=score.per_label_score, queries=score.queries,
         unlabeled=score.unlabeled, dimension=score.dimension, parameter_count=score.parameter_count,
-        cached=score.cached, small_dataset=score.small_dataset)
+        cached=score.cached, small_dataset=score.small_dataset, single_item_classes=score.single_item_classes,
+        pretrained=is_pretrained(score.weights), weights=score.weights)
 
 
 def _featured_only(model: extractor_pb2.ModelInfo) -> extractor_pb2.ModelInfo:
@@ -93,6 +95,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return pb.DeleteItemsResponse(deleted=reply.deleted, not_found=reply.not_found)
 
     @map_errors
+    def DeleteCollection(self, request, context):
+        self.backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
+            dataset=request.dataset, collection=request.collection), context.time_remaining())
+        return pb.DeleteCollectionResponse()
+
+    @map_errors
     def Ingest(self, request_iterator, context):
         messages = ((m.dataset, [configuration(c) for c in m.configurations], list(m.items))
                     for m in request_iterator)
@@ -104,7 +112,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def IndexDataset(self, request, context):
         targets = self.catalog.targets([configuration(c) for c in request.configurations] or [Configuration()],
                                        context.time_remaining())
-        for progress in index_items(self.backends, request.dataset, targets, request.batch_size or self.batch_size):
+        for progress in index_items(self.backends, request.dataset, targets, request.batch_size or self.batch_size,
+                                    rebuild_damaged=request.rebuild_damaged):
             yield pb.IndexDatasetResponse(
                 total=progress.total, done=progress.done, failed=progress.failed,
                 images_per_second=progress.images_per_second, collections=progress.collections,
@@ -121,7 +130,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         return pb.SearchResponse(
             hits=[pb.SearchHit(id=i, label=label, distance=d, metadata=meta) for i, label, d, meta in result.hits],
             collection=result.collection, query_label=result.query_label, search_score=result.search_score,
-            same_label_count=result.same_label_count, scored_results=result.scored_results, exact=result.exact)
+            same_label_count=result.same_label_count, scored_results=result.scored_results, exact=result.exact,
+            pretrained=is_pretrained(result.weights), weights=result.weights)
 
     @map_errors
     def GetImage(self, request, context):

@@ -26,7 +26,7 @@ import pathlib
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import hnswlib
 import numpy as np
@@ -83,6 +83,14 @@ def _grown(array: np.ndarray, needed: int) -> np.ndarray:
     return grown
 
 
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Told the seconds each write-ahead log append and each checkpoint took (the service's metrics)."""
+
+    log_append: Callable[[float], None] = lambda seconds: None
+    checkpoint: Callable[[float], None] = lambda seconds: None
+
+
 @dataclasses.dataclass
 class _State:
     """Everything a search reads: swapped whole by compaction."""
@@ -102,11 +110,13 @@ class VectorCollection:
     Raises DataLoss when the files in `directory` fail their checks.
     """
 
-    def __init__(self, directory: pathlib.Path, spec: VectorSpec, fsync: bool = True, name: str = ""):
+    def __init__(self, directory: pathlib.Path, spec: VectorSpec, fsync: bool = True, name: str = "",
+                 timings: Timings = Timings()):
         self.directory = directory
         self.spec = spec
         self.fsync = fsync
         self.name = name or directory.name
+        self.timings = timings
         self.lock = RWLock()
         self._writer = threading.Lock()  # one writer (or checkpoint) at a time
         directory.mkdir(parents=True, exist_ok=True)
@@ -335,8 +345,10 @@ class VectorCollection:
                     self._s = compacted
                 log.info("collection %s: compacted %d slots to %d in %.2fs", self.name, before,
                          len(compacted.ids), time.monotonic() - started)
+            started = time.perf_counter()
             with self.lock.read():
                 self._write_checkpoint()
+            self.timings.checkpoint(time.perf_counter() - started)
 
     def _write_checkpoint(self) -> None:
         s = self._s
@@ -413,6 +425,11 @@ class VectorCollection:
             raise InvalidArgument(f"vector of item {ids[int(np.argmax(bad))]!r} has NaN or infinite "
                                   "values; send finite numbers")
 
+    def _log(self, payload: bytes) -> None:
+        started = time.perf_counter()
+        self._wal.append(payload)
+        self.timings.log_append(time.perf_counter() - started)
+
     @contextlib.contextmanager
     def _writing(self):
         with self._writer, self.lock.write():
@@ -423,7 +440,7 @@ class VectorCollection:
         vectors = np.asarray(vectors, np.float32)
         self._check_vectors(ids, vectors)
         with self._writing():
-            self._wal.append(wal.encode(wal.UPSERT, list(ids), vectors))
+            self._log(wal.encode(wal.UPSERT, list(ids), vectors))
             return self._apply_upsert(ids, vectors)
 
     def delete(self, ids: Sequence[str]) -> int:
@@ -431,7 +448,7 @@ class VectorCollection:
         with self._writing():
             present = [item_id for item_id in ids if item_id in self._s.slot]
             if present:
-                self._wal.append(wal.encode(wal.DELETE, present))
+                self._log(wal.encode(wal.DELETE, present))
             return self._apply_delete(present)
 
     def has(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -2,7 +2,8 @@
 
 import dataclasses
 
-from convsearch.config import check_positive, option, parse_config
+from convsearch.config import check_port, check_positive, option, parse_config
+from convsearch.logs import LOG_FORMATS, check_log_format
 
 
 @dataclasses.dataclass(frozen=True)
@@ -11,6 +12,8 @@ class IndexConfig:
 
     host: str = option("0.0.0.0", "interface to listen on")
     port: int = option(50053, "gRPC port; 0 picks a free one")
+    metrics_port: int = option(9053, "Prometheus /metrics port; 0 picks a free one, -1 disables")
+    log_format: str = option("text", f"log lines as {' or '.join(LOG_FORMATS)} (JSON: one object a line)")
     data_dir: str = option("./data/index", "where datasets, items, vectors and snapshots live")
     checkpoint_interval_s: float = option(60.0, "seconds between checkpoints of collections with new writes")
     fsync: bool = option(True, "fsync every write before answering (turn off only for throwaway data)")
@@ -25,8 +28,9 @@ class IndexConfig:
         """Raises ValueError for values the service cannot run with."""
         for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers"):
             check_positive(getattr(self, name), name)
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
+        check_port(self.port, "port")
+        check_port(self.metrics_port, "metrics_port", disabled_ok=True)
+        check_log_format(self.log_format)
 
 
 def load_config(argv=None) -> IndexConfig:

@@ -28,7 +28,7 @@ import numpy as np
 
 from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 from convsearch.naming import collection_name
-from convsearch_index.collection import VectorCollection, VectorSpec, install_checkpoint
+from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
 from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_digest
 from convsearch_index.rwlock import RWLock
@@ -102,10 +102,12 @@ def check_ids(ids: Sequence[str], what: str = "item id") -> None:
 class Index:
     """Everything the index service keeps, under one data directory."""
 
-    def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True):
+    def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True,
+                 timings: Timings | None = None):
         self.data_dir = data_dir
         self.limits = limits
         self.fsync = fsync
+        self.timings = timings or Timings()  # of every collection's log appends and checkpoints
         data_dir.mkdir(parents=True, exist_ok=True)
         (data_dir / "collections").mkdir(exist_ok=True)
         (data_dir / "snapshots").mkdir(exist_ok=True)
@@ -146,7 +148,8 @@ class Index:
         directory = self.data_dir / relative
         info = CollectionInfo(dataset, key, vector_spec, directory, None, spec.get("weights", ""))
         try:
-            info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}")
+            info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}",
+                                            self.timings)
         except DataLoss as exc:
             info.damage = (
                 f"collection {key.name!r} of dataset {dataset!r} is damaged: {exc}. Its files are kept as they "
@@ -287,6 +290,11 @@ class Index:
     def collections(self, dataset: str) -> list[CollectionInfo]:
         self._require_dataset(dataset)
         return sorted(self._dataset_collections(dataset), key=lambda info: info.key.name)
+
+    def all_collections(self) -> list[CollectionInfo]:
+        """Every collection of every dataset, damaged ones too."""
+        with self._meta:
+            return list(self._collections.values())
 
     def _drop_collection(self, dataset: str, name: str) -> None:
         info = self._collections.pop((dataset, name))

@@ -7,9 +7,11 @@ import threading
 from convsearch.errors import FailedPrecondition
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.logs import setup_logging
+from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server
 from convsearch_index.config import IndexConfig, load_config
 from convsearch_index.engine import Index, Limits
+from convsearch_index.metrics import CollectionsCollector, durability_timings
 from convsearch_index.servicer import IndexServicer
 
 SERVICE_NAME = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
@@ -39,6 +41,7 @@ class _IndexService(RunningService):
                 log.exception("periodic checkpoint failed")
 
     def stop(self, grace_s: float = 5.0) -> None:
+        self.begin_stop()
         self._stopping.set()
         if self._checkpointer.is_alive():
             self._checkpointer.join()
@@ -46,33 +49,37 @@ class _IndexService(RunningService):
 
 
 def build_server(config: IndexConfig) -> tuple[RunningService, int]:
-    """Builds the index's server on config.port (0 picks one); returns it and its port."""
+    """Builds the index's server on config.port (0 picks one) and its metrics endpoint on
+    config.metrics_port; returns it and its port."""
+    registry = metrics_registry()
     try:
-        index = Index(pathlib.Path(config.data_dir),
-                      Limits(config.max_k, config.max_queries, config.exact_below), config.fsync)
+        index = Index(pathlib.Path(config.data_dir), Limits(config.max_k, config.max_queries, config.exact_below),
+                      config.fsync, durability_timings(registry))
     except FailedPrecondition as exc:
         raise SystemExit(str(exc)) from None
-    server = create_server(config.rpc_workers, config.max_message_mb)
+    registry.register(CollectionsCollector(index))
+    server = create_server(config.rpc_workers, config.max_message_mb, [RpcObserver("index", registry)])
     index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(index), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
         port = bind(server, config.host, config.port)
+        service = _IndexService(index, config.checkpoint_interval_s, server, health, [SERVICE_NAME], log,
+                                on_stop=index.close, metrics_registry=registry, metrics_port=config.metrics_port,
+                                metrics_host=config.host)
     except SystemExit:
         index.close()
         raise
-    service = _IndexService(index, config.checkpoint_interval_s, server, health, [SERVICE_NAME], log,
-                            on_stop=index.close)
     return service, port
 
 
 def main(argv=None) -> None:
     """Runs the index until SIGTERM or SIGINT, then checkpoints."""
-    setup_logging("convsearch.index")
     config = load_config(argv)
+    setup_logging("convsearch.index", config.log_format)
     service, port = build_server(config)
     service.start()
-    log.info("index listening on %s:%d (data dir %s, checkpoint every %.0fs)", config.host, port,
-             config.data_dir, config.checkpoint_interval_s)
+    log.info("index listening on %s:%d (data dir %s, checkpoint every %.0fs, metrics port %d)", config.host, port,
+             config.data_dir, config.checkpoint_interval_s, service.metrics_port)
     service.run_until_signalled(config.grace_s)
 
 

@@ -1,0 +1,32 @@
+"""Weights fingerprints: which weights made a collection's vectors, so that vectors of different
+weights are never mixed in a collection or compared with each other.
+
+A fingerprint is "sha256:" and the first 16 hex digits of the SHA-256 of the weights file, or
+RANDOM for random weights. Collections made before fingerprints were kept have UNKNOWN.
+"""
+
+import hashlib
+import pathlib
+
+RANDOM = "random"
+UNKNOWN = ""
+_CHUNK = 1 << 20
+
+
+def fingerprint(path: pathlib.Path) -> str:
+    """The fingerprint of a weights file (reads all of it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def is_pretrained(weights: str) -> bool:
+    """True for the fingerprint of a weights file; False for random or unknown weights."""
+    return weights not in (RANDOM, UNKNOWN)
+
+
+def describe(weights: str) -> str:
+    """The fingerprint as a person reads it in a message."""
+    return weights or "unknown (recorded before weights were fingerprinted)"

@@ -1,0 +1,536 @@
+"""The Kubernetes manifests in deploy/kubernetes: schema-valid, and right where a reviewer would look.
+
+Every overlay is rendered as kustomize renders it, then each object is validated offline against
+Kubernetes' own schemas (kubernetes-validate, strict: an unknown field fails). Rendering uses a
+small renderer here that knows only what the manifests use (resources, strategic-merge patches,
+images) and refuses anything else; where a real kustomize is at hand (`kustomize`, or
+`kubectl kustomize`, on PATH or named by CONVSEARCH_KUSTOMIZE), the test also renders with it and
+checks that both agree, so the renderer cannot drift from kustomize unnoticed.
+"""
+
+import copy
+import functools
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+KUBERNETES_VERSION = "1.37.0"  # the newest that kubernetes-validate 1.37 bundles schemas for
+RENDERINGS = ["base", "overlays/cpu", "overlays/gpu"]
+COMPONENTS = ("gateway", "extractor", "index")
+GRPC_PORT = {"gateway": 50051, "extractor": 50052, "index": 50053}
+METRICS_PORT = {"gateway": 9051, "extractor": 9052, "index": 9053}
+READINESS_NAME = {
+    "gateway": "convsearch.gateway.v1.GatewayService",
+    "extractor": "convsearch.extractor.v1.ExtractorService",
+    "index": "convsearch.index.v1.IndexService",
+}
+LIVENESS_NAME = "liveness"
+CONFIG_MAP = "convsearch-config"
+DEFAULT_GRACE_S = 10.0
+
+
+# --- rendering ---------------------------------------------------------------------------------
+
+# List fields that a strategic-merge patch merges item by item (by this key) instead of replacing;
+# the patchMergeKey of Kubernetes' own types for every list the manifests patch.
+_MERGE_KEYS = {"containers": "name", "initContainers": "name", "env": "name", "volumes": "name",
+               "volumeMounts": "mountPath", "imagePullSecrets": "name"}
+_SUPPORTED_KUSTOMIZATION_KEYS = {"apiVersion", "kind", "resources", "patches", "images"}
+
+
+def _load_all(path: pathlib.Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _key(doc: dict) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def _merge_key(field: str, items: list) -> str | None:
+    if field == "ports":  # containers' ports merge by containerPort, a Service's by port
+        return "containerPort" if any("containerPort" in item for item in items) else "port"
+    return _MERGE_KEYS.get(field)
+
+
+def strategic_merge(target: dict, patch: dict) -> None:
+    """Applies a strategic-merge patch to `target` in place (the subset kustomize uses here)."""
+    for field, value in patch.items():
+        if field.startswith("$"):
+            raise NotImplementedError(f"patch directive {field} is not supported by this renderer")
+        if value is None:
+            target.pop(field, None)
+        elif isinstance(value, dict) and isinstance(target.get(field), dict):
+            strategic_merge(target[field], value)
+        elif isinstance(value, list) and isinstance(target.get(field), list) and _merge_key(field, value):
+            key = _merge_key(field, value)
+            for item in value:
+                match = [old for old in target[field] if old.get(key) == item.get(key)]
+                if match:
+                    strategic_merge(match[0], item)
+                else:
+                    target[field].append(copy.deepcopy(item))
+        else:
+            target[field] = copy.deepcopy(value)
+
+
+def _set_images(doc: dict, images: list[dict]) -> None:
+    spec = doc.get("spec", {}).get("template", {}).get("spec", {})
+    for container in spec.get("containers", []) + spec.get("initContainers", []):
+        name, _, tag = container["image"].partition(":")
+        for image in images:
+            if image["name"] == name:
+                container["image"] = f"{image.get('newName', name)}:{image.get('newTag', tag)}"
+
+
+def build(directory: pathlib.Path) -> list[dict]:
+    """Renders the kustomization in `directory` as `kustomize build` would (the subset used here)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    unknown = set(kustomization) - _SUPPORTED_KUSTOMIZATION_KEYS
+    if unknown:
+        raise NotImplementedError(f"{directory}: this renderer does not know {sorted(unknown)}")
+    docs: list[dict] = []
+    for resource in kustomization.get("resources", []):
+        path = directory / resource
+        docs += build(path) if path.is_dir() else _load_all(path)
+    keys = [_key(doc) for doc in docs]
+    duplicates = {key for key in keys if keys.count(key) > 1}
+    if duplicates:
+        raise ValueError(f"{directory}: objects defined twice: {sorted(duplicates)}")
+    for entry in kustomization.get("patches", []):
+        if set(entry) != {"path"}:
+            raise NotImplementedError(f"{directory}: only `patches: - path: FILE` is supported, got {entry}")
+        for patch in _load_all(directory / entry["path"]):
+            targets = [doc for doc in docs if _key(doc) == _key(patch) and doc["apiVersion"] == patch["apiVersion"]]
+            if len(targets) != 1:
+                raise ValueError(f"{directory}: patch {entry['path']} names {_key(patch)}, which is not there")
+            strategic_merge(targets[0], patch)
+    for doc in docs:
+        _set_images(doc, kustomization.get("images", []))
+    return docs
+
+
+@functools.cache
+def _render_with_renderer(folder: str) -> tuple[dict, ...]:
+    return tuple(build(ROOT / folder))
+
+
+def _kustomize_command() -> list[str] | None:
+    """A kustomize (v4 or newer) that runs here: CONVSEARCH_KUSTOMIZE, `kustomize` or `kubectl`."""
+    installed = ROOT.parents[1] / ".tools" / "bin" / "kubectl"  # put there by scripts/setup.sh
+    for candidate in (os.environ.get("CONVSEARCH_KUSTOMIZE"), str(installed) if installed.exists() else None,
+                      shutil.which("kustomize"), shutil.which("kubectl")):
+        if not candidate:
+            continue
+        is_kubectl = "kubectl" in pathlib.Path(candidate).name
+        version_cmd = [candidate, "version", "--client"] if is_kubectl else [candidate, "version"]
+        try:
+            out = subprocess.run(version_cmd, capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        found = re.search(r"Kustomize Version: v(\d+)" if is_kubectl else r"v(\d+)\.\d+", out)
+        if found and int(found.group(1)) >= 4:
+            return [candidate, "kustomize"] if is_kubectl else [candidate, "build"]
+    return None
+
+
+@functools.cache
+def _kustomize() -> tuple[str, ...] | None:
+    command = _kustomize_command()
+    return tuple(command) if command else None
+
+
+@functools.cache
+def _render_with_kustomize(folder: str) -> tuple[dict, ...]:
+    command = _kustomize()
+    result = subprocess.run([*command, str(ROOT / folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{' '.join(command)} {folder} failed:\n{result.stderr}"
+    return tuple(doc for doc in yaml.safe_load_all(result.stdout) if doc is not None)
+
+
+def render(folder: str) -> list[dict]:
+    """The objects `kubectl apply -k deploy/kubernetes/<folder>` would create (a fresh copy)."""
+    return copy.deepcopy(list(_render_with_renderer(folder)))
+
+
+def validate(doc: dict) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+# --- helpers for the checks --------------------------------------------------------------------
+
+def workloads(docs: list[dict]) -> dict[str, dict]:
+    """Deployments and StatefulSets by component (app.kubernetes.io/component of the pod)."""
+    found = {}
+    for doc in docs:
+        if doc["kind"] in ("Deployment", "StatefulSet"):
+            component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
+            assert component not in found, f"two workloads for {component}"
+            found[component] = doc
+    return found
+
+
+def pod_spec(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]
+
+
+def only_container(workload: dict) -> dict:
+    containers = pod_spec(workload)["containers"]
+    assert len(containers) == 1, [c["name"] for c in containers]
+    return containers[0]
+
+
+def by_kind(docs: list[dict], kind: str) -> dict[str, dict]:
+    return {doc["metadata"]["name"]: doc for doc in docs if doc["kind"] == kind}
+
+
+def config(docs: list[dict]) -> dict[str, str]:
+    return by_kind(docs, "ConfigMap")[CONFIG_MAP]["data"]
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    assert set(selector) <= {"matchLabels"}, f"only matchLabels selectors are checked here: {selector}"
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def quantity(value) -> float:
+    """A Kubernetes quantity as a number (cores or bytes)."""
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 1e3, "M": 1e6, "G": 1e9}
+    match = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(value))
+    assert match and (match.group(2) in units or not match.group(2)), f"unreadable quantity {value!r}"
+    return float(match.group(1)) * units.get(match.group(2), 1)
+
+
+# --- validation --------------------------------------------------------------------------------
+
+def test_overlays_are_cpu_and_gpu():
+    overlays = {path.parent.name for path in (ROOT / "overlays").glob("*/kustomization.yaml")}
+    assert overlays == {"cpu", "gpu"}
+    assert [f"overlays/{name}" for name in sorted(overlays)] == RENDERINGS[1:]
+
+
+def test_every_base_resource_file_validates():
+    kustomization = yaml.safe_load((ROOT / "base" / "kustomization.yaml").read_text())
+    for resource in kustomization["resources"]:
+        for doc in _load_all(ROOT / "base" / resource):
+            validate(doc)
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_rendering_validates_against_kubernetes_schemas(folder):
+    docs = render(folder)
+    assert len(docs) >= 10
+    for doc in docs:
+        try:
+            validate(doc)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            pytest.fail(f"{folder}: {doc['kind']}/{doc['metadata']['name']} at {path}: {exc.message}")
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_renderer_agrees_with_kustomize(folder):
+    if _kustomize() is None:
+        pytest.skip("no kustomize v4+ here (kustomize or kubectl on PATH, or CONVSEARCH_KUSTOMIZE)")
+    ours = {_key(doc): _unordered(doc) for doc in render(folder)}
+    theirs = {_key(doc): _unordered(doc) for doc in _render_with_kustomize(folder)}
+    assert sorted(ours) == sorted(theirs)
+    for key, doc in ours.items():
+        assert doc == theirs[key], f"{folder}: {key} differs from kustomize's rendering"
+
+
+def _unordered(value, field: str = ""):
+    """`value` with merge-keyed lists sorted by key (kustomize may move a patched item first)."""
+    if isinstance(value, dict):
+        return {k: _unordered(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        items = [_unordered(item) for item in value]
+        key = _merge_key(field, items) if all(isinstance(item, dict) for item in items) else None
+        return sorted(items, key=lambda item: str(item.get(key))) if key else items
+    return value
+
+
+def test_validation_rejects_broken_manifests():
+    deployment = by_kind(render("base"), "Deployment")["convsearch-gateway"]
+    misspelt = copy.deepcopy(deployment)
+    container = only_container(misspelt)
+    container["readinesProbe"] = container.pop("readinessProbe")  # an unknown field
+    wrong_type = copy.deepcopy(deployment)
+    wrong_type["spec"]["replicas"] = "two"
+    bad_probe = copy.deepcopy(deployment)
+    only_container(bad_probe)["livenessProbe"]["grpc"]["port"] = "grpc"  # grpc probes take a number
+    for broken in (misspelt, wrong_type, bad_probe):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            validate(broken)
+
+
+def test_renderer_refuses_what_it_cannot_render_faithfully(tmp_path):
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "patch.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\npatches: [{path: patch.yaml}]\n")
+    with pytest.raises(ValueError, match="not there"):
+        build(tmp_path)
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\nnamePrefix: x-\n")
+    with pytest.raises(NotImplementedError, match="namePrefix"):
+        build(tmp_path)
+    with pytest.raises(NotImplementedError):
+        strategic_merge({"a": [1]}, {"$patch": "replace"})
+
+
+def test_strategic_merge_merges_lists_by_key_and_replaces_others():
+    target = {"containers": [{"name": "a", "image": "x", "args": ["1"]}], "tolerations": [{"key": "k"}]}
+    strategic_merge(target, {"containers": [{"name": "a", "args": ["2"]}, {"name": "b"}],
+                             "tolerations": [{"key": "n"}]})
+    assert target == {"containers": [{"name": "a", "image": "x", "args": ["2"]}, {"name": "b"}],
+                      "tolerations": [{"key": "n"}]}
+
+
+# --- what a reviewer reads for -----------------------------------------------------------------
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_objects_are_the_expected_ones(folder):
+    kinds = sorted(_key(doc) for doc in render(folder))
+    expected = [("ConfigMap", CONFIG_MAP)]
+    for component in COMPONENTS:
+        name = f"convsearch-{component}"
+        expected += [("Service", name), ("NetworkPolicy", name)]
+        expected += [("StatefulSet", name)] if component == "index" else [
+            ("Deployment", name), ("HorizontalPodAutoscaler", name)]
+    expected.append(("PodDisruptionBudget", "convsearch-gateway"))
+    assert kinds == sorted(expected)
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_every_container_has_grpc_startup_readiness_and_liveness_probes(folder):
+    for component, workload in workloads(render(folder)).items():
+        container = only_container(workload)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert ports == {"grpc": GRPC_PORT[component], "metrics": METRICS_PORT[component]}
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[kind]
+            assert not {"exec", "httpGet", "tcpSocket"} & set(probe), f"{component} {kind}: grpc only"
+            assert probe["grpc"]["port"] == GRPC_PORT[component], f"{component} {kind}"
+        assert container["readinessProbe"]["grpc"]["service"] == READINESS_NAME[component]
+        assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_NAME
+        startup = container["startupProbe"]
+        assert startup["grpc"]["service"] in (READINESS_NAME[component], LIVENESS_NAME)
+        if component in ("extractor", "index"):  # loading a model / replaying the log takes a while
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, component
+
+
+def test_gateway_is_never_restarted_for_its_backends():
+    # GatewayService follows the extractor and index: a gateway that restarted whenever they are
+    # down would only add to an outage. It gates traffic (readiness), nothing else.
+    gateway = only_container(workloads(render("base"))["gateway"])
+    assert gateway["readinessProbe"]["grpc"]["service"] == READINESS_NAME["gateway"]
+    for kind in ("livenessProbe", "startupProbe"):
+        assert gateway[kind]["grpc"]["service"] == LIVENESS_NAME
+        assert not gateway[kind]["grpc"]["service"].startswith(READINESS_NAME["gateway"])
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_every_container_has_requests_and_limits(folder):
+    for component, workload in workloads(render(folder)).items():
+        resources = only_container(workload)["resources"]
+        for resource in ("cpu", "memory"):
+            request, limit = resources["requests"][resource], resources["limits"][resource]
+            assert quantity(request) <= quantity(limit), f"{component} {resource}: {request} > {limit}"
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_every_container_runs_locked_down_as_non_root(folder):
+    for component, workload in workloads(render(folder)).items():
+        pod = pod_spec(workload)
+        security = {**pod.get("securityContext", {}), **only_container(workload)["securityContext"]}
+        assert security["runAsNonRoot"] is True, component
+        assert security["runAsUser"] == 10001, component
+        assert security["readOnlyRootFilesystem"] is True, component
+        assert security["allowPrivilegeEscalation"] is False, component
+        assert security["capabilities"]["drop"] == ["ALL"], component
+        assert not security["capabilities"].get("add"), component
+        assert security["seccompProfile"] == {"type": "RuntimeDefault"}, component
+        assert pod.get("automountServiceAccountToken") is False, component
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), component
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_no_service_links_that_would_read_as_flags(folder):
+    # A Service named convsearch-gateway would give every pod CONVSEARCH_GATEWAY_PORT=tcp://...,
+    # which the gateway reads as its --port flag and refuses.
+    for component, workload in workloads(render(folder)).items():
+        assert pod_spec(workload)["enableServiceLinks"] is False, component
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_volumes_tmp_everywhere_data_for_the_index_weights_for_the_extractor(folder):
+    docs = render(folder)
+    for component, workload in workloads(docs).items():
+        volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
+        mounts = {m["mountPath"]: m["name"] for m in only_container(workload)["volumeMounts"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]], f"{component}: /tmp must be an emptyDir"
+    index = workloads(docs)["index"]
+    claims = [t["metadata"]["name"] for t in index["spec"]["volumeClaimTemplates"]]
+    assert index["spec"]["replicas"] == 1
+    assert index["spec"]["serviceName"] == "convsearch-index"
+    assert {m["mountPath"]: m["name"] for m in only_container(index)["volumeMounts"]}["/data"] in claims
+    assert config(docs)["CONVSEARCH_INDEX_DATA_DIR"] == "/data"
+    extractor = workloads(docs)["extractor"]
+    mounts = {m["mountPath"]: m for m in only_container(extractor)["volumeMounts"]}
+    assert mounts["/weights"]["name"] in {v["name"] for v in pod_spec(extractor)["volumes"]}
+    assert config(docs)["CONVSEARCH_EXTRACTOR_WEIGHTS_DIR"] == "/weights"
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_termination_grace_outlasts_the_drain(folder):
+    docs = render(folder)
+    minimum = {"gateway": 30, "extractor": 30, "index": 60}
+    for component, workload in workloads(docs).items():
+        pod = pod_spec(workload)
+        grace_s = float(config(docs).get(f"CONVSEARCH_{component.upper()}_GRACE_S", DEFAULT_GRACE_S))
+        pre_stop = only_container(workload).get("lifecycle", {}).get("preStop", {})
+        pause_s = pre_stop.get("sleep", {}).get("seconds", 0)
+        assert pod["terminationGracePeriodSeconds"] >= minimum[component], component
+        assert pod["terminationGracePeriodSeconds"] > grace_s + pause_s, component
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_services_select_their_pods_on_named_ports(folder):
+    docs = render(folder)
+    found = workloads(docs)
+    services = by_kind(docs, "Service")
+    for component, workload in found.items():
+        service = services[f"convsearch-{component}"]
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert selects({"matchLabels": service["spec"]["selector"]}, labels), component
+        assert selects(workload["spec"]["selector"], labels), component
+        names = {p["name"] for p in only_container(workload)["ports"]}
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ports["grpc"]["port"] == GRPC_PORT[component]
+        assert all(p["targetPort"] in names for p in ports.values()), component
+        headless = service["spec"].get("clusterIP") == "None"
+        assert headless == (component != "gateway"), f"{component}: headless is {headless}"
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_autoscalers_target_existing_workloads_by_cpu(folder):
+    docs = render(folder)
+    hpas = by_kind(docs, "HorizontalPodAutoscaler")
+    assert set(hpas) == {"convsearch-gateway", "convsearch-extractor"}
+    for hpa in hpas.values():
+        assert hpa["apiVersion"] == "autoscaling/v2"
+        target = hpa["spec"]["scaleTargetRef"]
+        matches = [doc for doc in docs if doc["kind"] == target["kind"]
+                   and doc["metadata"]["name"] == target["name"] and doc["apiVersion"] == target["apiVersion"]]
+        assert len(matches) == 1, f"{hpa['metadata']['name']} targets {target}, which is not rendered"
+        assert [m["resource"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Resource"] == ["cpu"]
+        assert 1 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
+        assert only_container(matches[0])["resources"]["requests"]["cpu"], "utilisation needs a CPU request"
+
+
+def test_gateway_disruption_budget_leaves_a_gateway_up():
+    docs = render("base")
+    budget = by_kind(docs, "PodDisruptionBudget")["convsearch-gateway"]
+    gateway = workloads(docs)["gateway"]
+    assert selects(budget["spec"]["selector"], gateway["spec"]["template"]["metadata"]["labels"])
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["convsearch-gateway"]
+    assert 1 <= budget["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
+    docs = render(folder)
+    found = workloads(docs)
+    policies = by_kind(docs, "NetworkPolicy")
+    gateway_labels = found["gateway"]["spec"]["template"]["metadata"]["labels"]
+    for component, workload in found.items():
+        policy = policies[f"convsearch-{component}"]
+        assert selects(policy["spec"]["podSelector"], workload["spec"]["template"]["metadata"]["labels"])
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        rules = {port["port"]: rule for rule in policy["spec"]["ingress"] for port in rule["ports"]}
+        assert set(rules) == {GRPC_PORT[component], METRICS_PORT[component]}, component
+        grpc_rule, metrics_rule = rules[GRPC_PORT[component]], rules[METRICS_PORT[component]]
+        if component == "gateway":
+            assert "from" not in grpc_rule  # the API is for any client
+        else:
+            assert grpc_rule["ports"] == [{"port": GRPC_PORT[component], "protocol": "TCP"}]
+            assert len(grpc_rule["from"]) == 1 and set(grpc_rule["from"][0]) == {"podSelector"}, component
+            assert selects(grpc_rule["from"][0]["podSelector"], gateway_labels), component
+        assert metrics_rule["from"], f"{component}: metrics open to everyone"
+        for peer in metrics_rule["from"]:
+            assert peer.get("podSelector", {}).get("matchLabels"), f"{component}: metrics peers need a pod label"
+            assert "ipBlock" not in peer
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_flags_come_from_the_config_map(folder):
+    docs = render(folder)
+    data = config(docs)
+    services = by_kind(docs, "Service")
+    assert all(re.fullmatch(r"CONVSEARCH_(GATEWAY|EXTRACTOR|INDEX)_[A-Z0-9_]+", key) for key in data), sorted(data)
+    assert all(isinstance(value, str) for value in data.values())
+    assert not [key for key in data if "THREAD" in key], "thread counts come from the CPU limit"
+    extractor_address = data["CONVSEARCH_GATEWAY_EXTRACTOR"]
+    assert extractor_address == "dns:///convsearch-extractor:50052"
+    assert services["convsearch-extractor"]["spec"]["clusterIP"] == "None"
+    index_address = data["CONVSEARCH_GATEWAY_INDEX"]
+    assert index_address in ("convsearch-index-0.convsearch-index:50053", "dns:///convsearch-index:50053")
+    assert data["CONVSEARCH_EXTRACTOR_MAX_CONNECTION_AGE_S"] == "30"
+    for component, workload in workloads(docs).items():
+        container = only_container(workload)
+        assert {"configMapRef": {"name": CONFIG_MAP}} in container["envFrom"], component
+        for variable in container.get("env", []):
+            assert not variable["name"].startswith("CONVSEARCH_"), "flags belong in the ConfigMap"
+            assert "THREADS" not in variable["name"], "thread counts come from the CPU limit"
+        prefix = f"CONVSEARCH_{component.upper()}_"
+        assert data[prefix + "LOG_FORMAT"] == "json"
+        assert data[prefix + "METRICS_PORT"] == str(METRICS_PORT[component])
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_metrics_ports_are_named_and_annotated_for_prometheus(folder):
+    for component, workload in workloads(render(folder)).items():
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        ports = {p["name"]: p["containerPort"] for p in only_container(workload)["ports"]}
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(ports["metrics"]) == str(METRICS_PORT[component])
+        assert annotations["prometheus.io/path"] == "/metrics"
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_images(folder):
+    for component, workload in workloads(render(folder)).items():
+        image = only_container(workload)["image"]
+        tag = "0.1.0-cuda" if (component, folder) == ("extractor", "overlays/gpu") else "0.1.0"
+        assert image == f"convsearch/{component}:{tag}"
+
+
+def test_cpu_overlay_sizes_the_extractor_for_cpu():
+    docs = render("overlays/cpu")
+    extractor = workloads(docs)["extractor"]
+    resources = only_container(extractor)["resources"]
+    assert config(docs)["CONVSEARCH_EXTRACTOR_DEVICE"] == "cpu"
+    assert quantity(resources["limits"]["cpu"]) >= 2
+    assert "nvidia.com/gpu" not in resources["limits"]
+    assert not pod_spec(extractor).get("nodeSelector") and not pod_spec(extractor).get("tolerations")
+
+
+def test_gpu_overlay_puts_the_extractor_on_a_gpu_node():
+    docs = render("overlays/gpu")
+    extractor = workloads(docs)["extractor"]
+    pod = pod_spec(extractor)
+    resources = only_container(extractor)["resources"]
+    assert config(docs)["CONVSEARCH_EXTRACTOR_DEVICE"] == "cuda"
+    assert int(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert quantity(resources["limits"]["cpu"]) >= 1
+    assert pod["nodeSelector"]
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+    # the overlay changes the extractor alone
+    base = {_key(doc): doc for doc in render("base")}
+    changed = {_key(doc) for doc in docs if doc != base[_key(doc)]}
+    assert changed == {("Deployment", "convsearch-extractor"), ("ConfigMap", CONFIG_MAP)}
