@@ -25,15 +25,26 @@ def channel_target(addresses: str) -> str:
     return "ipv4:" + ",".join(part.replace("localhost:", "127.0.0.1:") for part in parts)
 
 
-def create_channel(address: str, max_message_mb: int = 64) -> grpc.Channel:
-    """An insecure channel to `address` (see `channel_target`), balanced round_robin, with retries."""
+def create_channel(address: str, max_message_mb: int = 64, credentials: grpc.ChannelCredentials | None = None,
+                   server_name: str = "") -> grpc.Channel:
+    """A channel to `address` (see `channel_target`), balanced round_robin, with retries.
+
+    Plaintext without `credentials` (see convsearch.tls.channel_credentials); with them, TLS, the
+    server's certificate matching the host name of the address, or `server_name` when given (for
+    addresses by IP whose certificates name a host).
+    """
     limit = max_message_mb * MIB
-    return grpc.insecure_channel(channel_target(address), options=[
+    options = [
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.service_config", _SERVICE_CONFIG),
         ("grpc.enable_retries", 1),
-    ])
+    ]
+    if credentials is None:
+        return grpc.insecure_channel(channel_target(address), options=options)
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(channel_target(address), credentials, options=options)
 
 
 def wait_until_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 60.0) -> None:

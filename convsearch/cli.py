@@ -13,13 +13,16 @@ import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 
+from convsearch.api_keys import ENV_API_KEY, ROLES, key_line, new_key
 from convsearch.channels import create_channel, wait_until_serving
 from convsearch.client import Client
 from convsearch.embedding import Configuration
 from convsearch.errors import ConvsearchError, NotFound, Unavailable
 from convsearch.local import GATEWAY, LocalStack
+from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, TLSError, client_credentials
 
 FASHION200 = pathlib.Path(__file__).resolve().parent.parent / "datasets" / "fashion200"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -129,6 +132,11 @@ def search_rows(result) -> list[dict]:
 
 
 # ---- commands ----------------------------------------------------------------------------
+
+def tls_options(args) -> dict:
+    """The Client's TLS arguments from the top-level flags (None: the environment variable)."""
+    return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
+
 
 def cmd_up(args) -> int:
     data_dir = pathlib.Path(args.data_dir)
@@ -304,6 +312,28 @@ def cmd_delete_collection(args, client: Client) -> int:
     return 0
 
 
+def cmd_snapshot(args, client: Client) -> int:
+    """`snapshot create|list|restore|delete`: the index's snapshots of datasets (admin only)."""
+    if args.snapshot_command == "create":
+        snapshot, deleted = client.snapshot(args.dataset)
+        emit(args, {"snapshot": snapshot, "deleted": deleted},
+             [{"snapshot": snapshot.name, "dataset": snapshot.dataset, "bytes": snapshot.size_bytes,
+               "deleted": ", ".join(deleted)}], ["snapshot", "dataset", "bytes", "deleted"])
+    elif args.snapshot_command == "list":
+        snapshots = client.snapshots(args.dataset)
+        emit(args, snapshots, [{"snapshot": s.name, "dataset": s.dataset, "bytes": s.size_bytes,
+                                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created_at))}
+                               for s in snapshots], ["snapshot", "dataset", "bytes", "created"])
+    elif args.snapshot_command == "restore":
+        dataset = client.restore(args.snapshot, args.dataset)
+        emit(args, dataset, [{"dataset": dataset.name, "items": dataset.item_count,
+                              "collections": dataset.collection_count}], ["dataset", "items", "collections"])
+    else:
+        client.delete_snapshot(args.snapshot)
+        emit(args, {"deleted": args.snapshot}, [{"deleted": args.snapshot}], ["deleted"])
+    return 0
+
+
 def demo(client: Client) -> int:
     config = Configuration(DEMO_MODEL)
     print(f"ingesting fashion200 (Fashion-MNIST, 10 classes x 20) from {FASHION200} ...")
@@ -335,7 +365,7 @@ def demo(client: Client) -> int:
 
 
 def cmd_demo(args) -> int:
-    channel = create_channel(args.gateway)
+    channel = create_channel(args.gateway, credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
     try:
         wait_until_serving(channel, GATEWAY, timeout_s=1.0)
         running = True
@@ -344,11 +374,11 @@ def cmd_demo(args) -> int:
     finally:
         channel.close()
     if running and not args.fresh:
-        with Client(args.gateway) as client:
+        with Client(args.gateway, **tls_options(args), api_key=args.api_key) as client:
             return demo(client)
     print("starting extractor, index and gateway for the demo ...", flush=True)
     with tempfile.TemporaryDirectory() as data_dir, LocalStack(pathlib.Path(data_dir)) as stack:
-        with Client(stack.gateway) as client:
+        with Client(stack.gateway, tls_ca="", tls_cert="", tls_key="") as client:  # a local plaintext stack
             return demo(client)
 
 
@@ -358,6 +388,11 @@ def parser() -> argparse.ArgumentParser:
     top = argparse.ArgumentParser(prog="convsearch", description="ConvNet Search: semantic image search with CNNs.")
     top.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
     top.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
+    top.add_argument("--tls-ca", help=f"PEM CA to verify the server's certificate with: TLS (env {ENV_CA})")
+    top.add_argument("--tls-cert", help=f"PEM client certificate for mutual TLS (env {ENV_CERT})")
+    top.add_argument("--tls-key", help=f"PEM private key of --tls-cert (env {ENV_KEY})")
+    top.add_argument("--api-key", help=f"API key the gateway asks for, sent as `authorization: Bearer KEY` "
+                                      f"(env {ENV_API_KEY})")
     commands = top.add_subparsers(dest="command", required=True)
 
     up = commands.add_parser("up", help="run extractor, index and gateway locally until Ctrl-C")
@@ -379,6 +414,16 @@ def parser() -> argparse.ArgumentParser:
                                   "weights")
     delete_collection.add_argument("--dataset", required=True)
     delete_collection.add_argument("collection", help="its name, as GetDataset lists it: model/layer/pooling/metric")
+
+    snapshot = commands.add_parser("snapshot", help="snapshots of datasets on the index server (admin)")
+    snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True)
+    snapshot_commands.add_parser("create", help="write a snapshot of a dataset").add_argument("dataset")
+    snapshot_commands.add_parser("list", help="the snapshots kept, oldest first").add_argument(
+        "dataset", nargs="?", default="", help="only this dataset's (default: all)")
+    restore = snapshot_commands.add_parser("restore", help="restore a snapshot as a new dataset")
+    restore.add_argument("snapshot")
+    restore.add_argument("--dataset", required=True, help="name of the new dataset")
+    snapshot_commands.add_parser("delete", help="delete a snapshot").add_argument("snapshot")
 
     ingest = commands.add_parser("ingest", help="store a folder (sub-folders are labels) or a CSV manifest")
     ingest.add_argument("path")
@@ -430,6 +475,18 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=int, default=8)
     inspect.add_argument("--out", required=True, help="folder for the PNG files")
 
+    api_key = commands.add_parser("api-key", help="make an API key and its line for the gateway's --api-keys file")
+    api_key_commands = api_key.add_subparsers(dest="api_key_command", required=True)
+    make_key = api_key_commands.add_parser("new", help="a fresh key (printed once) and the line that admits it")
+    hashed = api_key_commands.add_parser("hash", help="the line that admits an existing key (read from stdin)")
+    for command in (make_key, hashed):
+        command.add_argument("--role", required=True, choices=ROLES,
+                             help="read: search and look; write: also ingest, index, delete items; "
+                                  "admin: also create and delete datasets and collections")
+        command.add_argument("--datasets", default="", help="comma-separated datasets it may touch (default: all)")
+        command.add_argument("--comment", default="", help="a note kept on the line, e.g. who holds the key")
+        command.add_argument("--append", metavar="FILE", help="append the line to this keys file")
+
     health = commands.add_parser("health", help="ask any service's grpc.health.v1 (exit 0 when SERVING)")
     health.add_argument("address", help="host:port of a gateway, extractor or index")
     health.add_argument("service", nargs="?", default="",
@@ -442,12 +499,34 @@ def parser() -> argparse.ArgumentParser:
     return top
 
 
+def cmd_api_key(args) -> int:
+    """`api-key new`: a fresh key and its keys-file line; `api-key hash`: the line of a key read from stdin."""
+    key = new_key() if args.api_key_command == "new" else sys.stdin.readline().strip()
+    if not key:
+        raise UsageError("no key on stdin")
+    try:
+        line = key_line(key, args.role, [name for name in args.datasets.split(",") if name], args.comment)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if args.append:
+        with open(args.append, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+    if args.json:
+        print(json.dumps({"key": key, "line": line} if args.api_key_command == "new" else {"line": line}))
+    elif args.api_key_command == "new":
+        print(f"key:  {key}\n      (give it to its holder now: only its hash is kept)\nline: {line}"
+              + (f"\n      (appended to {args.append})" if args.append else ""))
+    else:
+        print(line)
+    return 0
+
+
 def cmd_health(args) -> int:
     """One grpc.health.v1 check: exit 0 when SERVING, 1 when not, 3 when nothing answers."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = create_channel(args.address)
+    channel = create_channel(args.address, credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                           timeout=args.timeout)
@@ -468,7 +547,8 @@ def cmd_health(args) -> int:
 
 HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "ingest": cmd_ingest, "index": cmd_index,
             "search": cmd_search, "delete-dataset": cmd_delete_dataset, "delete-collection": cmd_delete_collection,
-            "evaluate": cmd_evaluate, "compare": cmd_compare, "project": cmd_project, "inspect": cmd_inspect}
+            "evaluate": cmd_evaluate, "compare": cmd_compare, "project": cmd_project, "inspect": cmd_inspect,
+            "snapshot": cmd_snapshot}
 
 
 def main(argv=None) -> int:
@@ -480,7 +560,9 @@ def main(argv=None) -> int:
             return cmd_demo(args)
         if args.command == "health":
             return cmd_health(args)
-        with Client(args.gateway) as client:
+        if args.command == "api-key":
+            return cmd_api_key(args)
+        with Client(args.gateway, **tls_options(args), api_key=args.api_key) as client:
             return HANDLERS[args.command](args, client)
     except UsageError as exc:
         print(f"convsearch: {exc}", file=sys.stderr)
@@ -488,6 +570,9 @@ def main(argv=None) -> int:
     except Unavailable as exc:
         print(f"convsearch: {exc}", file=sys.stderr)
         return 3
+    except TLSError as exc:
+        print(f"convsearch: TLS: {exc}", file=sys.stderr)
+        return 2
     except (ConvsearchError, RuntimeError, OSError) as exc:
         print(f"convsearch: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1

@@ -11,10 +11,12 @@ and numpy types, never protos; failures raise `convsearch.errors` exceptions.
 """
 
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
 
+from convsearch.api_keys import ENV_API_KEY, with_api_key
 from convsearch.channels import create_channel
 from convsearch.embedding import Configuration
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
@@ -23,6 +25,7 @@ from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2
 from convsearch.inspection import Inspection
+from convsearch.tls import client_credentials
 
 DEFAULT = Configuration()  # the default model at its featured layers, average pooling, cosine
 _STATUS_NAMES = {pb.INGEST_STATUS_STORED: "stored", pb.INGEST_STATUS_REPLACED: "replaced",
@@ -163,6 +166,20 @@ class Projection:
     collection: str
 
 
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """A snapshot the index keeps of a dataset: its name is what restore and delete take."""
+
+    name: str
+    dataset: str
+    created_at: float
+    size_bytes: int
+
+
+def _snapshot(message) -> Snapshot:
+    return Snapshot(message.name, message.dataset, message.created_at, message.size_bytes)
+
+
 def _score(message) -> Score:
     return Score(message.collection, message.model, message.layer, message.collection.rsplit("/", 1)[-1],
                  message.mean_score, message.precision_at_k, message.map_at_k, message.k,
@@ -186,11 +203,15 @@ def _dataset(message, collections=()) -> Dataset:
 class Client:
     """A connection to the gateway at `address` (host:port)."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0):
+    def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, *, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, api_key: str | None = None):
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = create_channel(address)
-        self._stub = gateway_pb2_grpc.GatewayServiceStub(self._channel)
+        # TLS when a CA or client certificate is given (None: CONVSEARCH_TLS_CA/_CERT/_KEY); plaintext otherwise.
+        self._channel = create_channel(address, credentials=client_credentials(tls_ca, tls_cert, tls_key))
+        # Sent as `authorization: Bearer <key>` on every call (None: CONVSEARCH_API_KEY; empty: none).
+        api_key = os.environ.get(ENV_API_KEY, "") if api_key is None else api_key
+        self._stub = gateway_pb2_grpc.GatewayServiceStub(with_api_key(self._channel, api_key))
 
     def close(self) -> None:
         self._channel.close()
@@ -345,3 +366,21 @@ class Client:
         return Inspection(found.model, found.layer, tuple(found.output_shape), found.parameter_count,
                           found.pretrained, found.width, found.height,
                           tuple((c.channel, c.mean_activation, c.overlay_png) for c in found.channels))
+
+    def snapshot(self, dataset: str) -> tuple[Snapshot, list[str]]:
+        """Writes a snapshot of a dataset on the index server: (the snapshot, the older ones the
+        index's retention limit deleted). Admin only where the gateway checks API keys."""
+        reply = self._call("SnapshotDataset", pb.SnapshotDatasetRequest(dataset=dataset))
+        return _snapshot(reply.snapshot), list(reply.deleted)
+
+    def snapshots(self, dataset: str = "") -> list[Snapshot]:
+        """The snapshots kept (of one dataset, or all), oldest first."""
+        return [_snapshot(s) for s in self._call("ListSnapshots", pb.ListSnapshotsRequest(dataset=dataset)).snapshots]
+
+    def restore(self, snapshot: str, dataset: str) -> Dataset:
+        """Restores a snapshot as a new dataset."""
+        return _dataset(self._call("RestoreDataset", pb.RestoreDatasetRequest(snapshot=snapshot,
+                                                                               dataset=dataset)).dataset)
+
+    def delete_snapshot(self, snapshot: str) -> None:
+        self._call("DeleteSnapshot", pb.DeleteSnapshotRequest(snapshot=snapshot))

@@ -1,6 +1,9 @@
 """How images are embedded and compared: the configuration every client and service speaks of."""
 
 import dataclasses
+import math
+
+from convsearch.errors import InvalidArgument
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,3 +19,23 @@ class Configuration:
     pooling: str = "avg"
     metric: str = "cosine"
     minkowski_p: float = 2.0
+
+
+MAX_MINKOWSKI_P = 100.0
+"""Beyond this p, |d|**p overflows float64 for ordinary distances; chebyshev is the p = inf limit."""
+
+
+def minkowski_p_of(metric: str, p: float) -> float:
+    """The p a configuration uses. For minkowski, the p sent, which must be a finite number from
+    1 to MAX_MINKOWSKI_P: 0 (proto3's unset) is an error rather than a silent 2, so a client
+    that forgets p learns it. For every other metric p means nothing and is 2.0 whatever was sent.
+
+    Raises InvalidArgument.
+    """
+    if metric != "minkowski":
+        return 2.0
+    if not math.isfinite(p) or not 1.0 <= p <= MAX_MINKOWSKI_P:
+        hint = "; minkowski needs minkowski_p set (it is 0, unset)" if p == 0 else ""
+        raise InvalidArgument(f"minkowski p must be >= 1 and <= {MAX_MINKOWSKI_P:g}, got {p:g}{hint}; "
+                              "use chebyshev for p = infinity")
+    return float(p)

@@ -52,5 +52,35 @@ class DataLoss(ConvsearchError):
     code = "DATA_LOSS"
 
 
+class DeadlineExceeded(ConvsearchError):
+    """Time ran out, e.g. a client stream that sent nothing for the gateway's idle timeout."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
+class Unauthenticated(ConvsearchError):
+    """No API key, or one the gateway does not know."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(ConvsearchError):
+    """The API key's role (or its datasets) does not allow this."""
+
+    code = "PERMISSION_DENIED"
+
+
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                            ResourceExhausted, Unavailable, DataLoss)}
+                                            ResourceExhausted, Unavailable, DataLoss, Unauthenticated,
+                                            PermissionDenied)}
+
+
+SHOWN_CHARS = 80
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`value` as a message may echo it: repr'd and cut to about `limit` characters with an
+    ellipsis, so a huge name can never overflow gRPC's metadata limit (status details travel
+    in a header) or flood a log."""
+    text = repr(value) if isinstance(value, str) else str(value)
+    return text if len(text) <= limit else f"{text[:limit - 1]}…"

@@ -1,5 +1,5 @@
-"""Server wiring shared by every service: gRPC server, health (with `liveness`), reflection,
-metrics endpoint, graceful shutdown."""
+"""Server wiring shared by every service: gRPC server, TLS or plaintext port, health (with
+`liveness`), reflection, metrics endpoint, graceful shutdown."""
 
 import logging
 import signal
@@ -13,6 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from convsearch.observability import serve_metrics
+from convsearch.tls import TLSError, server_credentials
 
 MIB = 1 << 20
 # Health name that is SERVING from start until stop begins, whatever the service's readiness:
@@ -59,10 +60,28 @@ def set_serving(health_servicer: health.HealthServicer, service_names: Sequence[
         health_servicer.set(name, status)
 
 
-def bind(server: grpc.Server, host: str, port: int) -> int:
-    """Binds host:port (0 picks a free port) and returns the bound port; fails fast if it cannot."""
+def tls_credentials(cert: str, key: str, client_ca: str = "") -> grpc.ServerCredentials | None:
+    """The server's TLS credentials (mutual TLS with `client_ca`; reloaded when the files change),
+    or None for plaintext; exits with a message naming the file when one cannot be used."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        return server_credentials(cert, key, client_ca)
+    except (TLSError, ValueError) as exc:
+        raise SystemExit(f"TLS: {exc}") from None
+
+
+def tls_note(cert: str, client_ca: str) -> str:
+    """How a port is secured, for the start-up log line."""
+    return " with mutual TLS" if client_ca else " with TLS" if cert else " in plaintext"
+
+
+def bind(server: grpc.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None) -> int:
+    """Binds host:port (0 picks a free port) and returns the bound port; fails fast if it cannot.
+
+    With `credentials` (see `tls_credentials`) the port serves TLS, health and reflection too."""
+    try:
+        address = f"{host}:{port}"
+        bound = (server.add_insecure_port(address) if credentials is None
+                 else server.add_secure_port(address, credentials))
     except RuntimeError:
         bound = 0
     if bound == 0:

@@ -201,7 +201,7 @@ def test_snapshot_and_restore(index):
     stub = index.stub
     vectors = fill(stub)
     snap = stub.SnapshotDataset(pb.SnapshotDatasetRequest(dataset="shoes"))
-    assert snap.size_bytes > 0 and snap.path.endswith(".tar")
+    assert snap.size_bytes > 0 and "/" not in snap.snapshot  # no server paths in replies
     stub.DeleteDataset(pb.DeleteDatasetRequest(name="shoes"))
     restored = stub.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snap.snapshot, dataset="shoes2")).dataset
     assert (restored.item_count, restored.collection_count) == (60, 1)

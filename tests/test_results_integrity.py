@@ -147,7 +147,7 @@ def test_the_index_keeps_each_collections_weights(tmp_path):
     index.create_collection("kept", CollectionKey("resnet18", "layer1.1.conv1"), 64)  # as before fingerprints
     expected = {"resnet18/layer4.1.conv2/avg/cosine": "sha256:0123456789abcdef", "resnet18/conv1/avg/cosine": "random",
                 "resnet18/layer1.1.conv1/avg/cosine": ""}
-    snapshot = index.snapshot("kept").stem
+    snapshot = index.snapshot("kept")[0].name
     index.close()
     index = Index(tmp_path / "data", fsync=False)
     try:

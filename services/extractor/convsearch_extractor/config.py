@@ -7,7 +7,9 @@ import pathlib
 import torch
 
 from convsearch.config import check_port, check_positive, option, parse_config
+from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
+from convsearch.tls import check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
 
 _INT_MAX = 2**31 - 1  # what gRPC reads as "no limit" in a milliseconds option
@@ -26,7 +28,8 @@ class ExtractorConfig:
     max_batch: int = option(32, "most images in one forward pass")
     max_queue_delay_ms: float = option(5.0, "longest wait for more requests to fill a batch")
     max_images: int = option(256, "most images in one Embed request or stream message")
-    max_pixels: int = option(40_000_000, "largest image accepted, in pixels (decompression bombs)")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (decompression bombs); "
+                                                      "the gateway's --max-pixels should match")
     max_flatten: int = option(100_000, "most values a flattened layer may give per image")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     memory_budget_mb: int = option(4096, "memory for loaded models; least recently used go first")
@@ -46,6 +49,11 @@ class ExtractorConfig:
                                                     "get before it is closed; 0: no limit (long BulkEmbed "
                                                     "streams always finish)")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
+                               "reflection; re-read when the file changes (rotation); empty: plaintext")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
+                                    "(mutual TLS: clients without one are refused); empty: none asked for")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
@@ -55,6 +63,7 @@ class ExtractorConfig:
         check_port(self.port, "port")
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
+        check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
         for name in ("max_connection_age_s", "max_connection_age_grace_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")

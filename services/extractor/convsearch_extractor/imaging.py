@@ -3,14 +3,11 @@ model expects. Runs in worker threads or processes, so it imports no torch.
 """
 
 import dataclasses
-import io
-import struct
-import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from convsearch.errors import InvalidArgument
+from convsearch.image_limits import FORMATS, ImageError, load_checked, open_checked  # noqa: F401 - re-exported
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -25,26 +22,6 @@ class Preprocess:
     bicubic: bool = False
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-
-
-# Our own pixel limit (checked before decoding) replaces Pillow's global bomb check.
-Image.MAX_IMAGE_PIXELS = None
-FORMATS = "JPEG, PNG, WebP, BMP, GIF or TIFF"
-
-
-class ImageError(InvalidArgument):
-    """One image cannot be used; the message says why, without its position."""
-
-
-def _declared_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from a PNG, GIF or BMP header, for files Pillow refuses to open."""
-    if data.startswith(b"\x89PNG") and len(data) >= 24:
-        return struct.unpack(">II", data[16:24])
-    if data.startswith(b"GIF8") and len(data) >= 10:
-        return struct.unpack("<HH", data[6:10])
-    if data.startswith(b"BM") and len(data) >= 26:
-        return struct.unpack("<ii", data[18:26])
-    return None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -70,31 +47,12 @@ def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Ima
     A JPEG may be decoded at a reduced scale still at least `draft_size` on each side. Raises
     ImageError for empty, unrecognised, truncated, zero-size or oversized images.
     """
-    if not data:
-        raise ImageError("is empty (0 bytes); send the encoded file's bytes")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        declared = _declared_size(data)
-        if declared and 0 in declared:
-            raise ImageError(f"has zero size ({declared[0]}x{declared[1]})") from None
-        raise ImageError(f"is not a recognised image ({len(data)} bytes); send {FORMATS}") from None
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
-    width, height = image.size
-    if width <= 0 or height <= 0:
-        raise ImageError(f"has zero size ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageError(
-            f"is {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-            "downscale it first")
+    image = open_checked(data, max_pixels)  # the pixel limit, on the header, before any decode
     if draft_size and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
+    load_checked(image)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            image.load()
-            image = ImageOps.exif_transpose(image) or image
+        image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
     return _to_rgb(image)

@@ -15,6 +15,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from convsearch.naming import check_model_name
 from convsearch.weights import RANDOM, UNKNOWN, fingerprint
 from convsearch_extractor.catalog import ModelSpec
 from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
@@ -137,7 +138,9 @@ class ModelPool:
         self._load_lock = threading.Lock()
 
     def spec(self, name: str) -> ModelSpec:
-        """The spec of a known model; NOT_FOUND, listing the models, otherwise."""
+        """The spec of a known model; INVALID_ARGUMENT for a name that could address a path (`/`,
+        `..`), NOT_FOUND, listing the models, otherwise."""
+        check_model_name(name)
         spec = self.catalog.get(name)
         if spec is None:
             raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.catalog)}")

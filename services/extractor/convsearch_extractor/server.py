@@ -7,7 +7,15 @@ import threading
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.logs import setup_logging
 from convsearch.observability import RpcObserver, metrics_registry
-from convsearch.serving import MIB, RunningService, add_health_and_reflection, bind, create_server
+from convsearch.serving import (
+    MIB,
+    RunningService,
+    add_health_and_reflection,
+    bind,
+    create_server,
+    tls_credentials,
+    tls_note,
+)
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.config import ExtractorConfig, load_config
 from convsearch_extractor.engine import Extractor, Limits
@@ -24,6 +32,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
 
     Health is NOT_SERVING until `start()` has loaded and run the default model.
     """
+    credentials = tls_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # before any model work
     catalog = load_catalog(pathlib.Path(config.weights_dir))
     if config.default_model not in catalog:
         raise SystemExit(f"default model {config.default_model!r} is unknown; "
@@ -38,7 +47,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
                            config.server_options())
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
-    port = bind(server, config.host, config.port)
+    port = bind(server, config.host, config.port, credentials)
     service = _ExtractorService(extractor, server, health, [SERVICE_NAME], log,
                                 on_stop=extractor.close, metrics_registry=registry,
                                 metrics_port=config.metrics_port, metrics_host=config.host)
@@ -91,8 +100,9 @@ def main(argv=None) -> None:
     service, port = build_server(config)
     service.start()
     decoders = config.decoder_processes()
-    log.info("extractor listening on %s:%d (device %s, max batch %d, queue delay %.1f ms, decoding in %s, "
-             "metrics port %d, max connection age %gs)", config.host, port, config.torch_device(), config.max_batch,
+    log.info("extractor listening on %s:%d%s (device %s, max batch %d, queue delay %.1f ms, decoding in %s, "
+             "metrics port %d, max connection age %gs)", config.host, port,
+             tls_note(config.tls_cert, config.tls_client_ca), config.torch_device(), config.max_batch,
              config.max_queue_delay_ms, f"{decoders} processes" if decoders else
              f"{config.decode_workers} threads", service.metrics_port, config.max_connection_age_s)
     service.run_until_signalled(config.grace_s)

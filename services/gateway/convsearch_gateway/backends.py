@@ -29,12 +29,13 @@ class Backend:
     """One backend service behind a channel, called with a deadline."""
 
     def __init__(self, name: str, address: str, stub_class, service: str, deadline_s: float, max_message_mb: int,
-                 latency: prom.Histogram):
+                 latency: prom.Histogram, credentials: grpc.ChannelCredentials | None = None, server_name: str = ""):
         self.name = name
         self.address = address
         self.service = service
         self.deadline_s = deadline_s
-        self.channel = grpc.intercept_channel(create_channel(address, max_message_mb), CallObserver(name, latency))
+        self.channel = grpc.intercept_channel(create_channel(address, max_message_mb, credentials, server_name),
+                                              CallObserver(name, latency))
         self.stub = stub_class(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
@@ -71,17 +72,25 @@ class Backend:
 
 
 class Backends:
-    """The extractor and the index, and a thread that keeps their health current."""
+    """The extractor and the index, and a thread that keeps their health current.
+
+    With `credentials` (convsearch.tls.channel_credentials) both are reached over TLS, their
+    certificates checked for the host names in their addresses, or for `server_name` when given.
+    """
 
     def __init__(self, extractor: str, index: str, deadline_s: float, max_message_mb: int,
-                 registry: prom.CollectorRegistry):
+                 registry: prom.CollectorRegistry, credentials: grpc.ChannelCredentials | None = None,
+                 server_name: str = ""):
         latency = prom.Histogram("convsearch_gateway_backend_duration_seconds",
                                  "Time from the start to the end of a call to a backend", ("backend", "method", "code"),
                                  registry=registry, buckets=LATENCY_BUCKETS)
         self.extractor = Backend("extractor", extractor, extractor_pb2_grpc.ExtractorServiceStub,
-                                 "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb, latency)
+                                 "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb, latency,
+                                 credentials, server_name)
         self.index = Backend("index", index, index_pb2_grpc.IndexServiceStub,
-                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb, latency)
+                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb, latency,
+                             credentials, server_name)
+        self.max_message_bytes = max_message_mb << 20  # either way; image fetches page under it
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
 

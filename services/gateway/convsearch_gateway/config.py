@@ -3,7 +3,9 @@
 import dataclasses
 
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
+from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
+from convsearch.tls import check_client_options, check_server_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +25,37 @@ class GatewayConfig:
     health_interval_s: float = option(1.0, "seconds between health checks of the backends")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels, checked on its header before "
+                                                 "any decode (decompression bombs); match the extractor's --max-pixels")
+    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
+                               "reflection; re-read when the file changes (rotation); empty: plaintext")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
+                                    "(mutual TLS: clients without one are refused); empty: none asked for")
+    backend_tls_ca: str = option("", "PEM CA certificate(s) the extractor's and index's certificates are verified "
+                                     "against; TLS to the backends when set; empty: plaintext")
+    backend_tls_cert: str = option("", "PEM client certificate the gateway shows the backends (their mutual TLS)")
+    backend_tls_key: str = option("", "PEM private key of backend_tls_cert")
+    backend_tls_server_name: str = option("", "host name the backends' certificates are checked for instead of the "
+                                              "one in their addresses (e.g. when addressed by IP)")
+
+    api_keys: str = option("", "file of API keys (one `sha256:<hex> <role> [datasets]` a line; see the README), "
+                               "re-read when it changes; empty: no authentication, anyone may do anything")
+    rate_limit_per_s: float = option(0.0, "requests a second per API key (per client address without keys); "
+                                          "0: unlimited")
+    rate_burst: int = option(0, "requests a key may make at once beyond the rate; 0: one second's worth")
+    max_streams_per_key: int = option(0, "streaming RPCs one API key (client address without keys) may have open; "
+                                         "0: no cap but max_concurrent_streams")
+    max_concurrent_streams: int = option(0, "streaming RPCs served at once, fewer than max_concurrent_rpcs so unary "
+                                            "calls and health always have a worker; more are refused at once; "
+                                            "0: half of max_concurrent_rpcs")
+    stream_idle_timeout_s: float = option(30.0, "a client stream that sends nothing this long is ended with "
+                                                "DEADLINE_EXCEEDED")
+
+    @property
+    def stream_cap(self) -> int:
+        """Streaming RPCs served at once: max_concurrent_streams, or half the workers."""
+        return self.max_concurrent_streams or max(1, self.max_concurrent_rpcs // 2)
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
@@ -31,9 +64,21 @@ class GatewayConfig:
         check_address(self.index, "index")
         for name in ("deadline_s", "max_concurrent_rpcs", "batch_size", "health_interval_s", "max_message_mb"):
             check_positive(getattr(self, name), name)
+        check_positive(self.max_pixels, "max_pixels")
         check_port(self.port, "port")
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
+        check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
+        check_client_options(self.backend_tls_ca, self.backend_tls_cert, self.backend_tls_key, "backend_tls")
+        if (self.backend_tls_cert or self.backend_tls_server_name) and not self.backend_tls_ca:
+            raise ValueError("backend_tls_cert and backend_tls_server_name need backend_tls_ca (the backends' CA)")
+        check_positive(self.stream_idle_timeout_s, "stream_idle_timeout_s")
+        for name in ("rate_limit_per_s", "rate_burst", "max_streams_per_key", "max_concurrent_streams"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.max_concurrent_rpcs > 1 and self.stream_cap >= self.max_concurrent_rpcs:
+            raise ValueError(f"max_concurrent_streams ({self.stream_cap}) must be below max_concurrent_rpcs "
+                             f"({self.max_concurrent_rpcs}), so unary calls and health always have a worker")
 
 
 def load_config(argv=None) -> GatewayConfig:

@@ -10,9 +10,9 @@ from collections.abc import Iterable
 import numpy as np
 
 from convsearch.embedding import Configuration
-from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound
+from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, shown
 from convsearch.extractor.v1 import extractor_pb2
-from convsearch.naming import collection_name
+from convsearch.naming import check_model_name, collection_name
 from convsearch.weights import describe
 from convsearch_gateway.backends import Backend
 
@@ -61,6 +61,7 @@ class ModelCatalog:
         models = {model.name: model for model in reply.models}
         targets: list[Target] = []
         for configuration in configurations:
+            check_model_name(configuration.model)
             name = configuration.model or reply.default_model
             model = models.get(name)
             if model is None:
@@ -71,7 +72,7 @@ class ModelCatalog:
                 layer = layers.get(layer_name)
                 if layer is None or not layer.output_shape:
                     featured = ", ".join(layer.name for layer in model.layers if layer.featured)
-                    raise InvalidArgument(f"model {name} has no usable layer {layer_name!r}; its featured layers "
+                    raise InvalidArgument(f"model {name} has no usable layer {shown(layer_name)}; its featured layers "
                                           f"are {featured}")
                 shape = list(layer.output_shape)
                 flat = configuration.pooling == "flatten" or len(shape) == 1

@@ -1,32 +1,43 @@
-"""Light image handling in the gateway (no torch): a quick validity check and thumbnails."""
+"""Light image handling in the gateway (no torch): the pixel limit on the header before any
+decode, a cheap full check of decodability at ingest, and thumbnails decoded in draft mode."""
 
 import io
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from convsearch.errors import InvalidArgument
+from convsearch.image_limits import DEFAULT_MAX_PIXELS, ImageError, load_checked, open_checked, verify_image
 
-Image.MAX_IMAGE_PIXELS = None  # the extractor enforces the pixel limit when it decodes
 
+def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    """INVALID_ARGUMENT unless `data` is an image within the pixel limit that decodes completely.
 
-def check_image(data: bytes) -> None:
-    """INVALID_ARGUMENT unless `data` looks like an image file Pillow can read."""
+    The declared size is checked on the header first, so a decompression bomb is never decoded;
+    a JPEG is then decoded at a reduced scale (draft mode), so a truncated file costs little to find.
+    """
     if not data:
         raise InvalidArgument("has no image bytes")
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.verify()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise InvalidArgument(f"is not a readable image ({type(exc).__name__}: {exc})") from None
+    verify_image(data, max_pixels)
 
 
-def thumbnail(data: bytes, size: int) -> tuple[bytes, str, int, int]:
-    """(bytes, mime type, width, height) of the image, fitted into size x size when size > 0."""
-    with Image.open(io.BytesIO(data)) as image:
+def thumbnail(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str, int, int]:
+    """(bytes, mime type, width, height) of the image, fitted into size x size when size > 0.
+
+    The pixel limit is checked on the header before anything is decoded, and a JPEG is decoded
+    at the smallest scale still at least `size` wide (draft mode). Raises ImageError
+    (INVALID_ARGUMENT) for a stored image that cannot be decoded.
+    """
+    with open_checked(data, max_pixels) as image:
         if size <= 0:
             mime = Image.MIME.get(image.format or "", "application/octet-stream")
             return data, mime, image.width, image.height
-        image.thumbnail((size, size))
+        if image.format == "JPEG":
+            image.draft("RGB", (size, size))
+        load_checked(image)
+        try:
+            image.thumbnail((size, size))
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"is truncated or corrupt ({exc})") from None
         keep_alpha = image.mode in ("RGBA", "LA", "P") or image.format == "PNG"
         out = io.BytesIO()
         if keep_alpha:

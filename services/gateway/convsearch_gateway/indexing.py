@@ -37,6 +37,9 @@ from convsearch_gateway.configurations import Target, check_weights
 log = logging.getLogger("convsearch.gateway.indexing")
 _CHECK_CHUNK = 5000
 _MAX_ERRORS = 20
+_SIZE_CHUNK = 1000  # ids whose image sizes are asked for at once
+_MESSAGE_MARGIN = 1 << 20  # bytes of a message left for its framing
+_ITEM_FRAMING = 64  # bytes of an item's own framing in a message, at most
 
 
 @dataclasses.dataclass
@@ -168,6 +171,44 @@ def fill_collections(backends: Backends, dataset: str, targets: Sequence[Target]
     yield progress
 
 
+def page_budget(max_message_bytes: int) -> int:
+    """Bytes of items (images and the rest) one page of a fetch may hold: under the message
+    limit, with room for the message's own framing."""
+    return max(max_message_bytes * 3 // 4, max_message_bytes - _MESSAGE_MARGIN)
+
+
+def _pages(backends: Backends, dataset: str, need: Sequence[str], batch_size: int,
+           progress: Progress) -> Iterator[list[str]]:
+    """The ids of `need` in pages of at most `batch_size` items whose images (sizes asked of the
+    index first, without the images) fit in one message each way: a fetch is bounded by bytes,
+    not by a count. An item too large for any message is a failed item with the reason."""
+    budget = page_budget(backends.max_message_bytes)
+    for start in range(0, len(need), _SIZE_CHUNK):
+        chunk = need[start:start + _SIZE_CHUNK]
+        sized = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=chunk)).items
+        progress.done += len(chunk) - len(sized)  # deleted since the run began: nothing to do
+        page: list[str] = []
+        page_bytes = 0
+        for item in sized:
+            size = item.image_size + item.ByteSize() + _ITEM_FRAMING
+            if size > budget:
+                message = (f"its image is {item.image_size:,} bytes, more than fit in one message "
+                           f"({budget:,} bytes under --max-message-mb {backends.max_message_bytes >> 20}); raise "
+                           "--max-message-mb of the gateway, index and extractor, or store a smaller image")
+                progress.failed += 1
+                progress.done += 1
+                progress.failed_ids[item.id] = message
+                progress.errors.append(f"{item.id}: {message}")
+                continue
+            if page and (len(page) >= batch_size or page_bytes + size > budget):
+                yield page
+                page, page_bytes = [], 0
+            page.append(item.id)
+            page_bytes += size
+        if page:
+            yield page
+
+
 def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, targets: Sequence[Target],
                  weights: Mapping[str, str], missing: Mapping[str, set[str]], need: Sequence[str], batch_size: int,
                  progress: Progress, started: float, upserter: ThreadPoolExecutor) -> Iterator[Progress]:
@@ -178,18 +219,16 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
     def requests():
         yield extractor_pb2.BulkEmbedRequest(config=extractor_pb2.EmbedConfig(
             model=model, layers=layers, pooling=POOLING_ENUMS[pooling]))
-        for start in range(0, len(need), batch_size):
-            try:
+        try:
+            for ids in _pages(backends, dataset, need, batch_size, progress):
                 found = backends.index.call("GetItems", index_pb2.GetItemsRequest(
-                    dataset=dataset, ids=need[start:start + batch_size], include_images=True))
-            except Exception as exc:  # noqa: BLE001 - re-raised by the reading side
-                feed_errors.append(exc)
-                return
-            gone = len(need[start:start + batch_size]) - len(found.items)
-            progress.done += gone  # deleted since the run began: nothing to do
-            digests.update((item.id, item.image_digest) for item in found.items)
-            yield extractor_pb2.BulkEmbedRequest(images=[
-                extractor_pb2.ImageInput(id=item.id, data=item.image) for item in found.items])
+                    dataset=dataset, ids=ids, include_images=True))
+                progress.done += len(ids) - len(found.items)  # deleted since the run began: nothing to do
+                digests.update((item.id, item.image_digest) for item in found.items)
+                yield extractor_pb2.BulkEmbedRequest(images=[
+                    extractor_pb2.ImageInput(id=item.id, data=item.image) for item in found.items])
+        except Exception as exc:  # noqa: BLE001 - re-raised by the reading side
+            feed_errors.append(exc)
 
     pending: Future | None = None
     batch_ids: list[str] = []

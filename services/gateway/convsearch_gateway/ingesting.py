@@ -3,7 +3,8 @@
 import dataclasses
 from collections.abc import Iterable, Iterator, Sequence
 
-from convsearch.errors import ConvsearchError, InvalidArgument
+from convsearch.errors import ConvsearchError, InvalidArgument, shown
+from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.index.v1 import index_pb2
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
@@ -23,24 +24,29 @@ class IngestResult:
     indexed: bool = False
 
 
-def _problem(item: index_pb2.Item) -> str:
+def _problem(item: index_pb2.Item, max_pixels: int) -> str:
+    """Why an item cannot be stored ("" if it can): a bad id, or an image over the pixel limit
+    (checked on its header, never decoded) or one that does not decode completely."""
     if not item.id or len(item.id) > MAX_ID:
         return f"item id must have 1 to {MAX_ID} characters (got {len(item.id)})"
     try:
-        check_image(item.image)
+        check_image(item.image, max_pixels)
     except InvalidArgument as exc:
-        return f"item {item.id!r} {exc}"
+        return f"item {shown(item.id)} {exc}"
     return ""
 
 
 def ingest_batch(backends: Backends, dataset: str, items: Sequence[index_pb2.Item], targets: Sequence[Target],
-                 batch_size: int) -> list[IngestResult]:
-    """Stores the good items of one batch (embedding them if targets are given); a result per item."""
-    results = [IngestResult(item.id, "failed", problem) if (problem := _problem(item)) else None for item in items]
+                 batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[IngestResult]:
+    """Stores the good items of one batch (embedding them if targets are given); a result per item.
+    An item whose image is refused is never stored."""
+    results = [IngestResult(item.id, "failed", problem) if (problem := _problem(item, max_pixels)) else None
+               for item in items]
     seen: set[str] = set()
     for position, item in enumerate(items):
         if results[position] is None and item.id in seen:
-            results[position] = IngestResult(item.id, "failed", f"item id {item.id!r} appears twice in one message")
+            results[position] = IngestResult(item.id, "failed",
+                                             f"item id {shown(item.id)} appears twice in one message")
         seen.add(item.id)
     good = [item for item, result in zip(items, results, strict=True) if result is None]
     if good:
@@ -63,8 +69,8 @@ def ingest_batch(backends: Backends, dataset: str, items: Sequence[index_pb2.Ite
     return results
 
 
-def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resolve_targets, batch_size: int = 32
-           ) -> Iterator[IngestResult]:
+def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resolve_targets, batch_size: int = 32,
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[IngestResult]:
     """Consumes (dataset, configurations, items) messages; yields a result per item in order.
 
     Errors of the stream itself (no dataset, unknown dataset or configuration, a backend down)
@@ -72,7 +78,8 @@ def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resol
     dataset, targets = "", None
     for name, configurations, items in messages:
         if name and dataset and name != dataset:
-            raise InvalidArgument(f"the stream switched from dataset {dataset!r} to {name!r}; open one per dataset")
+            raise InvalidArgument(f"the stream switched from dataset {shown(dataset)} to {shown(name)}; "
+                                  "open one per dataset")
         dataset = dataset or name
         if not dataset:
             raise InvalidArgument("the first message of an ingest stream must name the dataset")
@@ -81,7 +88,8 @@ def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resol
             backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=dataset))
         for start in range(0, len(items), batch_size):
             try:
-                yield from ingest_batch(backends, dataset, items[start:start + batch_size], targets, batch_size)
+                yield from ingest_batch(backends, dataset, items[start:start + batch_size], targets, batch_size,
+                                        max_pixels)
             except ConvsearchError as exc:
                 if exc.code == "UNAVAILABLE":
                     raise

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from convsearch.errors import InvalidArgument
+from convsearch.errors import InvalidArgument, shown
 from convsearch.index.v1 import index_pb2
 from convsearch.tensors import from_tensor
 from convsearch_gateway.backends import Backends
@@ -53,7 +53,9 @@ def umap_2d(vectors: np.ndarray, metric: str, seed: int) -> np.ndarray:
 def project(backends: Backends, dataset: str, target: Target, method: str, seed: int, max_points: int) -> Projection:
     """Coordinates for the collection's vectors (a seeded sample of max_points when there are more)."""
     if method not in METHODS:
-        raise InvalidArgument(f"unknown projection method {method!r}; use pca or umap")
+        raise InvalidArgument(f"unknown projection method {shown(method)}; use pca or umap")
+    if seed < 0:
+        raise InvalidArgument(f"seed {seed} is negative; use 0 or more (the same seed gives the same picture)")
     if not 3 <= max_points <= 50_000:
         raise InvalidArgument(f"max_points {max_points} is out of range; use 3 to 50000")
     key = f"projection/{method}/{seed}/{max_points}"

@@ -6,7 +6,7 @@ import dataclasses
 
 from convsearch.embedding import Configuration
 from convsearch.enums import POOLING_ENUMS
-from convsearch.errors import InvalidArgument, NotFound
+from convsearch.errors import InvalidArgument, NotFound, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
@@ -80,7 +80,7 @@ def _collection_weights(backends: Backends, dataset: str, collection: str, remai
     for found in collections:
         if found.name == collection:
             return found.spec.weights
-    raise NotFound(f"dataset {dataset!r} has no collection {collection}; index the dataset at this configuration "
+    raise NotFound(f"dataset {shown(dataset)} has no collection {collection}; index the dataset at this configuration "
                    "first")
 
 
@@ -92,6 +92,6 @@ def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id
         items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
                                     remaining)
         if not items.items:
-            raise NotFound(f"dataset {request.dataset!r} has no item {item_id!r}") from None
-        raise NotFound(f"item {item_id!r} has no vector in {request.collection}; index the dataset at this "
+            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(item_id)}") from None
+        raise NotFound(f"item {shown(item_id)} has no vector in {request.collection}; index the dataset at this "
                        "configuration first") from None

@@ -1,13 +1,15 @@
 """GatewayService over gRPC: converts messages and leaves the work to the orchestration modules."""
 
-from convsearch.embedding import Configuration
+from convsearch.embedding import Configuration, minkowski_p_of
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
-from convsearch.errors import InvalidArgument, NotFound
+from convsearch.errors import InvalidArgument, NotFound, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.grpc_errors import map_errors
+from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.index.v1 import index_pb2
+from convsearch.naming import check_model_name
 from convsearch.weights import is_pretrained
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
@@ -25,8 +27,12 @@ _STATUS = {"stored": pb.INGEST_STATUS_STORED, "replaced": pb.INGEST_STATUS_REPLA
 
 
 def configuration(message: pb.Configuration) -> Configuration:
-    return Configuration(message.model, tuple(message.layers), pooling_name(message.pooling),
-                         metric_name(message.metric), message.minkowski_p or 2.0)
+    """The core's configuration; INVALID_ARGUMENT for a model name with / or .., or a minkowski
+    metric without a usable p (0, i.e. unset, is an error, not a silent 2)."""
+    check_model_name(message.model)
+    metric = metric_name(message.metric)
+    return Configuration(message.model, tuple(message.layers), pooling_name(message.pooling), metric,
+                         minkowski_p_of(metric, message.minkowski_p))
 
 
 def _score(score) -> pb.ConfigurationScore:
@@ -50,10 +56,11 @@ def _featured_only(model: extractor_pb2.ModelInfo) -> extractor_pb2.ModelInfo:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Thin gRPC edge of the gateway."""
 
-    def __init__(self, backends: Backends, batch_size: int):
+    def __init__(self, backends: Backends, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         self.backends = backends
         self.catalog = ModelCatalog(backends.extractor)
         self.batch_size = batch_size
+        self.max_pixels = max_pixels  # checked on each image's header before any decode
 
     @map_errors
     def ListModels(self, request, context):
@@ -104,7 +111,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Ingest(self, request_iterator, context):
         messages = ((m.dataset, [configuration(c) for c in m.configurations], list(m.items))
                     for m in request_iterator)
-        for result in ingest(self.backends, messages, self.catalog.targets, self.batch_size):
+        for result in ingest(self.backends, messages, self.catalog.targets, self.batch_size, self.max_pixels):
             yield pb.IngestResponse(id=result.id, status=_STATUS[result.status], error=result.error,
                                     indexed=result.indexed)
 
@@ -138,8 +145,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
             dataset=request.dataset, ids=[request.item_id], include_images=True), context.time_remaining())
         if not reply.items:
-            raise NotFound(f"dataset {request.dataset!r} has no item {request.item_id!r}")
-        data, mime, width, height = images.thumbnail(reply.items[0].image, request.thumbnail_size)
+            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}")
+        data, mime, width, height = images.thumbnail(reply.items[0].image, request.thumbnail_size, self.max_pixels)
         return pb.GetImageResponse(image=data, mime_type=mime, width=width, height=height)
 
     def _search_target(self, message: pb.Configuration, remaining):
@@ -177,8 +184,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.item_id:
             scored = [s for s in ranked if request.item_id in s.per_query]
             if ranked and not scored:
-                raise NotFound(f"item {request.item_id!r} was not scored in {request.dataset!r} (unlabeled, or "
-                               "added after the last evaluation)")
+                raise NotFound(f"item {shown(request.item_id)} was not scored in {shown(request.dataset)} "
+                               "(unlabeled, or added after the last evaluation)")
             reply.item_scores.extend(pb.QueryScore(collection=s.collection, model=s.model, layer=s.layer,
                                                    score=s.per_query[request.item_id]) for s in scored)
         return reply
@@ -201,10 +208,37 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
                 dataset=request.dataset, ids=[request.item_id], include_images=True), remaining)
             if not reply.items:
-                raise NotFound(f"dataset {request.dataset!r} has no item {request.item_id!r}")
+                raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}")
             image = reply.items[0].image
         else:
             image = request.image
         inspection = self.backends.extractor.call("InspectLayer", extractor_pb2.InspectLayerRequest(
             model=request.model, layer=request.layer, image=image, top_channels=request.top_channels), remaining)
         return pb.InspectLayerResponse(inspection=inspection)
+
+    # ---- snapshots (admin only, where the gateway checks API keys) ----------------------
+
+    @map_errors
+    def SnapshotDataset(self, request, context):
+        reply = self.backends.index.call("SnapshotDataset", index_pb2.SnapshotDatasetRequest(
+            dataset=request.dataset), context.time_remaining())
+        return pb.SnapshotDatasetResponse(deleted=reply.deleted, snapshot=index_pb2.Snapshot(
+            name=reply.snapshot, dataset=request.dataset, created_at=reply.created_at, size_bytes=reply.size_bytes))
+
+    @map_errors
+    def RestoreDataset(self, request, context):
+        reply = self.backends.index.call("RestoreDataset", index_pb2.RestoreDatasetRequest(
+            snapshot=request.snapshot, dataset=request.dataset), context.time_remaining())
+        return pb.RestoreDatasetResponse(dataset=reply.dataset)
+
+    @map_errors
+    def ListSnapshots(self, request, context):
+        reply = self.backends.index.call("ListSnapshots", index_pb2.ListSnapshotsRequest(
+            dataset=request.dataset), context.time_remaining())
+        return pb.ListSnapshotsResponse(snapshots=reply.snapshots)
+
+    @map_errors
+    def DeleteSnapshot(self, request, context):
+        self.backends.index.call("DeleteSnapshot", index_pb2.DeleteSnapshotRequest(snapshot=request.snapshot),
+                                 context.time_remaining())
+        return pb.DeleteSnapshotResponse()

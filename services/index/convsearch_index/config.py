@@ -4,6 +4,7 @@ import dataclasses
 
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
+from convsearch.tls import check_server_options
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +24,24 @@ class IndexConfig:
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     rpc_workers: int = option(32, "threads serving RPCs")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
+    snapshot_retention: int = option(0, "snapshots kept per dataset: after each snapshot the oldest beyond this "
+                                        "many are deleted; 0 keeps all")
+    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
+                               "reflection; re-read when the file changes (rotation); empty: plaintext")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
+                                    "(mutual TLS: clients without one are refused); empty: none asked for")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
         for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers"):
             check_positive(getattr(self, name), name)
+        if self.snapshot_retention < 0:
+            raise ValueError(f"snapshot_retention must be 0 (keep all) or more, got {self.snapshot_retention}")
         check_port(self.port, "port")
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
+        check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
 
 
 def load_config(argv=None) -> IndexConfig:

@@ -5,7 +5,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from convsearch.errors import InvalidArgument
+from convsearch.embedding import minkowski_p_of
+from convsearch.errors import InvalidArgument, shown
 
 METRICS = ("cosine", "euclidean", "sqeuclidean", "ip", "manhattan", "chebyshev", "minkowski")
 # Metrics hnswlib can index, and the space it knows them by.
@@ -14,11 +15,11 @@ _BLOCK_VALUES = 1 << 23  # float64s per temporary array of the elementwise metri
 
 
 def check_metric(metric: str, p: float) -> None:
-    """INVALID_ARGUMENT for an unknown metric or a minkowski p below 1."""
+    """INVALID_ARGUMENT for an unknown metric or a minkowski p that is not a finite number from 1
+    to MAX_MINKOWSKI_P (NaN, infinite, 0, 1e300)."""
     if metric not in METRICS:
-        raise InvalidArgument(f"unknown metric {metric!r}; use one of {', '.join(METRICS)}")
-    if metric == "minkowski" and not p >= 1:
-        raise InvalidArgument(f"minkowski p must be >= 1, got {p}")
+        raise InvalidArgument(f"unknown metric {shown(metric)}; use one of {', '.join(METRICS)}")
+    minkowski_p_of(metric, p)
 
 
 def from_hnsw(distances: np.ndarray, metric: str) -> np.ndarray:

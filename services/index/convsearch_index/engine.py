@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, shown
 from convsearch.naming import collection_name
 from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
@@ -35,6 +35,8 @@ from convsearch_index.rwlock import RWLock
 
 log = logging.getLogger("convsearch.index")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SNAPSHOT_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what a snapshot name may be at all
+SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[0-9a-f]{6}")
 MAX_ID = 256
 
 
@@ -45,6 +47,17 @@ class Limits:
     max_k: int = 1000
     max_queries: int = 4096
     exact_below: int = 2000
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot kept under data_dir/snapshots."""
+
+    name: str
+    dataset: str
+    created_at: float
+    size_bytes: int
+    mtime_ns: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +101,14 @@ def _without(ids: list[str], distances: np.ndarray, dropped: set[str], k: int) -
 
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name or ""):
-        raise InvalidArgument(f"invalid dataset name {name!r}: use 1-64 of a-z, 0-9, _ and -, "
+        raise InvalidArgument(f"invalid dataset name {shown(name)}: use 1-64 of a-z, 0-9, _ and -, "
                               "starting with a letter or digit")
 
 
 def check_ids(ids: Sequence[str], what: str = "item id") -> None:
     for item_id in ids:
         if not item_id or len(item_id) > MAX_ID:
-            raise InvalidArgument(f"{what} {item_id[:40]!r}... has {len(item_id)} characters; use 1 to {MAX_ID}"
+            raise InvalidArgument(f"{what} {shown(item_id)} has {len(item_id)} characters; use 1 to {MAX_ID}"
                                   if item_id else f"an {what} is empty; every item needs an id")
 
 
@@ -103,8 +116,10 @@ class Index:
     """Everything the index service keeps, under one data directory."""
 
     def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True,
-                 timings: Timings | None = None):
+                 timings: Timings | None = None, snapshot_retention: int = 0):
         self.data_dir = data_dir
+        self.snapshot_retention = snapshot_retention  # snapshots kept per dataset; 0 keeps all
+        self._snapshot_lock = threading.Lock()  # deleting snapshot files vs. reading them
         self.limits = limits
         self.fsync = fsync
         self.timings = timings or Timings()  # of every collection's log appends and checkpoints
@@ -152,8 +167,8 @@ class Index:
                                             self.timings)
         except DataLoss as exc:
             info.damage = (
-                f"collection {key.name!r} of dataset {dataset!r} is damaged: {exc}. Its files are kept as they "
-                f"are ({relative}). Rebuild it from the dataset's items (IndexDataset with rebuild_damaged, "
+                f"collection {shown(key.name)} of dataset {shown(dataset)} is damaged: {exc}. Its files are kept "
+                f"as they are ({relative}). Rebuild it from the dataset's items (IndexDataset with rebuild_damaged, "
                 "e.g. `convsearch index --rebuild-damaged`), or restore the dataset from a snapshot")
         self._collections[dataset, key.name] = info
         return info
@@ -167,14 +182,14 @@ class Index:
     def _require_dataset(self, name: str) -> None:
         check_name(name)
         if name not in self._labels:
-            raise NotFound(f"dataset {name!r} does not exist; create it first (known: "
-                           f"{', '.join(sorted(self._labels)) or 'none'})")
+            raise NotFound(f"dataset {shown(name)} does not exist; create it first (ListDatasets names the "
+                           "datasets)")
 
     def create_dataset(self, name: str, description: str = "") -> DatasetRecord:
         check_name(name)
         with self._guard.read(), self._meta:
             if name in self._labels:
-                raise AlreadyExists(f"dataset {name!r} exists already; pick another name or delete it first")
+                raise AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first")
             self.records.create_dataset(name, description)
             self._labels[name] = {}
         return self.dataset(name)
@@ -210,7 +225,7 @@ class Index:
             raise InvalidArgument("an item id appears twice in the batch; send each item once")
         for item in items:
             if len(item.label) > MAX_ID:
-                raise InvalidArgument(f"label of item {item.id!r} is longer than {MAX_ID} characters")
+                raise InvalidArgument(f"label of item {shown(item.id)} is longer than {MAX_ID} characters")
         for item in items:
             item.digest = image_digest(item.image)
         with self._guard.read(), self._dataset_lock(dataset).write():
@@ -263,7 +278,7 @@ class Index:
         if not key.model or not key.layer:
             raise InvalidArgument("a collection needs a model and a layer")
         if key.pooling not in ("avg", "max", "flatten"):
-            raise InvalidArgument(f"unknown pooling {key.pooling!r}")
+            raise InvalidArgument(f"unknown pooling {shown(key.pooling)}")
         check_metric(key.metric, key.minkowski_p)
         for value, what, low, high in ((dimension, "dimension", 1, 1 << 20), (m, "M", 2, 256),
                                        (ef_construction, "ef_construction", 1, 10_000), (ef, "ef", 1, 10_000)):
@@ -273,7 +288,7 @@ class Index:
                 "ef": ef, "weights": weights}
         with self._guard.read(), self._meta:
             if (dataset, key.name) in self._collections:
-                raise AlreadyExists(f"collection {key.name!r} of dataset {dataset!r} exists already")
+                raise AlreadyExists(f"collection {shown(key.name)} of dataset {shown(dataset)} exists already")
             relative = pathlib.Path("collections") / uuid.uuid4().hex
             self.records.create_collection(dataset, key.name, spec, str(relative))
             return self._open_collection(dataset, spec, relative)
@@ -284,7 +299,7 @@ class Index:
             info = self._collections.get((dataset, name))
         if info is None:
             known = ", ".join(i.key.name for i in self._dataset_collections(dataset)) or "none"
-            raise NotFound(f"dataset {dataset!r} has no collection {name!r} (it has: {known})")
+            raise NotFound(f"dataset {shown(dataset)} has no collection {shown(name)} (it has: {known})")
         return info
 
     def collections(self, dataset: str) -> list[CollectionInfo]:
@@ -323,7 +338,7 @@ class Index:
         labels = self._labels[dataset]
         unknown = [item_id for item_id in ids if item_id not in labels]
         if unknown:
-            raise NotFound(f"item {unknown[0]!r} is not in dataset {dataset!r} ({len(unknown)} unknown ids); "
+            raise NotFound(f"item {shown(unknown[0])} is not in dataset {shown(dataset)} ({len(unknown)} unknown ids); "
                            "put the items first")
         if digests and len(digests) != len(ids):
             raise InvalidArgument(f"{len(digests)} image digests for {len(ids)} ids; send one per id, or none")
@@ -355,7 +370,8 @@ class Index:
             query_ids = queries
             _, queries, missing = collection.get(query_ids)
             if missing:
-                raise NotFound(f"item {missing[0]!r} has no vector in collection {name!r} of {dataset!r}")
+                raise NotFound(f"item {shown(missing[0])} has no vector in collection {shown(name)} "
+                               f"of {shown(dataset)}")
         labels = self._labels[dataset]
         skip = set(exclude_ids)
         allowed = None
@@ -384,10 +400,45 @@ class Index:
         for info in infos:
             info.vectors.checkpoint()
 
-    def snapshot(self, dataset: str) -> pathlib.Path:
-        """A tar file under data_dir/snapshots holding the dataset's items and collections."""
+    def _snapshot_path(self, name: str) -> pathlib.Path:
+        """The file of a kept snapshot; INVALID_ARGUMENT for a malformed name, NOT_FOUND (without
+        listing the others) when there is none."""
+        if not SNAPSHOT_CHARS.fullmatch(name or ""):
+            raise InvalidArgument(f"invalid snapshot name {shown(name)}: snapshot names look like "
+                                  "<dataset>-20260101T120000-1a2b3c (SnapshotDataset gives one, ListSnapshots "
+                                  "lists them)")
+        path = self.data_dir / "snapshots" / f"{name}.tar"
+        if not path.is_file():
+            raise NotFound(f"no snapshot {shown(name)}; ListSnapshots lists the snapshots kept")
+        return path
+
+    def snapshots(self, dataset: str = "") -> list[SnapshotInfo]:
+        """The snapshots kept (of `dataset`, or all), oldest first."""
+        if dataset:
+            check_name(dataset)
+        found = []
+        for path in (self.data_dir / "snapshots").glob("*.tar"):
+            match = SNAPSHOT_NAME.fullmatch(path.stem)
+            if match is None or (dataset and match["dataset"] != dataset):
+                continue
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            found.append(SnapshotInfo(path.stem, match["dataset"], stat.st_mtime, stat.st_size, stat.st_mtime_ns))
+        return sorted(found, key=lambda info: (info.mtime_ns, info.name))
+
+    def delete_snapshot(self, name: str) -> None:
+        path = self._snapshot_path(name)
+        with self._snapshot_lock:
+            path.unlink(missing_ok=True)
+
+    def snapshot(self, dataset: str) -> tuple[SnapshotInfo, list[str]]:
+        """Writes a tar file under data_dir/snapshots holding the dataset's items and collections;
+        then, with a retention limit set, deletes the dataset's oldest snapshots beyond it.
+        Returns the new snapshot and the names of those deleted."""
         self._require_dataset(dataset)
-        name = f"{dataset}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        name = f"{dataset}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         target = self.data_dir / "snapshots" / f"{name}.tar"
         with self._guard.write(), tempfile.TemporaryDirectory(dir=self.data_dir) as work:
             work = pathlib.Path(work)
@@ -403,18 +454,26 @@ class Index:
             with tarfile.open(partial, "w") as archive:
                 archive.add(work, arcname=".")
             os.replace(partial, target)
-        return target
+        deleted = []
+        with self._snapshot_lock:
+            kept = self.snapshots(dataset)
+            if self.snapshot_retention > 0:
+                for old in [info for info in kept if info.name != name][:max(0, len(kept) - self.snapshot_retention)]:
+                    (self.data_dir / "snapshots" / f"{old.name}.tar").unlink(missing_ok=True)
+                    deleted.append(old.name)
+        if deleted:
+            log.info("snapshot %s of %s written; deleted %s (retention %d)", name, dataset, ", ".join(deleted),
+                     self.snapshot_retention)
+        stat = target.stat()
+        return SnapshotInfo(name, dataset, stat.st_mtime, stat.st_size, stat.st_mtime_ns), deleted
 
     def restore(self, snapshot: str, dataset: str) -> DatasetRecord:
         """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset."""
         check_name(dataset)
-        path = self.data_dir / "snapshots" / f"{snapshot}.tar"
-        if "/" in snapshot or not path.is_file():
-            known = ", ".join(p.stem for p in sorted((self.data_dir / "snapshots").glob("*.tar"))) or "none"
-            raise NotFound(f"no snapshot {snapshot!r} (snapshots: {known})")
+        path = self._snapshot_path(snapshot)
         with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
             work = pathlib.Path(work)
-            with tarfile.open(path) as archive:
+            with self._snapshot_lock, tarfile.open(path) as archive:
                 archive.extractall(work, filter="data")
             manifest = json.loads((work / "manifest.json").read_text())
             self.create_dataset(dataset, f"restored from {snapshot}")

@@ -36,6 +36,7 @@ class ItemRecord:
     metadata: dict[str, str] = dataclasses.field(default_factory=dict)
     image: bytes = b""
     digest: str = ""
+    image_size: int = 0  # bytes of the stored image, known also when `image` is left out
 
 
 def image_digest(image: bytes) -> str:
@@ -137,9 +138,9 @@ class Records:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            for row in self._query(f"SELECT id, label, metadata, {image}, digest FROM items "
+            for row in self._query(f"SELECT id, label, metadata, {image}, digest, length(image) FROM items "
                                    f"WHERE dataset = ? AND id IN ({marks})", (dataset, *chunk)):
-                found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4])
+                found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4], row[5])
         return found
 
     def scan_items(self, dataset: str, after: str, limit: int, include_images: bool, label: str = ""
@@ -147,8 +148,8 @@ class Records:
         image = "image" if include_images else "x''"
         where = "dataset = ? AND id > ?" + (" AND label = ?" if label else "")
         args = (dataset, after, label) if label else (dataset, after)
-        return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4]) for row in self._query(
-            f"SELECT id, label, metadata, {image}, digest FROM items WHERE {where} ORDER BY id LIMIT ?",
+        return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4], row[5]) for row in self._query(
+            f"SELECT id, label, metadata, {image}, digest, length(image) FROM items WHERE {where} ORDER BY id LIMIT ?",
             (*args, limit))]
 
     def labels(self, dataset: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from convsearch.errors import FailedPrecondition
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.logs import setup_logging
 from convsearch.observability import RpcObserver, metrics_registry
-from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server
+from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server, tls_credentials, tls_note
 from convsearch_index.config import IndexConfig, load_config
 from convsearch_index.engine import Index, Limits
 from convsearch_index.metrics import CollectionsCollector, durability_timings
@@ -51,10 +51,11 @@ class _IndexService(RunningService):
 def build_server(config: IndexConfig) -> tuple[RunningService, int]:
     """Builds the index's server on config.port (0 picks one) and its metrics endpoint on
     config.metrics_port; returns it and its port."""
+    credentials = tls_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # before opening the data
     registry = metrics_registry()
     try:
         index = Index(pathlib.Path(config.data_dir), Limits(config.max_k, config.max_queries, config.exact_below),
-                      config.fsync, durability_timings(registry))
+                      config.fsync, durability_timings(registry), snapshot_retention=config.snapshot_retention)
     except FailedPrecondition as exc:
         raise SystemExit(str(exc)) from None
     registry.register(CollectionsCollector(index))
@@ -62,7 +63,7 @@ def build_server(config: IndexConfig) -> tuple[RunningService, int]:
     index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(index), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
-        port = bind(server, config.host, config.port)
+        port = bind(server, config.host, config.port, credentials)
         service = _IndexService(index, config.checkpoint_interval_s, server, health, [SERVICE_NAME], log,
                                 on_stop=index.close, metrics_registry=registry, metrics_port=config.metrics_port,
                                 metrics_host=config.host)
@@ -78,8 +79,9 @@ def main(argv=None) -> None:
     setup_logging("convsearch.index", config.log_format)
     service, port = build_server(config)
     service.start()
-    log.info("index listening on %s:%d (data dir %s, checkpoint every %.0fs, metrics port %d)", config.host, port,
-             config.data_dir, config.checkpoint_interval_s, service.metrics_port)
+    log.info("index listening on %s:%d%s (data dir %s, checkpoint every %.0fs, metrics port %d)", config.host, port,
+             tls_note(config.tls_cert, config.tls_client_ca), config.data_dir, config.checkpoint_interval_s,
+             service.metrics_port)
     service.run_until_signalled(config.grace_s)
 
 

@@ -1,10 +1,12 @@
 """IndexService over gRPC: converts messages and leaves the work to the Index core."""
 
+from convsearch.embedding import minkowski_p_of
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
 from convsearch.errors import InvalidArgument
 from convsearch.grpc_errors import map_errors
 from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
+from convsearch.naming import check_model_name
 from convsearch.tensors import from_tensor, to_tensor
 from convsearch_index.engine import CollectionInfo, CollectionKey, Index
 from convsearch_index.records import DatasetRecord, ItemRecord
@@ -19,7 +21,7 @@ def _dataset(record: DatasetRecord) -> pb.Dataset:
 
 def _item(record: ItemRecord) -> pb.Item:
     return pb.Item(id=record.id, label=record.label, metadata=record.metadata, image=record.image,
-                   image_digest=record.digest)
+                   image_digest=record.digest, image_size=record.image_size)
 
 
 def _collection(info: CollectionInfo) -> pb.Collection:
@@ -99,8 +101,10 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def CreateCollection(self, request, context):
         spec = request.spec
-        key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling), metric_name(spec.metric),
-                            spec.minkowski_p or 2.0)
+        metric = metric_name(spec.metric)
+        check_model_name(spec.model)
+        key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling), metric,
+                            minkowski_p_of(metric, spec.minkowski_p))
         info = self.index.create_collection(request.dataset, key, spec.dimension, spec.m or 16,
                                             spec.ef_construction or 200, spec.ef or 64, weights=spec.weights)
         return pb.CreateCollectionResponse(collection=_collection(info))
@@ -154,8 +158,20 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def SnapshotDataset(self, request, context):
-        path = self.index.snapshot(request.dataset)
-        return pb.SnapshotDatasetResponse(snapshot=path.stem, path=str(path), size_bytes=path.stat().st_size)
+        info, deleted = self.index.snapshot(request.dataset)
+        return pb.SnapshotDatasetResponse(snapshot=info.name, size_bytes=info.size_bytes, deleted=deleted,
+                                          created_at=info.created_at)
+
+    @map_errors
+    def ListSnapshots(self, request, context):
+        return pb.ListSnapshotsResponse(snapshots=[
+            pb.Snapshot(name=i.name, dataset=i.dataset, created_at=i.created_at, size_bytes=i.size_bytes)
+            for i in self.index.snapshots(request.dataset)])
+
+    @map_errors
+    def DeleteSnapshot(self, request, context):
+        self.index.delete_snapshot(request.snapshot)
+        return pb.DeleteSnapshotResponse()
 
     @map_errors
     def RestoreDataset(self, request, context):
