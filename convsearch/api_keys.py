@@ -5,9 +5,9 @@ The keys file (`convsearch-gateway --api-keys FILE`) holds one key a line; only 
 SHA-256 is stored, so the file is no secret:
 
     # sha256:<64 hex digits>  <role>  [<dataset>,<dataset>... | *]  [# comment]
-    sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08  read           # dashboards
-    sha256:60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752  write  shoes  # shoe importer
-    sha256:fd61a03af4f77d870fc21e05e7e80678095c92d808cfb3b5c279ee04c74aca13  admin  *      # operators
+    sha256:b89db310b91daee35146b9fac052b60e572a37c09577f56608a31892359f9344  read           # dashboards
+    sha256:163d0a8027490cb93a6e54d34b8bf84b1224d09ce44be6a94cee54ea69a233d1  write  shoes  # shoe importer
+    sha256:9b04e8c4151597c60b40bd152bb19e17de7000185883d23341b31ffb8b3002f8  admin  *      # operators
 
 Roles, each allowing what the one before it does: `read` (search, get, list, evaluate, compare,
 project, inspect, list models), `write` (also ingest, index, delete items), `admin` (also create

@@ -6,16 +6,29 @@ import logging
 
 import grpc
 
-from convsearch.errors import ConvsearchError
+from convsearch.errors import ConvsearchError, shown
 
 log = logging.getLogger("convsearch.grpc")
 
 
+MAX_DETAILS = 2000
+"""UTF-8 bytes of a status message: it travels percent-encoded (up to 3x) in a trailer, which
+must stay under gRPC's 8 KiB metadata limit. Messages cut what they echo (errors.shown); this is
+the backstop for the rest."""
+
+
+def _capped(message: str) -> str:
+    encoded = message.encode()
+    if len(encoded) <= MAX_DETAILS:
+        return message
+    return encoded[:MAX_DETAILS - 3].decode(errors="ignore") + "…"
+
+
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ConvsearchError):
-        return getattr(grpc.StatusCode, exc.code), str(exc)
+        return getattr(grpc.StatusCode, exc.code), _capped(str(exc))
     log.exception("unexpected error")
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {exc}); see the server log"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}: {shown(str(exc))}); see the server log"
 
 
 def map_errors(method):

@@ -91,7 +91,7 @@ def verify_image(data: bytes, max_pixels: int) -> tuple[int, int]:
     """(width, height) of an image that is within the pixel limit and decodes completely.
 
     The size is checked on the header first; then the pixels are decoded, a JPEG at a reduced
-    scale (draft mode, about 1/64 of the work), so a truncated or corrupt file is caught here
+    scale (draft mode: down to 1/8 a side, a fraction of the work), so a truncated or corrupt file is caught here
     rather than when it is used. Raises ImageError.
     """
     with open_checked(data, max_pixels) as image:

@@ -12,6 +12,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from convsearch.client import Client
 from convsearch.embedding import Configuration
@@ -36,6 +37,103 @@ def test_the_compose_file_validates():
     assert result.returncode == 0, result.stderr
     config = subprocess.run(["docker-compose", "config"], cwd=ROOT, capture_output=True, text=True).stdout
     assert "dns:///extractor:50052" in config and "index-data:/data" in config.replace(" ", "")
+
+
+MTLS_FILES = ["docker-compose.yml", "docker-compose.mtls.yml"]
+API_KEYS_FILES = [*MTLS_FILES, "docker-compose.api-keys.yml"]
+HEALTH_NAMES = {"gateway": "convsearch.gateway.v1.GatewayService",
+                "extractor": "convsearch.extractor.v1.ExtractorService",
+                "index": "convsearch.index.v1.IndexService"}
+PORTS = {"gateway": 50051, "extractor": 50052, "index": 50053}
+
+
+def merged_config(files: list[str]) -> dict:
+    """`docker-compose -f A -f B ... config` (validated first with -q), parsed."""
+    options = [word for name in files for word in ("-f", name)]
+    check = subprocess.run(["docker-compose", *options, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    result = subprocess.run(["docker-compose", *options, "config"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """Bind mounts and volumes by container path: the source and the mode ("ro" or "rw")."""
+    found = {}
+    for volume in service.get("volumes", []):
+        source, target, *mode = volume.split(":") if isinstance(volume, str) else (
+            volume["source"], volume["target"], "ro" if volume.get("read_only") else "rw")
+        found[target] = (source, (mode or ["rw"])[0])
+    return found
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by set-up as root")
+def test_the_default_stack_stays_plaintext():
+    services = merged_config(["docker-compose.yml"])["services"]
+    assert set(services) == {"gateway", "extractor", "index"}
+    for name, service in services.items():
+        assert not [key for key in service["environment"] if "TLS" in key or "API_KEYS" in key], name
+        assert "/certs" not in _mounts(service), name
+        assert "--tls-ca" not in service["healthcheck"]["test"], name
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by set-up as root")
+def test_the_mtls_override_turns_on_mutual_tls_to_the_backends_and_tls_at_the_gateway():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import dev_certs
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    services = merged_config(MTLS_FILES)["services"]
+    assert set(services) == {"gateway", "extractor", "index"}
+    written = {f"/certs/{stem}{suffix}" for stem in (*dev_certs.SERVER_NAMES, dev_certs.CLIENT)
+               for suffix in (".crt", ".key")} | {"/certs/ca.crt"}
+    for name, service in services.items():
+        env = service["environment"]
+        source, mode = _mounts(service)["/certs"]
+        assert pathlib.Path(source) == ROOT / "build" / "certs" and mode == "ro", (name, source, mode)
+        prefix = f"CONVSEARCH_{name.upper()}_"
+        assert env[prefix + "TLS_CERT"] == f"/certs/{name}.crt" and env[prefix + "TLS_KEY"] == f"/certs/{name}.key"
+        # The healthcheck speaks TLS, with a certificate of the CA the service trusts.
+        test = service["healthcheck"]["test"]
+        assert test[:2] == ["CMD", "convsearch"], test
+        health = test.index("health")
+        options = dict(zip(test[2:health:2], test[3:health:2], strict=True))
+        assert set(options) == {"--tls-ca", "--tls-cert", "--tls-key"}, test
+        assert set(options.values()) <= written, options
+        assert options["--tls-ca"] == "/certs/ca.crt"
+        assert test[health + 1:] == [f"127.0.0.1:{PORTS[name]}", HEALTH_NAMES[name]], test
+        if name != "gateway":  # the backends accept only clients with a certificate of the CA
+            assert env[prefix + "TLS_CLIENT_CA"] == "/certs/ca.crt"
+            assert options["--tls-cert"] == env[prefix + "TLS_CERT"]
+    gateway = services["gateway"]["environment"]
+    assert gateway["CONVSEARCH_GATEWAY_BACKEND_TLS_CA"] == "/certs/ca.crt"
+    assert gateway["CONVSEARCH_GATEWAY_BACKEND_TLS_CERT"] == "/certs/gateway-client.crt"
+    assert gateway["CONVSEARCH_GATEWAY_BACKEND_TLS_KEY"] == "/certs/gateway-client.key"
+    assert not gateway.get("CONVSEARCH_GATEWAY_BACKEND_TLS_SERVER_NAME")
+    # The backends' certificates name the hosts the gateway dials (their compose service names).
+    assert gateway["CONVSEARCH_GATEWAY_EXTRACTOR"] == "dns:///extractor:50052"
+    assert gateway["CONVSEARCH_GATEWAY_INDEX"] == "index:50053"
+    assert "extractor" in dev_certs.SERVER_NAMES["extractor"] and "index" in dev_certs.SERVER_NAMES["index"]
+    # Nothing else changed: same services, ports, volumes and start-up order as the default stack.
+    plain = merged_config(["docker-compose.yml"])["services"]
+    for name, service in services.items():
+        for field in ("image", "ports", "expose", "depends_on", "stop_grace_period", "restart"):
+            assert service.get(field) == plain[name].get(field), (name, field)
+        assert {k: v for k, v in service["environment"].items() if k in plain[name]["environment"]} == \
+            plain[name]["environment"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by set-up as root")
+def test_the_api_keys_override_points_the_gateway_at_a_mounted_keys_file():
+    services = merged_config(API_KEYS_FILES)["services"]
+    env = services["gateway"]["environment"]
+    keys = pathlib.PurePosixPath(env["CONVSEARCH_GATEWAY_API_KEYS"])
+    source, mode = _mounts(services["gateway"])[str(keys.parent)]  # the folder: a renamed file is seen
+    assert pathlib.Path(source) == ROOT / "build" / "api-keys" and mode == "ro"
+    assert env["CONVSEARCH_GATEWAY_TLS_CERT"], "keys go over TLS only"
+    for name in ("extractor", "index"):
+        assert not [key for key in services[name]["environment"] if "API_KEYS" in key]
 
 
 def wait_healthy(service: str, count: int = 1, timeout_s: float = 600) -> list[str]:

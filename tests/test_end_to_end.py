@@ -69,7 +69,7 @@ def test_ingest_is_idempotent_and_reports_each_item(client):
     items = list(read_items(FASHION200))[:3] + [("broken", "bag", b"not an image"), ("", "bag", items_png())]
     results = list(client.ingest("fashion200", items))
     assert [r.status for r in results] == ["replaced", "replaced", "replaced", "failed", "failed"]
-    assert "not a readable image" in results[3].error and "1 to 256" in results[4].error
+    assert "not a recognised image" in results[3].error and "1 to 256" in results[4].error
     assert client.dataset("fashion200").item_count == 200
 
 

@@ -330,3 +330,13 @@ def test_echoed_values_are_cut_in_one_helper():
     assert "at most 32" in str(error.value)
     with pytest.raises(InvalidArgument, match="cannot be used"):
         from_tensor(common_pb2.FloatTensor(data=b"", shape=[0, 2**62, 2**62]))
+
+
+def test_every_status_message_is_capped_below_the_metadata_limit():
+    from convsearch.errors import NotFound
+    from convsearch.grpc_errors import MAX_DETAILS, _status
+
+    code, message = _status(NotFound("é" * 5000))
+    assert code == grpc.StatusCode.NOT_FOUND and len(message.encode()) <= MAX_DETAILS and message.endswith("…")
+    assert _status(NotFound("dataset 'x' does not exist"))[1] == "dataset 'x' does not exist"
+    assert len(_status(ValueError("q" * 10_000))[1]) < 200  # an unexpected error's text is cut too

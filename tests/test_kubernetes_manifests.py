@@ -22,7 +22,11 @@ import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 KUBERNETES_VERSION = "1.37.0"  # the newest that kubernetes-validate 1.37 bundles schemas for
-RENDERINGS = ["base", "overlays/cpu", "overlays/gpu"]
+RENDERINGS = ["base", "overlays/cpu", "overlays/gpu", "overlays/mtls"]
+# Renderings whose services serve TLS (mutual TLS at the extractor and index): probes are `exec`
+# probes running `convsearch health` with TLS options, since native gRPC probes cannot speak TLS.
+TLS_RENDERINGS = ["overlays/mtls"]
+PLAINTEXT_RENDERINGS = [folder for folder in RENDERINGS if folder not in TLS_RENDERINGS]
 COMPONENTS = ("gateway", "extractor", "index")
 GRPC_PORT = {"gateway": 50051, "extractor": 50052, "index": 50053}
 METRICS_PORT = {"gateway": 9051, "extractor": 9052, "index": 9053}
@@ -209,9 +213,9 @@ def quantity(value) -> float:
 
 # --- validation --------------------------------------------------------------------------------
 
-def test_overlays_are_cpu_and_gpu():
+def test_overlays_are_cpu_gpu_and_mtls():
     overlays = {path.parent.name for path in (ROOT / "overlays").glob("*/kustomization.yaml")}
-    assert overlays == {"cpu", "gpu"}
+    assert overlays == {"cpu", "gpu", "mtls"}
     assert [f"overlays/{name}" for name in sorted(overlays)] == RENDERINGS[1:]
 
 
@@ -306,7 +310,7 @@ def test_objects_are_the_expected_ones(folder):
     assert kinds == sorted(expected)
 
 
-@pytest.mark.parametrize("folder", RENDERINGS)
+@pytest.mark.parametrize("folder", PLAINTEXT_RENDERINGS)
 def test_every_container_has_grpc_startup_readiness_and_liveness_probes(folder):
     for component, workload in workloads(render(folder)).items():
         container = only_container(workload)
@@ -460,7 +464,12 @@ def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
         else:
             assert grpc_rule["ports"] == [{"port": GRPC_PORT[component], "protocol": "TCP"}]
             assert len(grpc_rule["from"]) == 1 and set(grpc_rule["from"][0]) == {"podSelector"}, component
-            assert selects(grpc_rule["from"][0]["podSelector"], gateway_labels), component
+            peer = grpc_rule["from"][0]["podSelector"]
+            assert selects(peer, gateway_labels), component
+            # the gateway alone: an empty selector would admit every pod of the namespace
+            others = [name for name, other in found.items() if name != "gateway"
+                      and selects(peer, other["spec"]["template"]["metadata"]["labels"])]
+            assert peer.get("matchLabels") and not others, f"{component}: {peer} admits {others or 'every pod'}"
         assert metrics_rule["from"], f"{component}: metrics open to everyone"
         for peer in metrics_rule["from"]:
             assert peer.get("podSelector", {}).get("matchLabels"), f"{component}: metrics peers need a pod label"
@@ -534,3 +543,121 @@ def test_gpu_overlay_puts_the_extractor_on_a_gpu_node():
     base = {_key(doc): doc for doc in render("base")}
     changed = {_key(doc) for doc in docs if doc != base[_key(doc)]}
     assert changed == {("Deployment", "convsearch-extractor"), ("ConfigMap", CONFIG_MAP)}
+
+
+# --- the mtls overlay: mutual TLS between the gateway and its backends, API keys -------------------
+
+def _option(command: list[str], flag: str) -> str:
+    assert command.count(flag) == 1, f"{flag} once in {command}"
+    return command[command.index(flag) + 1]
+
+
+def secret_file(workload: dict, path: str) -> str:
+    """The Secret that `path` is mounted from in the workload's container (read-only, a whole volume:
+    no subPath, so Kubernetes' updates of a rotated Secret reach the file)."""
+    container = only_container(workload)
+    mounts = [m for m in container.get("volumeMounts", []) if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert len(mounts) == 1, f"{path} is not under exactly one mount of {container['name']}: {mounts}"
+    mount = mounts[0]
+    assert mount.get("readOnly") is True and "subPath" not in mount, mount
+    volume = {v["name"]: v for v in pod_spec(workload)["volumes"]}[mount["name"]]
+    assert "secret" in volume, f"{path}: {mount['name']} is not a Secret volume"
+    assert volume["secret"].get("optional") is not True, f"{path}: a missing Secret must stop the pod"
+    mode = volume["secret"].get("defaultMode", 0o644)
+    assert mode & 0o007 == 0, f"{path}: readable by every user ({oct(mode)})"
+    assert mode & 0o040, f"{path}: the pod's fsGroup cannot read it ({oct(mode)})"
+    assert pod_spec(workload)["securityContext"]["fsGroup"] == 10001
+    return volume["secret"]["secretName"]
+
+
+@pytest.mark.parametrize("folder", TLS_RENDERINGS)
+def test_tls_containers_probe_with_exec_convsearch_health_and_tls_options(folder):
+    # Native gRPC probes cannot speak TLS; each probe runs the image's `convsearch health` with the
+    # CA, a certificate and its key, against the container's own port, for the same health names.
+    for component, workload in workloads(render(folder)).items():
+        container = only_container(workload)
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container[kind]
+            assert not {"grpc", "httpGet", "tcpSocket"} & set(probe), f"{component} {kind}: exec only under TLS"
+            command = probe["exec"]["command"]
+            assert all(isinstance(word, str) for word in command), command
+            assert command[0] == "convsearch" and "health" in command, command
+            health = command.index("health")
+            options = command[1:health]
+            assert sorted(options[::2]) == ["--tls-ca", "--tls-cert", "--tls-key"], f"{component} {kind}: {options}"
+            for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+                secret_file(workload, _option(options, flag))
+            arguments = command[health + 1:]
+            timeout_s = float(_option(arguments, "--timeout")) if "--timeout" in arguments else 3.0
+            positional = [a for i, a in enumerate(arguments)
+                          if a != "--timeout" and (i == 0 or arguments[i - 1] != "--timeout")]
+            assert positional[0] == f"127.0.0.1:{GRPC_PORT[component]}", f"{component} {kind}: {positional}"
+            service = positional[1]
+            assert timeout_s < probe["timeoutSeconds"], f"{component} {kind}: the probe's timeout cuts the check"
+            expected = {"readinessProbe": (READINESS_NAME[component],), "livenessProbe": (LIVENESS_NAME,),
+                        "startupProbe": (READINESS_NAME[component], LIVENESS_NAME)}[kind]
+            assert service in expected, f"{component} {kind}: {service}"
+        if component == "gateway":  # never restarted for its backends, under TLS too
+            assert container["livenessProbe"]["exec"]["command"][-1] == LIVENESS_NAME
+            assert container["startupProbe"]["exec"]["command"][-1] == LIVENESS_NAME
+        else:
+            startup = container["startupProbe"]
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, component
+
+
+@pytest.mark.parametrize("folder", TLS_RENDERINGS)
+def test_backends_serve_mutual_tls_and_their_probes_hold_a_certificate_they_accept(folder):
+    docs = render(folder)
+    data = config(docs)
+    for component in ("extractor", "index"):
+        workload = workloads(docs)[component]
+        prefix = f"CONVSEARCH_{component.upper()}_"
+        cert, key, client_ca = (data.get(prefix + part) for part in ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"))
+        assert cert and key, f"{component}: no TLS certificate"
+        assert client_ca, f"{component}: no {prefix}TLS_CLIENT_CA: clients would not need a certificate"
+        secrets = {secret_file(workload, path) for path in (cert, key, client_ca)}
+        assert secrets == {f"convsearch-{component}-tls"}, secrets
+        # The probe verifies the server with the CA and presents a certificate that CA signed.
+        command = only_container(workload)["readinessProbe"]["exec"]["command"]
+        assert _option(command, "--tls-ca") == client_ca
+        assert secret_file(workload, _option(command, "--tls-cert")) == f"convsearch-{component}-tls"
+
+
+@pytest.mark.parametrize("folder", TLS_RENDERINGS)
+def test_gateway_serves_tls_and_reaches_its_backends_with_a_client_certificate(folder):
+    docs = render(folder)
+    data = config(docs)
+    gateway = workloads(docs)["gateway"]
+    assert {secret_file(gateway, data[f"CONVSEARCH_GATEWAY_TLS_{part}"]) for part in ("CERT", "KEY")} == {
+        "convsearch-gateway-tls"}
+    backend = {part: data.get(f"CONVSEARCH_GATEWAY_BACKEND_TLS_{part}") for part in ("CA", "CERT", "KEY")}
+    assert all(backend.values()), f"the gateway lacks backend TLS settings: {backend}"
+    assert {secret_file(gateway, path) for path in backend.values()} == {"convsearch-gateway-client-tls"}
+    # The backends trust the CA that signed the gateway's client certificate (same file name in the
+    # same cert-manager layout), and the gateway reaches them by names their certificates carry.
+    assert backend["CA"].endswith("/ca.crt")
+    assert not data.get("CONVSEARCH_GATEWAY_BACKEND_TLS_SERVER_NAME"), "the names are in the addresses"
+    assert data["CONVSEARCH_GATEWAY_EXTRACTOR"] == "dns:///convsearch-extractor:50052"
+    assert data["CONVSEARCH_GATEWAY_INDEX"] == "convsearch-index-0.convsearch-index:50053"
+    # API keys from a Secret; clients are not asked for certificates (keys authenticate them).
+    assert secret_file(gateway, data["CONVSEARCH_GATEWAY_API_KEYS"]) == "convsearch-api-keys"
+    assert not data.get("CONVSEARCH_GATEWAY_TLS_CLIENT_CA")
+
+
+@pytest.mark.parametrize("folder", TLS_RENDERINGS)
+def test_tls_overlay_changes_only_the_config_and_the_workloads_and_keeps_the_network_policies(folder):
+    docs = render(folder)
+    plain = {_key(doc): doc for doc in render("overlays/cpu")}
+    assert sorted(plain) == sorted(_key(doc) for doc in docs)
+    changed = {_key(doc) for doc in docs if doc != plain[_key(doc)]}
+    assert changed == {("ConfigMap", CONFIG_MAP), ("Deployment", "convsearch-gateway"),
+                       ("Deployment", "convsearch-extractor"), ("StatefulSet", "convsearch-index")}
+    for key, doc in ((k, d) for d in docs for k in [_key(d)] if k not in changed):
+        assert doc == plain[key]
+    # Only TLS settings (and the API keys file) were added to the ConfigMap; nothing was changed.
+    data, before = config(docs), config(list(plain.values()))
+    assert {k: v for k, v in data.items() if k in before} == before
+    assert all("TLS" in key or key == "CONVSEARCH_GATEWAY_API_KEYS" for key in set(data) - set(before))
+    for component in COMPONENTS:
+        for part in ("TLS_CERT", "TLS_KEY"):
+            assert data[f"CONVSEARCH_{component.upper()}_{part}"], f"{component}: no {part}"

@@ -6,6 +6,10 @@ collection of it that lacks them. Images stream to the extractor through BulkEmb
 vectors of the previous batch are being upserted. What is already in a collection is never
 embedded again, so an interrupted run, started again, continues where it stopped.
 
+Images are fetched from the index in pages bounded by bytes, not counts: their sizes are asked
+for first (without the images) and each page stays under the gRPC message limit; an image too
+large for any message is a failed item saying so, never a failed run.
+
 A new collection is bound to the extractor's weights, and vectors of other weights are refused
 (FAILED_PRECONDITION) before any is upserted. A run that fails deletes the collections it
 created that are still empty. Vectors go to the index with the digest of the image they were
