@@ -2,14 +2,20 @@
 and the demo. Tables for people, --json for scripts; errors as one line.
 
 Exit codes: 0 done, 1 the request failed, 2 bad usage, 3 a service is unavailable, 130 interrupted.
+Bad usage (2) includes a file named on the command line that cannot be read and, for `up`, a port
+it needs that another process holds. --gateway defaults to CONVSEARCH_GATEWAY; --json, --gateway,
+--api-key and --tls-* go before or after the subcommand.
 """
 
 import argparse
 import csv
 import dataclasses
+import errno
 import json
+import os
 import pathlib
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -27,6 +33,8 @@ from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, TLSError, client_credentia
 FASHION200 = pathlib.Path(__file__).resolve().parent.parent / "datasets" / "fashion200"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEMO_MODEL = "efficientnet_lite0"
+ENV_GATEWAY = "CONVSEARCH_GATEWAY"
+DEFAULT_GATEWAY = "127.0.0.1:50051"
 
 
 class UsageError(Exception):
@@ -60,9 +68,23 @@ def emit(args, data, rows: list[dict] | None = None, columns: list[str] | None =
         print(table(rows, columns))
 
 
+def read_file(path: str, option: str) -> bytes:
+    """The bytes of a file the user named; UsageError (exit 2) naming it when it cannot be read."""
+    try:
+        return pathlib.Path(path).read_bytes()
+    except FileNotFoundError:
+        raise UsageError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise UsageError(f"{option} {path}: is a folder, not a file") from None
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
+
+
 def read_items(path: pathlib.Path) -> Iterator[tuple[str, str, bytes]]:
     """(id, label, bytes) from an ImageFolder-style folder (sub-folders are labels) or a CSV
     manifest of path,label (paths relative to the manifest). Ids are paths without extension."""
+    if not path.exists():
+        raise UsageError(f"{path}: no such folder or file")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -72,7 +94,11 @@ def read_items(path: pathlib.Path) -> Iterator[tuple[str, str, bytes]]:
             label = relative.parts[0] if len(relative.parts) > 1 else ""
             yield str(relative.with_suffix("")), label, file.read_bytes()
     elif path.suffix.lower() == ".csv":
-        with open(path, newline="") as handle:
+        try:
+            handle = open(path, newline="")
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        with handle:
             for row in csv.reader(handle):
                 if not row or row[0] == "path":
                     continue
@@ -138,11 +164,53 @@ def tls_options(args) -> dict:
     return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
+UP_PORT_OPTIONS = {"gateway": "--port", "extractor": "--extractor-port", "index": "--index-port"}
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something already listens on host:port (or it cannot be bound there)."""
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        if sock.connect_ex((probe_host, port)) == 0:  # something answers: another process serves there
+            return True
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            sock.bind((host, port))
+    except OSError as exc:
+        return exc.errno == errno.EADDRINUSE  # other errors (an address not on this machine): the service's to report
+    return False
+
+
+def busy_port_message(host: str, port: int, service: str) -> str:
+    option = UP_PORT_OPTIONS[service]
+    return (f"port {port} on {host} (the {service}'s) is already in use by another process: stop that process "
+            f"or pass another {option}, e.g. {option} 0 for a free one")
+
+
+def check_up_ports(args) -> None:
+    """UsageError (exit 2) naming the first port `up` needs that is taken (before starting anything)."""
+    ports = {"gateway": args.port, "extractor": args.extractor_port, "index": args.index_port}
+    chosen = [port for port in ports.values() if port]
+    for service, port in ports.items():
+        if port and chosen.count(port) > 1:
+            raise UsageError(f"port {port} is given to more than one service; pass different --port, "
+                             "--extractor-port and --index-port")
+        if port and port_in_use(args.host, port):
+            raise UsageError(busy_port_message(args.host, port, service))
+
+
 def cmd_up(args) -> int:
     data_dir = pathlib.Path(args.data_dir)
     extractor_args = ("--device", args.device) + (("--allow-random-weights",) if args.allow_random_weights else ())
+    check_up_ports(args)
     print(f"starting extractor, index and gateway (data in {data_dir.resolve()}) ...", file=sys.stderr)
-    stack = LocalStack(data_dir, args.port, args.extractor_port, args.index_port, extractor_args, host=args.host)
+    stack = LocalStack(data_dir, args.port or None, args.extractor_port or None, args.index_port or None,
+                       extractor_args, host=args.host)
+    exited = stack.exited()
+    if exited:  # it lost the port to another process between the check and its start: that one answered
+        return up_failed(args, stack, exited)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -151,12 +219,28 @@ def cmd_up(args) -> int:
         print(f"gateway    {stack.gateway}\nextractor  {stack.extractor}\nindex      {stack.index}\n"
               "all healthy; Ctrl-C stops them", flush=True)
     while not stop.wait(0.5):
-        if any(process.poll() is not None for process in stack.processes.values()):
-            print("a service exited; stopping the others", file=sys.stderr)
-            break
+        exited = stack.exited()
+        if exited:
+            return up_failed(args, stack, exited)
     stack.stop()
     print("stopped", file=sys.stderr)
     return 0
+
+
+def up_failed(args, stack: LocalStack, exited: list[str]) -> int:
+    """A service of `up` exited on its own: stop the others and say why (2 when it could not
+    listen on its port, 1 otherwise)."""
+    logs = stack.stop()
+    for service in exited:
+        log = logs.get(service, "")
+        if "cannot listen on" in log:
+            port = {"gateway": args.port, "extractor": args.extractor_port, "index": args.index_port}[service]
+            print(f"convsearch: {busy_port_message(args.host, port, service)}", file=sys.stderr)
+            return 2
+    last_lines = "\n".join(logs.get(exited[0], "").strip().splitlines()[-10:])
+    print(f"convsearch: the {exited[0]} exited; stopped the others. Its last log lines:\n{last_lines}",
+          file=sys.stderr)
+    return 1
 
 
 def cmd_models(args, client: Client) -> int:
@@ -172,7 +256,11 @@ def cmd_datasets(args, client: Client) -> int:
     datasets = client.datasets()
     rows = [{"dataset": d.name, "items": d.item_count, "collections": d.collection_count,
              "description": d.description} for d in datasets]
-    emit(args, datasets, rows, ["dataset", "items", "collections", "description"])
+    # ListDatasets carries each dataset's collection_count, not its collections: the JSON leaves
+    # `collections` out rather than show an empty list beside a non-zero count.
+    listing = [{"name": d.name, "description": d.description, "item_count": d.item_count,
+                "collection_count": d.collection_count} for d in datasets]
+    emit(args, listing, rows, ["dataset", "items", "collections", "description"])
     return 0
 
 
@@ -192,7 +280,7 @@ def cmd_index(args, client: Client) -> int:
 
 
 def cmd_search(args, client: Client) -> int:
-    image = pathlib.Path(args.image).read_bytes() if args.image else None
+    image = read_file(args.image, "--image") if args.image else None
     result = client.search(args.dataset, image=image, item_id=args.id, configuration=configuration(args), k=args.k)
     emit(args, result, search_rows(result), ["rank", "id", "label", "distance", "match"])
     if not args.json and result.search_score is not None:
@@ -281,7 +369,7 @@ def cmd_project(args, client: Client) -> int:
 
 
 def cmd_inspect(args, client: Client) -> int:
-    image = pathlib.Path(args.image).read_bytes() if args.image else None
+    image = read_file(args.image, "--image") if args.image else None
     found = client.inspect(args.layer, image=image, dataset=args.dataset or "", item_id=args.id or "",
                            model=args.model, top_channels=args.top)
     out = pathlib.Path(args.out)
@@ -384,23 +472,56 @@ def cmd_demo(args) -> int:
 
 # ---- parsing -----------------------------------------------------------------------------
 
-def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="convsearch", description="ConvNet Search: semantic image search with CNNs.")
-    top.add_argument("--gateway", default="127.0.0.1:50051", help="gateway address (default %(default)s)")
-    top.add_argument("--json", action="store_true", help="print JSON for scripts instead of tables")
-    top.add_argument("--tls-ca", help=f"PEM CA to verify the server's certificate with: TLS (env {ENV_CA})")
-    top.add_argument("--tls-cert", help=f"PEM client certificate for mutual TLS (env {ENV_CERT})")
-    top.add_argument("--tls-key", help=f"PEM private key of --tls-cert (env {ENV_KEY})")
-    top.add_argument("--api-key", help=f"API key the gateway asks for, sent as `authorization: Bearer KEY` "
-                                      f"(env {ENV_API_KEY})")
-    commands = top.add_subparsers(dest="command", required=True)
+def add_output_options(parser: argparse.ArgumentParser, default=False) -> None:
+    parser.add_argument("--json", action="store_true", default=default,
+                        help="print JSON for scripts instead of tables")
 
-    up = commands.add_parser("up", help="run extractor, index and gateway locally until Ctrl-C")
+
+def add_tls_options(parser: argparse.ArgumentParser, default=None) -> None:
+    parser.add_argument("--tls-ca", default=default,
+                        help=f"PEM CA to verify the server's certificate with: TLS (env {ENV_CA})")
+    parser.add_argument("--tls-cert", default=default, help=f"PEM client certificate for mutual TLS (env {ENV_CERT})")
+    parser.add_argument("--tls-key", default=default, help=f"PEM private key of --tls-cert (env {ENV_KEY})")
+
+
+def add_gateway_options(parser: argparse.ArgumentParser, gateway=None, api_key=None) -> None:
+    parser.add_argument("--gateway", default=gateway,
+                        help=f"gateway address (env {ENV_GATEWAY}; default {DEFAULT_GATEWAY})")
+    parser.add_argument("--api-key", default=api_key, help=f"API key the gateway asks for, sent as "
+                                                           f"`authorization: Bearer KEY` (env {ENV_API_KEY})")
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command line. Options of the connection and output (--gateway, --api-key, --tls-*,
+    --json) go before or after the subcommand: the subcommands' copies default to SUPPRESS, so a
+    value given before the subcommand is kept unless given again after it."""
+    top = argparse.ArgumentParser(prog="convsearch", description="ConvNet Search: semantic image search with CNNs.")
+    add_gateway_options(top, gateway=os.environ.get(ENV_GATEWAY) or DEFAULT_GATEWAY)
+    add_output_options(top)
+    add_tls_options(top)
+    output = argparse.ArgumentParser(add_help=False)
+    add_output_options(output, default=argparse.SUPPRESS)
+    secured = argparse.ArgumentParser(add_help=False, parents=[output])  # `health`: TLS, no gateway
+    add_tls_options(secured, default=argparse.SUPPRESS)
+    connected = argparse.ArgumentParser(add_help=False, parents=[secured])  # commands that call the gateway
+    add_gateway_options(connected, gateway=argparse.SUPPRESS, api_key=argparse.SUPPRESS)
+    subparsers = top.add_subparsers(dest="command", required=True)
+
+    class Commands:
+        """add_parser with the shared options: `connected` unless told otherwise."""
+
+        @staticmethod
+        def add_parser(name, parents=(connected,), **kwargs):
+            return subparsers.add_parser(name, parents=list(parents), **kwargs)
+
+    commands = Commands()
+
+    up = commands.add_parser("up", parents=(output,), help="run extractor, index and gateway locally until Ctrl-C")
     up.add_argument("--data-dir", default="./data", help="where the index keeps its data (default %(default)s)")
     up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=50051, help="gateway port")
-    up.add_argument("--extractor-port", type=int, default=50052)
-    up.add_argument("--index-port", type=int, default=50053)
+    up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
+    up.add_argument("--extractor-port", type=int, default=50052, help="0: a free one")
+    up.add_argument("--index-port", type=int, default=50053, help="0: a free one")
     up.add_argument("--device", default="auto")
     up.add_argument("--allow-random-weights", action="store_true")
 
@@ -417,13 +538,14 @@ def parser() -> argparse.ArgumentParser:
 
     snapshot = commands.add_parser("snapshot", help="snapshots of datasets on the index server (admin)")
     snapshot_commands = snapshot.add_subparsers(dest="snapshot_command", required=True)
-    snapshot_commands.add_parser("create", help="write a snapshot of a dataset").add_argument("dataset")
-    snapshot_commands.add_parser("list", help="the snapshots kept, oldest first").add_argument(
+    snapshot_commands.add_parser("create", parents=[connected], help="write a snapshot of a dataset").add_argument(
+        "dataset")
+    snapshot_commands.add_parser("list", parents=[connected], help="the snapshots kept, oldest first").add_argument(
         "dataset", nargs="?", default="", help="only this dataset's (default: all)")
-    restore = snapshot_commands.add_parser("restore", help="restore a snapshot as a new dataset")
+    restore = snapshot_commands.add_parser("restore", parents=[connected], help="restore a snapshot as a new dataset")
     restore.add_argument("snapshot")
     restore.add_argument("--dataset", required=True, help="name of the new dataset")
-    snapshot_commands.add_parser("delete", help="delete a snapshot").add_argument("snapshot")
+    snapshot_commands.add_parser("delete", parents=[connected], help="delete a snapshot").add_argument("snapshot")
 
     ingest = commands.add_parser("ingest", help="store a folder (sub-folders are labels) or a CSV manifest")
     ingest.add_argument("path")
@@ -475,10 +597,13 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--top", type=int, default=8)
     inspect.add_argument("--out", required=True, help="folder for the PNG files")
 
-    api_key = commands.add_parser("api-key", help="make an API key and its line for the gateway's --api-keys file")
+    api_key = commands.add_parser("api-key", parents=(output,),
+                                  help="make an API key and its line for the gateway's --api-keys file")
     api_key_commands = api_key.add_subparsers(dest="api_key_command", required=True)
-    make_key = api_key_commands.add_parser("new", help="a fresh key (printed once) and the line that admits it")
-    hashed = api_key_commands.add_parser("hash", help="the line that admits an existing key (read from stdin)")
+    make_key = api_key_commands.add_parser("new", parents=[output],
+                                           help="a fresh key (printed once) and the line that admits it")
+    hashed = api_key_commands.add_parser("hash", parents=[output],
+                                         help="the line that admits an existing key (read from stdin)")
     for command in (make_key, hashed):
         command.add_argument("--role", required=True, choices=ROLES,
                              help="read: search and look; write: also ingest, index, delete items; "
@@ -487,7 +612,8 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--comment", default="", help="a note kept on the line, e.g. who holds the key")
         command.add_argument("--append", metavar="FILE", help="append the line to this keys file")
 
-    health = commands.add_parser("health", help="ask any service's grpc.health.v1 (exit 0 when SERVING)")
+    health = commands.add_parser("health", parents=(secured,),
+                                 help="ask any service's grpc.health.v1 (exit 0 when SERVING)")
     health.add_argument("address", help="host:port of a gateway, extractor or index")
     health.add_argument("service", nargs="?", default="",
                         help="health name, e.g. convsearch.index.v1.IndexService or liveness (default: the server)")

@@ -20,9 +20,10 @@ from convsearch.api_keys import ENV_API_KEY, with_api_key
 from convsearch.channels import create_channel
 from convsearch.embedding import Configuration
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
-from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
+from convsearch.errors import ConvsearchError, Unavailable
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
+from convsearch.grpc_errors import error_from_call
 from convsearch.index.v1 import index_pb2
 from convsearch.inspection import Inspection
 from convsearch.tls import client_credentials
@@ -223,9 +224,12 @@ class Client:
         self.close()
 
     def _error(self, exc: grpc.RpcError) -> ConvsearchError:
+        """The domain error, with the google.rpc.Status details the gateway sent: `reason`,
+        `metadata`, `field_violations`, `resource`, `retry_after_s` (see convsearch.errors)."""
         if exc.code() == grpc.StatusCode.UNAVAILABLE and "unavailable" not in (exc.details() or ""):
-            return Unavailable(f"the gateway at {self.address} is unavailable ({exc.details()}); is it running?")
-        return ERRORS_BY_CODE.get(exc.code().name, ConvsearchError)(exc.details())
+            return Unavailable(f"the gateway at {self.address} is unavailable ({exc.details()}); is it running?",
+                               reason="GATEWAY_UNAVAILABLE", metadata={"address": self.address})
+        return error_from_call(exc)
 
     def _call(self, method: str, request):
         try:

@@ -25,7 +25,7 @@ MAX_MINKOWSKI_P = 100.0
 """Beyond this p, |d|**p overflows float64 for ordinary distances; chebyshev is the p = inf limit."""
 
 
-def minkowski_p_of(metric: str, p: float) -> float:
+def minkowski_p_of(metric: str, p: float, field: str = "configuration.minkowski_p") -> float:
     """The p a configuration uses. For minkowski, the p sent, which must be a finite number from
     1 to MAX_MINKOWSKI_P: 0 (proto3's unset) is an error rather than a silent 2, so a client
     that forgets p learns it. For every other metric p means nothing and is 2.0 whatever was sent.
@@ -37,5 +37,6 @@ def minkowski_p_of(metric: str, p: float) -> float:
     if not math.isfinite(p) or not 1.0 <= p <= MAX_MINKOWSKI_P:
         hint = "; minkowski needs minkowski_p set (it is 0, unset)" if p == 0 else ""
         raise InvalidArgument(f"minkowski p must be >= 1 and <= {MAX_MINKOWSKI_P:g}, got {p:g}{hint}; "
-                              "use chebyshev for p = infinity")
+                              "use chebyshev for p = infinity", reason="MINKOWSKI_P_OUT_OF_RANGE", field=field,
+                              metadata={"minkowski_p": f"{p:g}"})
     return float(p)

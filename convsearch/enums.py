@@ -24,16 +24,18 @@ METRIC_NAMES = {
 METRIC_ENUMS = {name: value for value, name in METRIC_NAMES.items() if value != common_pb2.METRIC_UNSPECIFIED}
 
 
-def pooling_name(value: int) -> str:
+def pooling_name(value: int, field: str = "configuration.pooling") -> str:
     """The core's name of a Pooling value; INVALID_ARGUMENT for a value this version does not know."""
     if value not in POOLING_NAMES:
-        raise InvalidArgument(f"unknown pooling value {value}; use POOLING_AVG, POOLING_MAX or POOLING_FLATTEN")
+        raise InvalidArgument(f"unknown pooling value {value}; use POOLING_AVG, POOLING_MAX or POOLING_FLATTEN",
+                              reason="POOLING_UNKNOWN", field=field, metadata={"pooling": str(value)})
     return POOLING_NAMES[value]
 
 
-def metric_name(value: int) -> str:
+def metric_name(value: int, field: str = "configuration.metric") -> str:
     """The core's name of a Metric value; INVALID_ARGUMENT for a value this version does not know."""
     if value not in METRIC_NAMES:
         raise InvalidArgument(f"unknown metric value {value}; use one of "
-                              f"{', '.join(common_pb2.Metric.Name(v) for v in METRIC_ENUMS.values())}")
+                              f"{', '.join(common_pb2.Metric.Name(v) for v in METRIC_ENUMS.values())}",
+                              reason="METRIC_UNKNOWN", field=field, metadata={"metric": str(value)})
     return METRIC_NAMES[value]

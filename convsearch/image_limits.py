@@ -6,6 +6,7 @@ Imports Pillow only (no numpy, no torch), so the gateway can use it.
 """
 
 import io
+import re
 import struct
 import warnings
 
@@ -40,8 +41,20 @@ def _declared_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def _short(exc: Exception) -> str:
-    return shown(str(exc) or type(exc).__name__).strip("'")
+_OBJECT_REPR = re.compile(r"<[\w.]+ (?:object|at) [^>]*>|<[\w.]+ object>")
+
+
+def describe(exc: BaseException) -> str:
+    """A decoder's complaint as a message may echo it: cut short, and without the repr of our
+    objects that Pillow puts in some of its messages ("cannot identify image file
+    <_io.BytesIO object at 0x7f...>"), which speaks of our buffer, not of the user's image."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image"
+    text = _OBJECT_REPR.sub("the image", str(exc)).strip()
+    return shown(text or type(exc).__name__).strip("'")
+
+
+_short = describe
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:

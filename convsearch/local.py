@@ -35,6 +35,10 @@ class LocalStack:
             self.stop()
             raise
 
+    def exited(self) -> list[str]:
+        """The services that have exited on their own, by name."""
+        return [name for name, process in self.processes.items() if process.poll() is not None]
+
     def stop(self) -> dict[str, str]:
         """Stops every service still running; returns their logs by name."""
         logs = {}

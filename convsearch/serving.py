@@ -10,8 +10,8 @@ from concurrent import futures
 import grpc
 import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from convsearch import reflection
 from convsearch.observability import serve_metrics
 from convsearch.tls import TLSError, server_credentials
 
@@ -39,16 +39,19 @@ def create_server(max_workers: int, max_message_mb: int, interceptors: Sequence[
     )
 
 
-def add_health_and_reflection(server: grpc.Server, service_names: Sequence[str]) -> health.HealthServicer:
-    """Registers grpc.health.v1 (every service, and LIVENESS, NOT_SERVING until the service
-    starts) and reflection."""
+def add_health_and_reflection(server: grpc.Server, service_names: Sequence[str],
+                              health_names: Sequence[str] = ()) -> health.HealthServicer:
+    """Registers grpc.health.v1 (every service, each of `health_names` and LIVENESS, NOT_SERVING
+    until the service starts) and reflection (v1 and v1alpha).
+
+    `service_names` are real gRPC services: health and reflection list them. `health_names` are
+    health statuses only (e.g. the gateway's per-backend `GatewayService/index`): no service has
+    that name, so reflection does not list them (a listed name must be one it can describe)."""
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in ("", LIVENESS, *service_names):
+    for name in ("", LIVENESS, *service_names, *health_names):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*service_names, health.SERVICE_NAME), server)
     return health_servicer
 
 

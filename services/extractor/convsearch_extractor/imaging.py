@@ -7,7 +7,13 @@ import dataclasses
 import numpy as np
 from PIL import Image, ImageOps
 
-from convsearch.image_limits import FORMATS, ImageError, load_checked, open_checked  # noqa: F401 - re-exported
+from convsearch.image_limits import (  # noqa: F401 - re-exported
+    FORMATS,
+    ImageError,
+    describe,
+    load_checked,
+    open_checked,
+)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,7 +60,7 @@ def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Ima
     try:
         image = ImageOps.exif_transpose(image) or image
     except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"is truncated or corrupt ({exc}); send the complete file") from None
+        raise ImageError(f"is truncated or corrupt ({describe(exc)}); send the complete file") from None
     return _to_rgb(image)
 
 

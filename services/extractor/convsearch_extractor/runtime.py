@@ -143,7 +143,8 @@ class ModelPool:
         check_model_name(name)
         spec = self.catalog.get(name)
         if spec is None:
-            raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.catalog)}")
+            raise NotFound(f"unknown model {name!r}; known models: {', '.join(self.catalog)}", reason="MODEL_NOT_FOUND",
+                           resource_type="model", resource_name=name, metadata={"model": name})
         return spec
 
     def graph(self, name: str) -> ModelGraph:

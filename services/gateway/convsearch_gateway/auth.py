@@ -30,7 +30,15 @@ from collections.abc import Callable, Iterator
 import grpc
 
 from convsearch.api_keys import ApiKey, bearer_token, parse_keys
-from convsearch.errors import ConvsearchError, DeadlineExceeded, PermissionDenied, shown
+from convsearch.errors import (
+    ConvsearchError,
+    DeadlineExceeded,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    shown,
+)
+from convsearch.grpc_errors import abort
 
 log = logging.getLogger("convsearch.gateway.auth")
 RETRY_AFTER_MS = "retry-after-ms"
@@ -235,7 +243,7 @@ class WatchedRequests:
             kind, value = self._arrived.get(timeout=self._timeout_s)
         except queue.Empty:
             self._fail(DeadlineExceeded(f"the stream sent nothing for {self._timeout_s:g} s, the gateway's stream "
-                                        "idle timeout (--stream-idle-timeout-s); it was ended"))
+                                        "idle timeout (--stream-idle-timeout-s); it was ended", reason="STREAM_IDLE"))
         if kind == _END:
             self._finished = True
             raise StopIteration
@@ -334,29 +342,31 @@ class Guard(grpc.ServerInterceptor):
             return Caller(_peer_host(context.peer() or ""), None)
         token = bearer_token(context.invocation_metadata())
         if not token:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "this gateway needs an API key: send metadata `authorization: Bearer <key>` "
-                          "(convsearch --api-key, Client(api_key=...) or CONVSEARCH_API_KEY)")
+            abort(context, Unauthenticated("this gateway needs an API key: send metadata `authorization: Bearer <key>` "
+                                           "(convsearch --api-key, Client(api_key=...) or CONVSEARCH_API_KEY)",
+                                           reason="API_KEY_MISSING"))
         key = self.keys.lookup(token)
         if key is None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "unknown API key (revoked, mistyped, or for another gateway)")
+            abort(context, Unauthenticated("unknown API key (revoked, mistyped, or for another gateway)",
+                                           reason="API_KEY_UNKNOWN"))
         return Caller(f"sha256:{key.digest}", key)
 
     def _admit(self, rpc: str, rule: Rule, context) -> Caller:
         caller = self._caller(context)
         if caller.key is not None and not caller.key.allows_role(rule.role):
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{rpc} needs an API key with the {rule.role!r} role; {caller.key.name} has "
-                          f"{caller.key.role!r}")
+            abort(context, PermissionDenied(f"{rpc} needs an API key with the {rule.role!r} role; {caller.key.name} "
+                                            f"has {caller.key.role!r}", reason="ROLE_INSUFFICIENT",
+                                            metadata={"rpc": rpc, "role": caller.key.role, "needed_role": rule.role}))
         if self.buckets is not None:
             wait_s = self.buckets.take(caller.identity)
             if wait_s:
                 wait_ms = max(1, int(wait_s * 1000 + 0.999))
                 context.set_trailing_metadata((*(context.trailing_metadata() or ()), (RETRY_AFTER_MS, str(wait_ms))))
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"rate limit: {caller.name} may make {self.buckets.rate:g} requests a second "
-                              f"(bursts of {self.buckets.burst}); retry in {wait_ms} ms")
+                abort(context, ResourceExhausted(
+                    f"rate limit: {caller.name} may make {self.buckets.rate:g} requests a second "
+                    f"(bursts of {self.buckets.burst}); retry in {wait_ms} ms", reason="RATE_LIMITED",
+                    retry_after_s=wait_ms / 1000,
+                    metadata={"rate_per_s": f"{self.buckets.rate:g}", "burst": str(self.buckets.burst)}))
         return caller
 
     @staticmethod
@@ -388,7 +398,8 @@ class Guard(grpc.ServerInterceptor):
             if not handler.request_streaming:
                 refusal = self._dataset_refusal(caller, rule, dataset_of(request))
                 if refusal:
-                    context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
+                    abort(context, PermissionDenied(refusal, reason="DATASET_NOT_ALLOWED",
+                                                    metadata={"dataset": dataset_of(request)}))
             if not streaming:
                 response = behavior(request, context)
                 if rule.dataset == LISTED and caller.key is not None and caller.key.datasets is not None:
@@ -409,7 +420,7 @@ class Guard(grpc.ServerInterceptor):
     def _stream(self, behavior, handler, rule: Rule, caller: Caller, request, context):
         refusal = self.streams.acquire(caller.identity, caller.name)
         if refusal:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refusal)
+            abort(context, ResourceExhausted(refusal, reason="TOO_MANY_STREAMS"))
         requests = None
         if handler.request_streaming:
             def check(message, first: bool) -> None:
@@ -417,7 +428,7 @@ class Guard(grpc.ServerInterceptor):
                 if first or dataset:  # later messages may leave the dataset empty: the first one's
                     refusal = self._dataset_refusal(caller, rule, dataset)
                     if refusal:
-                        raise PermissionDenied(refusal)
+                        raise PermissionDenied(refusal, reason="DATASET_NOT_ALLOWED", metadata={"dataset": dataset})
 
             request = requests = WatchedRequests(request, self.idle_timeout_s, check)
         released = threading.Lock()
@@ -445,7 +456,7 @@ class Guard(grpc.ServerInterceptor):
     def _enforce(requests: WatchedRequests | None, context) -> None:
         """Ends the RPC with the error that ended its client stream here, whatever the handler made of it."""
         if requests is not None and requests.failure is not None:
-            context.abort(getattr(grpc.StatusCode, requests.failure.code), str(requests.failure))
+            abort(context, requests.failure)
 
     def _responses(self, responses: Iterator, requests: WatchedRequests | None, release, context) -> Iterator:
         try:

@@ -16,13 +16,16 @@ import prometheus_client as prom
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from convsearch.channels import create_channel
-from convsearch.errors import ERRORS_BY_CODE, ConvsearchError, Unavailable
+from convsearch.errors import ConvsearchError, Unavailable
 from convsearch.extractor.v1 import extractor_pb2_grpc
+from convsearch.grpc_errors import error_from_call
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.observability import LATENCY_BUCKETS, CallObserver
 
 log = logging.getLogger("convsearch.gateway.backends")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+UNAVAILABLE_RETRY_S = 1.0
+"""RetryInfo of a backend that cannot be reached: about the health checks' period, a restart's scale."""
 
 
 class Backend:
@@ -41,11 +44,14 @@ class Backend:
         self.serving = False
 
     def error(self, exc: grpc.RpcError) -> ConvsearchError:
-        """The domain error for a failed call; unreachable backends are named with their address."""
+        """The domain error for a failed call, with the google.rpc.Status details the backend sent
+        (reason, field violations, resource, retry delay), so they pass through to the client;
+        unreachable backends are named with their address and come with a retry delay."""
         if exc.code() in _UNREACHABLE:
             return Unavailable(f"the {self.name} at {self.address} is unavailable ({exc.code().name}: "
-                               f"{exc.details()}); check that it is running")
-        return ERRORS_BY_CODE.get(exc.code().name, ConvsearchError)(exc.details())
+                               f"{exc.details()}); check that it is running", reason="BACKEND_UNAVAILABLE",
+                               retry_after_s=UNAVAILABLE_RETRY_S, metadata={"backend": self.name})
+        return error_from_call(exc)
 
     def timeout(self, remaining: float | None) -> float:
         """This call's deadline: the backend's own, or what is left of the client's if less."""

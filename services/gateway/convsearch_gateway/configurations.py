@@ -65,7 +65,8 @@ class ModelCatalog:
             name = configuration.model or reply.default_model
             model = models.get(name)
             if model is None:
-                raise NotFound(f"unknown model {name!r}; known models: {', '.join(models)}")
+                raise NotFound(f"unknown model {name!r}; known models: {', '.join(models)}", reason="MODEL_NOT_FOUND",
+                               resource_type="model", resource_name=name, metadata={"model": name})
             layers = {layer.name: layer for layer in model.layers}
             names = configuration.layers or tuple(layer.name for layer in model.layers if layer.featured)
             for layer_name in names:
@@ -73,7 +74,8 @@ class ModelCatalog:
                 if layer is None or not layer.output_shape:
                     featured = ", ".join(layer.name for layer in model.layers if layer.featured)
                     raise InvalidArgument(f"model {name} has no usable layer {shown(layer_name)}; its featured layers "
-                                          f"are {featured}")
+                                          f"are {featured}", reason="LAYER_UNKNOWN", field="configuration.layers",
+                                          metadata={"model": name, "layer": layer_name})
                 shape = list(layer.output_shape)
                 flat = configuration.pooling == "flatten" or len(shape) == 1
                 target = Target(name, layer_name, configuration.pooling, configuration.metric,

@@ -6,7 +6,14 @@ import io
 from PIL import Image
 
 from convsearch.errors import InvalidArgument
-from convsearch.image_limits import DEFAULT_MAX_PIXELS, ImageError, load_checked, open_checked, verify_image
+from convsearch.image_limits import (
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    describe,
+    load_checked,
+    open_checked,
+    verify_image,
+)
 
 
 def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
@@ -37,7 +44,7 @@ def thumbnail(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> t
         try:
             image.thumbnail((size, size))
         except (OSError, ValueError) as exc:
-            raise ImageError(f"is truncated or corrupt ({exc})") from None
+            raise ImageError(f"is truncated or corrupt ({describe(exc)})") from None
         keep_alpha = image.mode in ("RGBA", "LA", "P") or image.format == "PNG"
         out = io.BytesIO()
         if keep_alpha:

@@ -69,7 +69,8 @@ def _ensure_collections(backends: Backends, dataset: str, targets: Sequence[Targ
     wanted = {target.collection for target in targets}
     for damaged in (c for c in listed if c.damage and c.name in wanted):
         if not rebuild_damaged:
-            raise DataLoss(damaged.damage)
+            raise DataLoss(damaged.damage, reason="COLLECTION_DAMAGED", resource_type="collection",
+                           resource_name=damaged.name, metadata={"dataset": dataset, "collection": damaged.name})
         log.warning("rebuilding damaged collection %s of %s: %s", damaged.name, dataset, damaged.damage)
         backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(dataset=dataset,
                                                                                   collection=damaged.name))

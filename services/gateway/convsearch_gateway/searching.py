@@ -6,7 +6,7 @@ import dataclasses
 
 from convsearch.embedding import Configuration
 from convsearch.enums import POOLING_ENUMS
-from convsearch.errors import InvalidArgument, NotFound, shown
+from convsearch.errors import InvalidArgument, NotFound, item_not_found, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
@@ -33,11 +33,13 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
            exact: bool = False, remaining: float | None = None) -> SearchResult:
     """The k nearest items to an image or a stored item in the configuration's collection."""
     if not 0 < k <= 1000:
-        raise InvalidArgument(f"k = {k} is out of range; use 1 to 1000")
+        raise InvalidArgument(f"k = {k} is out of range; use 1 to 1000", reason="K_OUT_OF_RANGE", field="k",
+                              metadata={"k": str(k), "max_k": "1000"})
     if len(configuration.layers) > 1:
         raise InvalidArgument("a search uses one layer; name one (or none for the model's last featured layer)")
     if not item_id and image is None:
-        raise InvalidArgument("a search needs a query: image bytes or a stored item's id")
+        raise InvalidArgument("a search needs a query: image bytes or a stored item's id", reason="QUERY_MISSING",
+                              field="query")
     if configuration.layers:
         target, = catalog.targets([configuration], remaining)
     else:
@@ -81,7 +83,8 @@ def _collection_weights(backends: Backends, dataset: str, collection: str, remai
         if found.name == collection:
             return found.spec.weights
     raise NotFound(f"dataset {shown(dataset)} has no collection {collection}; index the dataset at this configuration "
-                   "first")
+                   "first", reason="COLLECTION_NOT_FOUND", resource_type="collection", resource_name=collection,
+                   metadata={"dataset": dataset, "collection": collection})
 
 
 def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id: str, remaining: float | None):
@@ -92,6 +95,9 @@ def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id
         items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
                                     remaining)
         if not items.items:
-            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(item_id)}") from None
+            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(item_id)}",
+                           **item_not_found(request.dataset, item_id)) from None
         raise NotFound(f"item {shown(item_id)} has no vector in {request.collection}; index the dataset at this "
-                       "configuration first") from None
+                       "configuration first", reason="VECTOR_NOT_FOUND", resource_type="item", resource_name=item_id,
+                       metadata={"dataset": request.dataset, "collection": request.collection,
+                                 "item": item_id}) from None

@@ -73,7 +73,7 @@ def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
                            [RpcObserver("gateway", registry), guard])  # observed first: refusals are counted too
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size,
                                                                           max_pixels=config.max_pixels), server)
-    health = add_health_and_reflection(server, [SERVICE_NAME, INDEX_HEALTH, EXTRACTOR_HEALTH])
+    health = add_health_and_reflection(server, [SERVICE_NAME], health_names=[INDEX_HEALTH, EXTRACTOR_HEALTH])
     port = bind(server, config.host, config.port, credentials)
     if guard.keys is None:
         log.warning("no --api-keys: the gateway on %s:%d is open, anyone who reaches it may read, write and delete "

@@ -2,7 +2,7 @@
 
 from convsearch.embedding import Configuration, minkowski_p_of
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
-from convsearch.errors import InvalidArgument, NotFound, shown
+from convsearch.errors import InvalidArgument, NotFound, item_not_found, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
@@ -145,7 +145,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
             dataset=request.dataset, ids=[request.item_id], include_images=True), context.time_remaining())
         if not reply.items:
-            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}")
+            raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}",
+                               **item_not_found(request.dataset, request.item_id))
         data, mime, width, height = images.thumbnail(reply.items[0].image, request.thumbnail_size, self.max_pixels)
         return pb.GetImageResponse(image=data, mime_type=mime, width=width, height=height)
 
@@ -161,12 +162,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         remaining = context.time_remaining()
         configurations = [configuration(c) for c in request.configurations]
         if not configurations:
-            metrics = [metric_name(m) for m in request.metrics] or ["cosine"]
+            metrics = [metric_name(m, "metrics") for m in request.metrics] or ["cosine"]
             models = list(request.models) or [m.name for m in self.catalog.models(remaining).models if m.available]
             configurations = [Configuration(model, metric=metric) for model in models for metric in metrics]
         targets = self.catalog.targets(configurations, remaining)
         if not 1 <= (request.k or 15) <= 1000:
-            raise InvalidArgument(f"k = {request.k} is out of range; use 1 to 1000")
+            raise InvalidArgument(f"k = {request.k} is out of range; use 1 to 1000", reason="K_OUT_OF_RANGE", field="k",
+                                  metadata={"k": str(request.k), "max_k": "1000"})
         for progress in evaluate(self.backends, request.dataset, targets, request.k or 15, request.recompute,
                                  self.batch_size):
             yield pb.EvaluateResponse(phase=progress.phase, done=progress.done, total=progress.total,
@@ -208,7 +210,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
                 dataset=request.dataset, ids=[request.item_id], include_images=True), remaining)
             if not reply.items:
-                raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}")
+                raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(request.item_id)}",
+                               **item_not_found(request.dataset, request.item_id))
             image = reply.items[0].image
         else:
             image = request.image

@@ -18,7 +18,8 @@ def check_metric(metric: str, p: float) -> None:
     """INVALID_ARGUMENT for an unknown metric or a minkowski p that is not a finite number from 1
     to MAX_MINKOWSKI_P (NaN, infinite, 0, 1e300)."""
     if metric not in METRICS:
-        raise InvalidArgument(f"unknown metric {shown(metric)}; use one of {', '.join(METRICS)}")
+        raise InvalidArgument(f"unknown metric {shown(metric)}; use one of {', '.join(METRICS)}",
+                              reason="METRIC_UNKNOWN", metadata={"metric": metric})
     minkowski_p_of(metric, p)
 
 

@@ -90,7 +90,8 @@ class CollectionInfo:
     def healthy(self) -> VectorCollection:
         """The vectors; DATA_LOSS when the collection is damaged."""
         if self.vectors is None:
-            raise DataLoss(self.damage)
+            raise DataLoss(self.damage, reason="COLLECTION_DAMAGED", resource_type="collection",
+                           resource_name=self.key.name, metadata={"collection": self.key.name})
         return self.vectors
 
 
@@ -102,7 +103,8 @@ def _without(ids: list[str], distances: np.ndarray, dropped: set[str], k: int) -
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name or ""):
         raise InvalidArgument(f"invalid dataset name {shown(name)}: use 1-64 of a-z, 0-9, _ and -, "
-                              "starting with a letter or digit")
+                              "starting with a letter or digit", reason="DATASET_NAME_INVALID", field="dataset",
+                              metadata={"dataset": name})
 
 
 def check_ids(ids: Sequence[str], what: str = "item id") -> None:
@@ -183,13 +185,16 @@ class Index:
         check_name(name)
         if name not in self._labels:
             raise NotFound(f"dataset {shown(name)} does not exist; create it first (ListDatasets names the "
-                           "datasets)")
+                           "datasets)", reason="DATASET_NOT_FOUND", resource_type="dataset", resource_name=name,
+                           metadata={"dataset": name})
 
     def create_dataset(self, name: str, description: str = "") -> DatasetRecord:
         check_name(name)
         with self._guard.read(), self._meta:
             if name in self._labels:
-                raise AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first")
+                raise AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first",
+                                    reason="DATASET_ALREADY_EXISTS", resource_type="dataset", resource_name=name,
+                                    metadata={"dataset": name})
             self.records.create_dataset(name, description)
             self._labels[name] = {}
         return self.dataset(name)
@@ -288,7 +293,9 @@ class Index:
                 "ef": ef, "weights": weights}
         with self._guard.read(), self._meta:
             if (dataset, key.name) in self._collections:
-                raise AlreadyExists(f"collection {shown(key.name)} of dataset {shown(dataset)} exists already")
+                raise AlreadyExists(f"collection {shown(key.name)} of dataset {shown(dataset)} exists already",
+                                    reason="COLLECTION_ALREADY_EXISTS", resource_type="collection",
+                                    resource_name=key.name, metadata={"dataset": dataset, "collection": key.name})
             relative = pathlib.Path("collections") / uuid.uuid4().hex
             self.records.create_collection(dataset, key.name, spec, str(relative))
             return self._open_collection(dataset, spec, relative)
@@ -299,7 +306,9 @@ class Index:
             info = self._collections.get((dataset, name))
         if info is None:
             known = ", ".join(i.key.name for i in self._dataset_collections(dataset)) or "none"
-            raise NotFound(f"dataset {shown(dataset)} has no collection {shown(name)} (it has: {known})")
+            raise NotFound(f"dataset {shown(dataset)} has no collection {shown(name)} (it has: {known})",
+                           reason="COLLECTION_NOT_FOUND", resource_type="collection", resource_name=name,
+                           metadata={"dataset": dataset, "collection": name})
         return info
 
     def collections(self, dataset: str) -> list[CollectionInfo]:
@@ -339,7 +348,8 @@ class Index:
         unknown = [item_id for item_id in ids if item_id not in labels]
         if unknown:
             raise NotFound(f"item {shown(unknown[0])} is not in dataset {shown(dataset)} ({len(unknown)} unknown ids); "
-                           "put the items first")
+                           "put the items first", reason="ITEM_NOT_FOUND", resource_type="item",
+                           resource_name=unknown[0], metadata={"dataset": dataset, "item": unknown[0]})
         if digests and len(digests) != len(ids):
             raise InvalidArgument(f"{len(digests)} image digests for {len(ids)} ids; send one per id, or none")
         with self._guard.read(), self._dataset_lock(dataset).read():
@@ -360,9 +370,11 @@ class Index:
         ids of items whose stored vectors are the queries (each then left out of its own results)."""
         collection = self.collection(dataset, name).healthy()
         if not 1 <= k <= self.limits.max_k:
-            raise InvalidArgument(f"k = {k} is out of range; use 1 to {self.limits.max_k}")
+            raise InvalidArgument(f"k = {k} is out of range; use 1 to {self.limits.max_k}", reason="K_OUT_OF_RANGE",
+                                  field="k", metadata={"k": str(k), "max_k": str(self.limits.max_k)})
         if not 0 <= ef <= 10_000:
-            raise InvalidArgument(f"ef = {ef} is out of range; use 0 (the collection's) to 10000")
+            raise InvalidArgument(f"ef = {ef} is out of range; use 0 (the collection's) to 10000",
+                                  reason="EF_OUT_OF_RANGE", field="ef")
         if not 1 <= len(queries) <= self.limits.max_queries:
             raise InvalidArgument(f"{len(queries)} queries; send 1 to {self.limits.max_queries}")
         query_ids: list[str] = []
@@ -371,7 +383,9 @@ class Index:
             _, queries, missing = collection.get(query_ids)
             if missing:
                 raise NotFound(f"item {shown(missing[0])} has no vector in collection {shown(name)} "
-                               f"of {shown(dataset)}")
+                               f"of {shown(dataset)}", reason="VECTOR_NOT_FOUND", resource_type="item",
+                               resource_name=missing[0],
+                               metadata={"dataset": dataset, "collection": name, "item": missing[0]})
         labels = self._labels[dataset]
         skip = set(exclude_ids)
         allowed = None
@@ -409,7 +423,9 @@ class Index:
                                   "lists them)")
         path = self.data_dir / "snapshots" / f"{name}.tar"
         if not path.is_file():
-            raise NotFound(f"no snapshot {shown(name)}; ListSnapshots lists the snapshots kept")
+            raise NotFound(f"no snapshot {shown(name)}; ListSnapshots lists the snapshots kept",
+                           reason="SNAPSHOT_NOT_FOUND", resource_type="snapshot", resource_name=name,
+                           metadata={"snapshot": name})
         return path
 
     def snapshots(self, dataset: str = "") -> list[SnapshotInfo]:

@@ -101,10 +101,10 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def CreateCollection(self, request, context):
         spec = request.spec
-        metric = metric_name(spec.metric)
+        metric = metric_name(spec.metric, "spec.metric")
         check_model_name(spec.model)
-        key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling), metric,
-                            minkowski_p_of(metric, spec.minkowski_p))
+        key = CollectionKey(spec.model, spec.layer, pooling_name(spec.pooling, "spec.pooling"), metric,
+                            minkowski_p_of(metric, spec.minkowski_p, "spec.minkowski_p"))
         info = self.index.create_collection(request.dataset, key, spec.dimension, spec.m or 16,
                                             spec.ef_construction or 200, spec.ef or 64, weights=spec.weights)
         return pb.CreateCollectionResponse(collection=_collection(info))
