@@ -168,6 +168,8 @@ def stack():
         yield
     finally:
         compose("down", "-v", "--timeout", "60", check=False)
+        # The build stages (the extractor's holds every wheel: ~9 GB) would pile up run after run.
+        subprocess.run(["docker", "image", "prune", "--force"], capture_output=True, check=False)
 
 
 @pytest.mark.docker
