@@ -103,6 +103,24 @@ class _Rpc:
         self.observer.record(self, code, time.perf_counter() - self._started)
 
 
+
+def behavior_of(handler: grpc.RpcMethodHandler) -> Callable:
+    """The function that serves a method handler, whatever its streaming kind."""
+    if handler.request_streaming:
+        return handler.stream_stream if handler.response_streaming else handler.stream_unary
+    return handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+
+def with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and serialisers as `handler`, served by `behavior`."""
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[handler.request_streaming,
+                                                                 handler.response_streaming]
+    return make(behavior, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
 class RpcObserver(grpc.ServerInterceptor):
     """Counts, times and logs every RPC of a server, and gives it a request id (see the module).
 
@@ -136,22 +154,13 @@ class RpcObserver(grpc.ServerInterceptor):
         return observed
 
     def _observed(self, handler: grpc.RpcMethodHandler, method: _Method) -> grpc.RpcMethodHandler:
-        if handler.request_streaming:
-            behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
-        else:
-            behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        behavior = behavior_of(handler)
         if getattr(behavior, "experimental_non_blocking", False):
             return handler  # answers through callbacks after it returns: no end to observe here
         observed = (self._streaming if handler.response_streaming else self._unary)(behavior, method)
         if hasattr(behavior, "experimental_thread_pool"):
             observed.experimental_thread_pool = behavior.experimental_thread_pool
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[handler.request_streaming,
-                                                                     handler.response_streaming]
-        return make(observed, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return with_behavior(handler, observed)
 
     def _start(self, method: _Method, context) -> _Rpc:
         incoming = next((value for key, value in context.invocation_metadata() or () if key == REQUEST_ID_KEY), None)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from convsearch.config import option
+
 log = logging.getLogger("convsearch.tls")
 
 # Environment variables the Python client and the CLI read when they are not given TLS options.
@@ -33,6 +35,17 @@ def check_server_options(cert: str, key: str, client_ca: str) -> None:
         raise ValueError("tls_cert and tls_key go together: give both (TLS) or neither (plaintext)")
     if client_ca and not cert:
         raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key too")
+
+
+@dataclass(frozen=True)
+class ServerTLSOptions:
+    """The TLS options every service's configuration has (its dataclass inherits them)."""
+
+    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
+                               "reflection; re-read when the file changes (rotation); empty: plaintext")
+    tls_key: str = option("", "PEM private key of tls_cert")
+    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
+                                    "(mutual TLS: clients without one are refused); empty: none asked for")
 
 
 def check_client_options(ca: str, cert: str, key: str, what: str = "tls") -> None:

@@ -10,6 +10,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import zlib
 
 import numpy as np
 import pytest
@@ -130,18 +131,12 @@ def test_a_log_written_before_the_format_had_a_magic_is_still_read(tmp_path):
     legacy = b""
     for batch in range(2):
         payload = wal.encode(wal.UPSERT, ids_of(5, 5 * batch), vectors[5 * batch:5 * batch + 5])
-        legacy += len(payload).to_bytes(4, "little") + zlib_crc(payload).to_bytes(4, "little") + payload
+        legacy += len(payload).to_bytes(4, "little") + zlib.crc32(payload).to_bytes(4, "little") + payload
     (tmp_path / "wal.log").write_bytes(legacy)
     collection = VectorCollection(tmp_path, spec, fsync=False)
     assert len(collection) == 10
     assert (tmp_path / "wal.log").read_bytes() == wal.MAGIC  # now held by a checkpoint
     np.testing.assert_allclose(collection.get(ids_of(10))[1], vectors, rtol=1e-6)
-
-
-def zlib_crc(data: bytes) -> int:
-    import zlib
-
-    return zlib.crc32(data)
 
 
 # ---- 3. corrupt checkpoints ----------------------------------------------------------------

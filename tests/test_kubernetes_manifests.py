@@ -21,6 +21,10 @@ import pytest
 import yaml
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
+
+
+class UnsupportedByRenderer(ValueError):
+    """A kustomize feature this test's renderer refuses to guess at."""
 KUBERNETES_VERSION = "1.37.0"  # the newest that kubernetes-validate 1.37 bundles schemas for
 RENDERINGS = ["base", "overlays/cpu", "overlays/gpu", "overlays/mtls"]
 # Renderings whose services serve TLS (mutual TLS at the extractor and index): probes are `exec`
@@ -67,7 +71,7 @@ def strategic_merge(target: dict, patch: dict) -> None:
     """Applies a strategic-merge patch to `target` in place (the subset kustomize uses here)."""
     for field, value in patch.items():
         if field.startswith("$"):
-            raise NotImplementedError(f"patch directive {field} is not supported by this renderer")
+            raise UnsupportedByRenderer(f"patch directive {field} is not supported by this renderer")
         if value is None:
             target.pop(field, None)
         elif isinstance(value, dict) and isinstance(target.get(field), dict):
@@ -98,7 +102,7 @@ def build(directory: pathlib.Path) -> list[dict]:
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     unknown = set(kustomization) - _SUPPORTED_KUSTOMIZATION_KEYS
     if unknown:
-        raise NotImplementedError(f"{directory}: this renderer does not know {sorted(unknown)}")
+        raise UnsupportedByRenderer(f"{directory}: this renderer does not know {sorted(unknown)}")
     docs: list[dict] = []
     for resource in kustomization.get("resources", []):
         path = directory / resource
@@ -109,7 +113,7 @@ def build(directory: pathlib.Path) -> list[dict]:
         raise ValueError(f"{directory}: objects defined twice: {sorted(duplicates)}")
     for entry in kustomization.get("patches", []):
         if set(entry) != {"path"}:
-            raise NotImplementedError(f"{directory}: only `patches: - path: FILE` is supported, got {entry}")
+            raise UnsupportedByRenderer(f"{directory}: only `patches: - path: FILE` is supported, got {entry}")
         for patch in _load_all(directory / entry["path"]):
             targets = [doc for doc in docs if _key(doc) == _key(patch) and doc["apiVersion"] == patch["apiVersion"]]
             if len(targets) != 1:
@@ -281,9 +285,9 @@ def test_renderer_refuses_what_it_cannot_render_faithfully(tmp_path):
     with pytest.raises(ValueError, match="not there"):
         build(tmp_path)
     (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\nnamePrefix: x-\n")
-    with pytest.raises(NotImplementedError, match="namePrefix"):
+    with pytest.raises(UnsupportedByRenderer, match="namePrefix"):
         build(tmp_path)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(UnsupportedByRenderer):
         strategic_merge({"a": [1]}, {"$patch": "replace"})
 
 

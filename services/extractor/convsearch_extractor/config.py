@@ -9,14 +9,14 @@ import torch
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
-from convsearch.tls import check_server_options
+from convsearch.tls import ServerTLSOptions, check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
 
 _INT_MAX = 2**31 - 1  # what gRPC reads as "no limit" in a milliseconds option
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractorConfig:
+class ExtractorConfig(ServerTLSOptions):
     """Everything the extractor process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -49,11 +49,6 @@ class ExtractorConfig:
                                                     "get before it is closed; 0: no limit (long BulkEmbed "
                                                     "streams always finish)")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
-    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
-                               "reflection; re-read when the file changes (rotation); empty: plaintext")
-    tls_key: str = option("", "PEM private key of tls_cert")
-    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
-                                    "(mutual TLS: clients without one are refused); empty: none asked for")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""

@@ -39,6 +39,7 @@ from convsearch.errors import (
     shown,
 )
 from convsearch.grpc_errors import abort
+from convsearch.observability import behavior_of, with_behavior
 
 log = logging.getLogger("convsearch.gateway.auth")
 RETRY_AFTER_MS = "retry-after-ms"
@@ -387,10 +388,7 @@ class Guard(grpc.ServerInterceptor):
     # ---- the wrapped handlers ----
 
     def _guarded(self, handler: grpc.RpcMethodHandler, rpc: str, rule: Rule) -> grpc.RpcMethodHandler:
-        if handler.request_streaming:
-            behavior = handler.stream_stream if handler.response_streaming else handler.stream_unary
-        else:
-            behavior = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        behavior = behavior_of(handler)
         streaming = handler.request_streaming or handler.response_streaming
 
         def guarded(request, context):
@@ -409,13 +407,7 @@ class Guard(grpc.ServerInterceptor):
                 return response
             return self._stream(behavior, handler, rule, caller, request, context)
 
-        make = {(False, False): grpc.unary_unary_rpc_method_handler,
-                (False, True): grpc.unary_stream_rpc_method_handler,
-                (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[handler.request_streaming,
-                                                                     handler.response_streaming]
-        return make(guarded, request_deserializer=handler.request_deserializer,
-                    response_serializer=handler.response_serializer)
+        return with_behavior(handler, guarded)
 
     def _stream(self, behavior, handler, rule: Rule, caller: Caller, request, context):
         refusal = self.streams.acquire(caller.identity, caller.name)

@@ -5,11 +5,11 @@ import dataclasses
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
-from convsearch.tls import check_client_options, check_server_options
+from convsearch.tls import ServerTLSOptions, check_client_options, check_server_options
 
 
 @dataclasses.dataclass(frozen=True)
-class GatewayConfig:
+class GatewayConfig(ServerTLSOptions):
     """Everything the gateway process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -27,11 +27,6 @@ class GatewayConfig:
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels, checked on its header before "
                                                  "any decode (decompression bombs); match the extractor's --max-pixels")
-    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
-                               "reflection; re-read when the file changes (rotation); empty: plaintext")
-    tls_key: str = option("", "PEM private key of tls_cert")
-    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
-                                    "(mutual TLS: clients without one are refused); empty: none asked for")
     backend_tls_ca: str = option("", "PEM CA certificate(s) the extractor's and index's certificates are verified "
                                      "against; TLS to the backends when set; empty: plaintext")
     backend_tls_cert: str = option("", "PEM client certificate the gateway shows the backends (their mutual TLS)")

@@ -4,11 +4,11 @@ import dataclasses
 
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
-from convsearch.tls import check_server_options
+from convsearch.tls import ServerTLSOptions, check_server_options
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexConfig:
+class IndexConfig(ServerTLSOptions):
     """Everything the index process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -26,11 +26,6 @@ class IndexConfig:
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     snapshot_retention: int = option(0, "snapshots kept per dataset: after each snapshot the oldest beyond this "
                                         "many are deleted; 0 keeps all")
-    tls_cert: str = option("", "PEM certificate (chain) to serve TLS with, on the same port as health and "
-                               "reflection; re-read when the file changes (rotation); empty: plaintext")
-    tls_key: str = option("", "PEM private key of tls_cert")
-    tls_client_ca: str = option("", "PEM CA certificate(s) that clients' certificates must be signed by "
-                                    "(mutual TLS: clients without one are refused); empty: none asked for")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
