@@ -24,4 +24,4 @@ bench: setup
 	.venv/bin/python bench/evaluate_bench.py
 
 lint: setup
-	.venv/bin/ruff check convsearch services tests bench scripts
+	.venv/bin/ruff check convsearch services tests bench scripts clients setup.py

@@ -1,12 +1,13 @@
-"""Client-side channel helpers: channels with sane limits, and waiting for a service's health."""
+"""Client-side channel helpers: channels with sane limits, balanced and retried.
+
+Part of the client package (convsearch-client): imports nothing server-side. Waiting for a
+service's health is in convsearch.health."""
 
 import json
-import time
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convsearch.serving import MIB
+MIB = 1 << 20
 
 # Balance over every resolved address; retry calls that found a backend UNAVAILABLE, with backoff.
 _SERVICE_CONFIG = json.dumps({
@@ -45,20 +46,3 @@ def create_channel(address: str, max_message_mb: int = 64, credentials: grpc.Cha
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
     return grpc.secure_channel(channel_target(address), credentials, options=options)
-
-
-def wait_until_serving(channel: grpc.Channel, service: str = "", timeout_s: float = 60.0) -> None:
-    """Polls grpc.health.v1 until `service` is SERVING; TimeoutError naming the last state if not."""
-    stub = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    state = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-            if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                return
-            state = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-        except grpc.RpcError as exc:
-            state = f"{exc.code().name}: {exc.details()}"
-        time.sleep(0.1)
-    raise TimeoutError(f"service {service or '(server)'} not SERVING after {timeout_s:.0f}s; last: {state}")

@@ -10,6 +10,7 @@ it needs that another process holds. --gateway defaults to CONVSEARCH_GATEWAY; -
 import argparse
 import csv
 import dataclasses
+import datetime
 import errno
 import json
 import os
@@ -19,14 +20,14 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 
 from convsearch.api_keys import ENV_API_KEY, ROLES, key_line, new_key
-from convsearch.channels import create_channel, wait_until_serving
+from convsearch.channels import create_channel
 from convsearch.client import Client
 from convsearch.embedding import Configuration
 from convsearch.errors import ConvsearchError, NotFound, Unavailable
+from convsearch.health import wait_until_serving
 from convsearch.local import GATEWAY, LocalStack
 from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, TLSError, client_credentials
 
@@ -61,9 +62,15 @@ def table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value.isoformat() if isinstance(value, datetime.datetime) else str(value)
+
+
 def emit(args, data, rows: list[dict] | None = None, columns: list[str] | None = None) -> None:
     if args.json:
-        print(json.dumps(data, default=lambda o: dataclasses.asdict(o) if dataclasses.is_dataclass(o) else str(o)))
+        print(json.dumps(data, default=_jsonable))
     elif rows is not None:
         print(table(rows, columns))
 
@@ -152,7 +159,7 @@ NOT_PRETRAINED = ("warning: results marked (!) come from random or unrecorded we
 
 
 def search_rows(result) -> list[dict]:
-    return [{"rank": rank, "id": hit.id, "label": hit.label, "distance": f"{hit.distance:.4f}",
+    return [{"rank": rank, "id": hit.id, "label": hit.label, "distance": f"{round(hit.distance, 4) + 0.0:.4f}",
              "match": "" if not result.query_label else ("yes" if hit.label == result.query_label else "NO")}
             for rank, hit in enumerate(result.hits, 1)]
 
@@ -259,7 +266,7 @@ def cmd_datasets(args, client: Client) -> int:
     # ListDatasets carries each dataset's collection_count, not its collections: the JSON leaves
     # `collections` out rather than show an empty list beside a non-zero count.
     listing = [{"name": d.name, "description": d.description, "item_count": d.item_count,
-                "collection_count": d.collection_count} for d in datasets]
+                "collection_count": d.collection_count, "created": d.created.isoformat()} for d in datasets]
     emit(args, listing, rows, ["dataset", "items", "collections", "description"])
     return 0
 
@@ -410,7 +417,7 @@ def cmd_snapshot(args, client: Client) -> int:
     elif args.snapshot_command == "list":
         snapshots = client.snapshots(args.dataset)
         emit(args, snapshots, [{"snapshot": s.name, "dataset": s.dataset, "bytes": s.size_bytes,
-                                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.created_at))}
+                                "created": s.created.strftime("%Y-%m-%d %H:%M:%S")}
                                for s in snapshots], ["snapshot", "dataset", "bytes", "created"])
     elif args.snapshot_command == "restore":
         dataset = client.restore(args.snapshot, args.dataset)

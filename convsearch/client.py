@@ -11,6 +11,7 @@ and numpy types, never protos; failures raise `convsearch.errors` exceptions.
 """
 
 import dataclasses
+import datetime
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -24,7 +25,6 @@ from convsearch.errors import ConvsearchError, Unavailable
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.grpc_errors import error_from_call
-from convsearch.index.v1 import index_pb2
 from convsearch.inspection import Inspection
 from convsearch.tls import client_credentials
 
@@ -70,6 +70,7 @@ class Dataset:
     description: str
     item_count: int
     collection_count: int
+    created: datetime.datetime  # UTC
     collections: tuple[Collection, ...] = ()
 
 
@@ -106,7 +107,7 @@ class SearchResult:
     collection: str
     query_label: str
     search_score: float | None  # percent, for a stored labeled query item; None otherwise
-    same_label_count: int
+    same_label_count: int | None  # for a stored labeled query item; None otherwise
     scored_results: int
     exact: bool
     pretrained: bool  # False: random or unknown weights made the collection, the results say nothing
@@ -173,12 +174,20 @@ class Snapshot:
 
     name: str
     dataset: str
-    created_at: float
+    created: datetime.datetime  # UTC
     size_bytes: int
 
 
+def _time(stamp) -> datetime.datetime:
+    return stamp.ToDatetime(tzinfo=datetime.UTC)
+
+
+def _optional(message, field: str):
+    return getattr(message, field) if message.HasField(field) else None
+
+
 def _snapshot(message) -> Snapshot:
-    return Snapshot(message.name, message.dataset, message.created_at, message.size_bytes)
+    return Snapshot(message.name, message.dataset, _time(message.create_time), message.size_bytes)
 
 
 def _score(message) -> Score:
@@ -197,6 +206,7 @@ def _configuration(configuration: Configuration) -> pb.Configuration:
 
 def _dataset(message, collections=()) -> Dataset:
     return Dataset(message.name, message.description, message.item_count, message.collection_count,
+                   _time(message.create_time),
                    tuple(Collection(c.name, c.count, c.spec.dimension, c.name.rsplit("/", 1)[-1], c.spec.weights,
                                     c.damage) for c in collections))
 
@@ -280,7 +290,7 @@ class Client:
             first = True
             chunk = []
             for item in items:
-                chunk.append(index_pb2.Item(id=item[0], label=item[1] or "", image=item[2],
+                chunk.append(pb.Item(id=item[0], label=item[1] or "", image=item[2],
                                             metadata=item[3] if len(item) > 3 else {}))
                 if len(chunk) == batch:
                     yield self._ingest_message(dataset, configurations, chunk, first)
@@ -320,7 +330,7 @@ class Client:
         reply = self._call("Search", request)
         return SearchResult(
             tuple(Hit(h.id, h.label, h.distance, dict(h.metadata)) for h in reply.hits), reply.collection,
-            reply.query_label, reply.search_score if reply.search_score >= 0 else None, reply.same_label_count,
+            reply.query_label, _optional(reply, "search_score"), _optional(reply, "same_label_count"),
             reply.scored_results, reply.exact, reply.pretrained, reply.weights)
 
     def image(self, dataset: str, item_id: str, thumbnail_size: int = 0) -> bytes:
@@ -366,7 +376,7 @@ class Client:
             request.item_id = item_id
         else:
             request.image = image or b""
-        found = self._call("InspectLayer", request).inspection
+        found = self._call("InspectLayer", request)
         return Inspection(found.model, found.layer, tuple(found.output_shape), found.parameter_count,
                           found.pretrained, found.width, found.height,
                           tuple((c.channel, c.mean_activation, c.overlay_png) for c in found.channels))

@@ -7,7 +7,8 @@ import sys
 import tempfile
 import time
 
-from convsearch.channels import create_channel, wait_until_serving
+from convsearch.channels import create_channel
+from convsearch.health import wait_until_serving
 
 
 def free_port() -> int:

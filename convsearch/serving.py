@@ -12,10 +12,10 @@ import prometheus_client as prom
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from convsearch import reflection
+from convsearch.channels import MIB
 from convsearch.observability import serve_metrics
 from convsearch.tls import TLSError, server_credentials
 
-MIB = 1 << 20
 # Health name that is SERVING from start until stop begins, whatever the service's readiness:
 # what liveness probes ask (the service's own name is for readiness). Not a real service, so not
 # listed by reflection.

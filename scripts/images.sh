@@ -43,6 +43,7 @@ wheelhouse() {  # $1: service; fills build/wheelhouse/$1 with every dependency a
       $PIP wheel --quiet --wheel-dir "$dir" "${TORCH_PINS[@]}"
     fi
   fi
+  # grpcio-tools and setuptools: the root package's build requirements (its hook generates the gRPC code).
   $PIP wheel --quiet --wheel-dir "$dir" --find-links "$dir" . "./services/$service" grpcio-tools==1.85.1 \
     "setuptools>=68" wheel
   rm -f "$dir"/convsearch-*.whl "$dir"/convsearch_*.whl  # built from source in the image
@@ -52,9 +53,9 @@ context() {  # $1: service; assembles build/images/$1 (source + wheels)
   local service=$1 dir=build/images/$1
   rm -rf "$dir"
   mkdir -p "$dir/src/services" "$dir/src/scripts"
-  cp -r pyproject.toml README.md protos "$dir/src/"
+  cp -r pyproject.toml setup.py MANIFEST.in README.md protos "$dir/src/"
   cp -r "services/$service" "$dir/src/services/"
-  cp scripts/gen_protos.py "$dir/src/scripts/"
+  cp scripts/gen_protos.py scripts/build_hooks.py "$dir/src/scripts/"  # what setup.py's build hook runs
   tar -c --exclude='__pycache__' --exclude='convsearch/common' --exclude='convsearch/extractor' \
     --exclude='convsearch/index' --exclude='convsearch/gateway' convsearch | tar -x -C "$dir/src"
   find "$dir/src" -name '*.egg-info' -prune -exec rm -rf {} +

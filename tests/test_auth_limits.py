@@ -21,7 +21,6 @@ from convsearch.api_keys import ENV_API_KEY, bearer_token, hash_key, key_line, n
 from convsearch.client import Client
 from convsearch.errors import PermissionDenied, Unauthenticated
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
-from convsearch.index.v1 import index_pb2
 from convsearch_gateway.auth import (
     DATASET,
     LISTED,
@@ -33,7 +32,7 @@ from convsearch_gateway.auth import (
     TokenBuckets,
 )
 from convsearch_gateway.config import GatewayConfig
-from tests.conftest import serve_extractor, serve_gateway, serve_index
+from tests.conftest import running_backends, running_gateway, serve_gateway
 
 GATEWAY = "convsearch.gateway.v1.GatewayService"
 LITE0 = gateway_pb2.Configuration(model="efficientnet_lite0", layers=["_conv_head"])
@@ -67,34 +66,25 @@ def eventually(condition, timeout_s: float = 15.0) -> None:
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory, chelsea_jpeg, coffee_jpeg):
     """An extractor and an index holding `shoes` (3 items, indexed with lite0 at _conv_head) and an empty `bags`."""
-    extractor, extractor_channel, extractor_address = serve_extractor()
-    index, index_channel, index_address = serve_index(tmp_path_factory.mktemp("index"))
-    gateway, channel, _ = serve_gateway(extractor_address, index_address)
-    stub = gateway_pb2_grpc.GatewayServiceStub(channel)
-    for name in ("shoes", "bags"):
-        stub.CreateDataset(gateway_pb2.CreateDatasetRequest(name=name))
-    items = [index_pb2.Item(id=f"img{n}", label="cat", image=image)
-             for n, image in enumerate([chelsea_jpeg, coffee_jpeg, chelsea_jpeg])]
-    assert len(list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="shoes", items=items)])))) == 3
-    progress = list(stub.IndexDataset(gateway_pb2.IndexDatasetRequest(dataset="shoes", configurations=[LITE0])))
-    assert progress[-1].finished and progress[-1].done == 3
-    channel.close()
-    gateway.stop(0.5)
-    yield extractor_address, index_address
-    for channel, service in ((index_channel, index), (extractor_channel, extractor)):
-        channel.close()
-        service.stop(1.0)
+    with running_backends(tmp_path_factory.mktemp("index")) as addresses:
+        with running_gateway(*addresses) as (_, channel, _):
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for name in ("shoes", "bags"):
+                stub.CreateDataset(gateway_pb2.CreateDatasetRequest(name=name))
+            items = [gateway_pb2.Item(id=f"img{n}", label="cat", image=image)
+                     for n, image in enumerate([chelsea_jpeg, coffee_jpeg, chelsea_jpeg])]
+            assert len(list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="shoes", items=items)])))) == 3
+            progress = list(stub.IndexDataset(gateway_pb2.IndexDatasetRequest(dataset="shoes",
+                                                                               configurations=[LITE0])))
+            assert progress[-1].finished and progress[-1].done == 3
+        yield addresses
 
 
 @contextlib.contextmanager
 def gateway(backends, **overrides):
     """A gateway over the backends: (service, stub, channel, address)."""
-    service, channel, address = serve_gateway(*backends, **overrides)
-    try:
+    with running_gateway(*backends, **overrides) as (service, channel, address):
         yield service, gateway_pb2_grpc.GatewayServiceStub(channel), channel, address
-    finally:
-        channel.close()
-        service.stop(0.5)
 
 
 @pytest.fixture
@@ -215,7 +205,7 @@ def test_a_read_key_reads_but_cannot_write_or_delete(guarded):
 def test_a_write_key_writes_but_cannot_delete_datasets_or_collections(guarded, chelsea_jpeg):
     _, stub, _, _ = guarded
     write = bearer(KEYS["write"])
-    item = index_pb2.Item(id="extra", label="cat", image=chelsea_jpeg)
+    item = gateway_pb2.Item(id="extra", label="cat", image=chelsea_jpeg)
     results = list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="bags", items=[item])]), metadata=write,
                                timeout=30))
     assert [r.status for r in results] == [gateway_pb2.INGEST_STATUS_STORED]
@@ -238,7 +228,7 @@ def test_a_dataset_scoped_key_touches_only_its_datasets(guarded, chelsea_jpeg):
     listed = stub.ListDatasets(gateway_pb2.ListDatasetsRequest(), metadata=shoes_read, timeout=5)
     assert [d.name for d in listed.datasets] == ["shoes"]
     # A stream: its first message's dataset, and every later one that names one.
-    item = index_pb2.Item(id="img0", label="cat", image=chelsea_jpeg)
+    item = gateway_pb2.Item(id="img0", label="cat", image=chelsea_jpeg)
     code, details = code_of(stub.Ingest, iter([gateway_pb2.IngestRequest(dataset="bags", items=[item])]),
                             metadata=shoes_write, timeout=10)
     assert code == grpc.StatusCode.PERMISSION_DENIED and "'bags'" in details

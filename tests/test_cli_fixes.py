@@ -1,6 +1,7 @@
 """The CLI and server wiring as a public API: CONVSEARCH_GATEWAY, options before or after the
 subcommand, `up` on a busy port, missing files, the datasets listing's JSON, reflection v1 and v1alpha."""
 
+import datetime
 import json
 import socket
 import types
@@ -15,6 +16,7 @@ from convsearch.cli import main, parser
 from convsearch.client import Dataset
 
 UNREACHABLE = "127.0.0.1:1"
+CREATED = datetime.datetime(2026, 11, 30, 4, 5, 6, tzinfo=datetime.UTC)
 
 
 # ---- 1. CONVSEARCH_GATEWAY ------------------------------------------------------------------
@@ -123,11 +125,11 @@ def test_an_image_that_is_a_folder_is_bad_usage(tmp_path, capsys):
 # ---- 5. the datasets listing's JSON ---------------------------------------------------------
 
 def test_datasets_json_does_not_claim_an_empty_list_of_collections(capsys):
-    client = types.SimpleNamespace(datasets=lambda: [Dataset("fashion200", "Fashion-MNIST", 200, 9)])
+    client = types.SimpleNamespace(datasets=lambda: [Dataset("fashion200", "Fashion-MNIST", 200, 9, CREATED)])
     assert cli.cmd_datasets(parser().parse_args(["datasets", "--json"]), client) == 0
     [listed] = json.loads(capsys.readouterr().out)
     assert listed == {"name": "fashion200", "description": "Fashion-MNIST", "item_count": 200,
-                      "collection_count": 9}
+                      "collection_count": 9, "created": "2026-11-30T04:05:06+00:00"}
 
 
 # ---- 6. reflection v1 and v1alpha -----------------------------------------------------------
@@ -197,3 +199,12 @@ def test_index_reflection_over_v1_and_v1alpha(tmp_path):
     finally:
         channel.close()
         service.stop(0.5)
+
+
+# ---- 7. distances print as 0.0000, never -0.0000 --------------------------------------------
+
+@pytest.mark.parametrize("distance", [-0.0, -1e-9, 0.0])
+def test_a_distance_of_zero_never_prints_as_minus_zero(distance):
+    hit = types.SimpleNamespace(id="a", label="cat", distance=distance)
+    rows = cli.search_rows(types.SimpleNamespace(hits=[hit], query_label="cat"))
+    assert rows[0]["distance"] == "0.0000"

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from convsearch.channels import create_channel, wait_until_serving
+from convsearch.channels import create_channel
 from convsearch.cli import main as cli_main
+from convsearch.health import wait_until_serving
 from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, channel_credentials
 from convsearch_index.config import IndexConfig
 from convsearch_index.server import SERVICE_NAME as INDEX_SERVICE

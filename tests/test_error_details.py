@@ -17,9 +17,8 @@ from convsearch.errors import DOMAIN, InvalidArgument, NotFound, ResourceExhaust
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.grpc_errors import MAX_DETAILS, details_of, to_rpc_status
 from convsearch.image_limits import ImageError, describe, load_checked, open_checked
-from convsearch.index.v1 import index_pb2
 from convsearch_gateway.auth import RETRY_AFTER_MS
-from tests.conftest import serve_extractor, serve_gateway, serve_index
+from tests.conftest import running_backends, running_gateway, serve_index
 
 LITE0 = gateway_pb2.Configuration(model="efficientnet_lite0", layers=["_conv_head"])
 
@@ -27,28 +26,20 @@ LITE0 = gateway_pb2.Configuration(model="efficientnet_lite0", layers=["_conv_hea
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory, chelsea_jpeg):
     """(extractor address, index address, index service); the index holds dataset `cats` with item `c1`."""
-    extractor, extractor_channel, extractor_address = serve_extractor()
-    index, index_channel, index_address = serve_index(tmp_path_factory.mktemp("index"))
-    with served_gateway(extractor_address, index_address) as (stub, _):
-        stub.CreateDataset(gateway_pb2.CreateDatasetRequest(name="cats"))
-        items = [index_pb2.Item(id="c1", label="cat", image=chelsea_jpeg)]
-        assert list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="cats", items=items)])))[0].status \
-            == gateway_pb2.INGEST_STATUS_STORED
-    yield extractor_address, index_address
-    for channel, service in ((index_channel, index), (extractor_channel, extractor)):
-        channel.close()
-        service.stop(1.0)
+    with running_backends(tmp_path_factory.mktemp("index")) as addresses:
+        with served_gateway(*addresses) as (stub, _):
+            stub.CreateDataset(gateway_pb2.CreateDatasetRequest(name="cats"))
+            items = [gateway_pb2.Item(id="c1", label="cat", image=chelsea_jpeg)]
+            assert list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="cats", items=items)])))[0].status \
+                == gateway_pb2.INGEST_STATUS_STORED
+        yield addresses
 
 
 @contextlib.contextmanager
 def served_gateway(extractor_address: str, index_address: str, **overrides):
     """A gateway over these backends: (raw stub, address)."""
-    service, channel, address = serve_gateway(extractor_address, index_address, **overrides)
-    try:
+    with running_gateway(extractor_address, index_address, **overrides) as (_, channel, address):
         yield gateway_pb2_grpc.GatewayServiceStub(channel), address
-    finally:
-        channel.close()
-        service.stop(0.5)
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +156,8 @@ def test_a_backend_that_is_down_is_unavailable_with_a_retry_delay(backends, tmp_
 
 def test_an_ingested_non_image_is_described_without_our_objects(gateway):
     stub, _ = gateway
-    items = [index_pb2.Item(id="junk", image=b"this is not an image at all"),
-             index_pb2.Item(id="half", image=b"\x89PNG\r\n\x1a\n" + bytes(40))]
+    items = [gateway_pb2.Item(id="junk", image=b"this is not an image at all"),
+             gateway_pb2.Item(id="half", image=b"\x89PNG\r\n\x1a\n" + bytes(40))]
     results = list(stub.Ingest(iter([gateway_pb2.IngestRequest(dataset="cats", items=items)]), timeout=30))
     for result in results:
         assert result.status == gateway_pb2.INGEST_STATUS_FAILED

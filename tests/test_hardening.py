@@ -139,7 +139,7 @@ def dataset(stack, name: str) -> str:
 
 def ingest(stub, name: str, items: list[tuple[str, bytes]]) -> list[gw.IngestResponse]:
     return list(stub.Ingest(iter([gw.IngestRequest(dataset=name, items=[
-        ix.Item(id=item_id, image=data) for item_id, data in items])])))
+        gw.Item(id=item_id, image=data) for item_id, data in items])])))
 
 
 def stored(stack, name: str, ids: list[str]) -> list[str]:

@@ -177,7 +177,7 @@ def test_bad_requests_get_clear_statuses_and_change_nothing(index):
 def test_stream_of_items(index):
     stub = index.stub
     stub.CreateDataset(pb.CreateDatasetRequest(name="bulk"))
-    requests = [pb.PutItemsRequest(dataset="bulk" if n == 0 else "", items=[
+    requests = [pb.PutItemsStreamRequest(dataset="bulk" if n == 0 else "", items=[
         pb.Item(id=f"{n}-{i}", label="x", image=bytes(200_000)) for i in range(10)]) for n in range(5)]
     reply = stub.PutItemsStream(iter(requests))  # 10 MB in all, over the 4 MiB message limit
     assert (reply.inserted, reply.replaced) == (50, 0)

@@ -231,7 +231,7 @@ def test_a_request_id_travels_from_the_client_through_the_gateway_to_the_backend
 def test_the_id_travels_through_the_gateways_streams_and_helper_threads(stack, chelsea_jpeg, coffee_jpeg):
     stub = stack.gateway_stub
     stub.CreateDataset(gateway_pb2.CreateDatasetRequest(name="threads"))
-    items = [index_pb2.Item(id=f"img{n}", label="cat", image=image)
+    items = [gateway_pb2.Item(id=f"img{n}", label="cat", image=image)
              for n, image in enumerate([chelsea_jpeg, coffee_jpeg] * 3)]
     messages = [gateway_pb2.IngestRequest(dataset="threads", items=items[:3]),
                 gateway_pb2.IngestRequest(items=items[3:])]

@@ -17,10 +17,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from convsearch.channels import create_channel, wait_until_serving
+from convsearch.channels import create_channel
 from convsearch.cli import main as cli_main
 from convsearch.client import Client
 from convsearch.embedding import Configuration
+from convsearch.health import wait_until_serving
 from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, CertificateFiles, TLSError, channel_credentials
 from convsearch_index.config import IndexConfig
 from convsearch_index.server import SERVICE_NAME as INDEX_SERVICE

@@ -23,8 +23,8 @@ class SearchResult:
     exact: bool
     weights: str
     query_label: str = ""
-    search_score: float = -1.0
-    same_label_count: int = 0
+    search_score: float | None = None  # only for a labeled stored query
+    same_label_count: int | None = None
     scored_results: int = 0
 
 

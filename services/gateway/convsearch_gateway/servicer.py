@@ -18,6 +18,7 @@ from convsearch_gateway.evaluation import compare, evaluate
 from convsearch_gateway.indexing import index_items
 from convsearch_gateway.ingesting import ingest
 from convsearch_gateway.projection import project
+from convsearch_gateway.public import convert, converted
 from convsearch_gateway.searching import search
 
 _METHODS = {pb.PROJECTION_METHOD_UNSPECIFIED: "pca", pb.PROJECTION_METHOD_PCA: "pca",
@@ -45,12 +46,13 @@ def _score(score) -> pb.ConfigurationScore:
         pretrained=is_pretrained(score.weights), weights=score.weights)
 
 
-def _featured_only(model: extractor_pb2.ModelInfo) -> extractor_pb2.ModelInfo:
-    trimmed = extractor_pb2.ModelInfo()
-    trimmed.CopyFrom(model)
-    del trimmed.layers[:]
-    trimmed.layers.extend(layer for layer in model.layers if layer.featured)
-    return trimmed
+def _model(model: extractor_pb2.ModelInfo, all_layers: bool) -> pb.ModelInfo:
+    public = convert(model, pb.ModelInfo())
+    if not all_layers:
+        featured = [layer for layer in public.layers if layer.featured]
+        del public.layers[:]
+        public.layers.extend(featured)
+    return public
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
@@ -65,16 +67,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @map_errors
     def ListModels(self, request, context):
         reply = self.catalog.models(context.time_remaining())
-        models = list(reply.models)
-        if not request.include_all_layers:
-            models = [_featured_only(model) for model in models]
-        return pb.ListModelsResponse(models=models, default_model=reply.default_model)
+        return pb.ListModelsResponse(models=[_model(m, request.include_all_layers) for m in reply.models],
+                                     default_model=reply.default_model)
 
     @map_errors
     def CreateDataset(self, request, context):
         reply = self.backends.index.call("CreateDataset", index_pb2.CreateDatasetRequest(
             name=request.name, description=request.description), context.time_remaining())
-        return pb.CreateDatasetResponse(dataset=reply.dataset)
+        return pb.CreateDatasetResponse(dataset=convert(reply.dataset, pb.Dataset()))
 
     @map_errors
     def GetDataset(self, request, context):
@@ -82,12 +82,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         dataset = self.backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=request.name), remaining)
         collections = self.backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(
             dataset=request.name), remaining)
-        return pb.GetDatasetResponse(dataset=dataset.dataset, collections=collections.collections)
+        return pb.GetDatasetResponse(dataset=convert(dataset.dataset, pb.Dataset()),
+                                     collections=converted(collections.collections, pb.Collection))
 
     @map_errors
     def ListDatasets(self, request, context):
         reply = self.backends.index.call("ListDatasets", index_pb2.ListDatasetsRequest(), context.time_remaining())
-        return pb.ListDatasetsResponse(datasets=reply.datasets)
+        return pb.ListDatasetsResponse(datasets=converted(reply.datasets, pb.Dataset))
 
     @map_errors
     def DeleteDataset(self, request, context):
@@ -109,7 +110,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @map_errors
     def Ingest(self, request_iterator, context):
-        messages = ((m.dataset, [configuration(c) for c in m.configurations], list(m.items))
+        messages = ((m.dataset, [configuration(c) for c in m.configurations], converted(m.items, index_pb2.Item))
                     for m in request_iterator)
         for result in ingest(self.backends, messages, self.catalog.targets, self.batch_size, self.max_pixels):
             yield pb.IngestResponse(id=result.id, status=_STATUS[result.status], error=result.error,
@@ -217,7 +218,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             image = request.image
         inspection = self.backends.extractor.call("InspectLayer", extractor_pb2.InspectLayerRequest(
             model=request.model, layer=request.layer, image=image, top_channels=request.top_channels), remaining)
-        return pb.InspectLayerResponse(inspection=inspection)
+        return convert(inspection, pb.InspectLayerResponse())
 
     # ---- snapshots (admin only, where the gateway checks API keys) ----------------------
 
@@ -225,20 +226,20 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def SnapshotDataset(self, request, context):
         reply = self.backends.index.call("SnapshotDataset", index_pb2.SnapshotDatasetRequest(
             dataset=request.dataset), context.time_remaining())
-        return pb.SnapshotDatasetResponse(deleted=reply.deleted, snapshot=index_pb2.Snapshot(
-            name=reply.snapshot, dataset=request.dataset, created_at=reply.created_at, size_bytes=reply.size_bytes))
+        return pb.SnapshotDatasetResponse(deleted=reply.deleted, snapshot=pb.Snapshot(
+            name=reply.snapshot, dataset=request.dataset, create_time=reply.create_time, size_bytes=reply.size_bytes))
 
     @map_errors
     def RestoreDataset(self, request, context):
         reply = self.backends.index.call("RestoreDataset", index_pb2.RestoreDatasetRequest(
             snapshot=request.snapshot, dataset=request.dataset), context.time_remaining())
-        return pb.RestoreDatasetResponse(dataset=reply.dataset)
+        return pb.RestoreDatasetResponse(dataset=convert(reply.dataset, pb.Dataset()))
 
     @map_errors
     def ListSnapshots(self, request, context):
         reply = self.backends.index.call("ListSnapshots", index_pb2.ListSnapshotsRequest(
             dataset=request.dataset), context.time_remaining())
-        return pb.ListSnapshotsResponse(snapshots=reply.snapshots)
+        return pb.ListSnapshotsResponse(snapshots=converted(reply.snapshots, pb.Snapshot))
 
     @map_errors
     def DeleteSnapshot(self, request, context):

@@ -1,5 +1,7 @@
 """IndexService over gRPC: converts messages and leaves the work to the Index core."""
 
+from google.protobuf.timestamp_pb2 import Timestamp
+
 from convsearch.embedding import minkowski_p_of
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
 from convsearch.errors import InvalidArgument
@@ -14,8 +16,14 @@ from convsearch_index.records import DatasetRecord, ItemRecord
 DEFAULT_PAGE = 100
 
 
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
 def _dataset(record: DatasetRecord) -> pb.Dataset:
-    return pb.Dataset(name=record.name, description=record.description, created_at=record.created_at,
+    return pb.Dataset(name=record.name, description=record.description, create_time=_timestamp(record.created_at),
                       item_count=record.item_count, collection_count=record.collection_count)
 
 
@@ -78,7 +86,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             if request.items:
                 counts = self.index.put_items(dataset, self._records(request))
                 inserted, replaced = inserted + counts[0], replaced + counts[1]
-        return pb.PutItemsResponse(inserted=inserted, replaced=replaced)
+        return pb.PutItemsStreamResponse(inserted=inserted, replaced=replaced)
 
     @map_errors
     def GetItems(self, request, context):
@@ -160,12 +168,12 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     def SnapshotDataset(self, request, context):
         info, deleted = self.index.snapshot(request.dataset)
         return pb.SnapshotDatasetResponse(snapshot=info.name, size_bytes=info.size_bytes, deleted=deleted,
-                                          created_at=info.created_at)
+                                          create_time=_timestamp(info.created_at))
 
     @map_errors
     def ListSnapshots(self, request, context):
         return pb.ListSnapshotsResponse(snapshots=[
-            pb.Snapshot(name=i.name, dataset=i.dataset, created_at=i.created_at, size_bytes=i.size_bytes)
+            pb.Snapshot(name=i.name, dataset=i.dataset, create_time=_timestamp(i.created_at), size_bytes=i.size_bytes)
             for i in self.index.snapshots(request.dataset)])
 
     @map_errors
