@@ -1,13 +1,21 @@
 """Extractor throughput: images/s through the service over gRPC (JPEG in, vectors out) against
 the same model, layer and batch size run in-process, plus many concurrent single-image clients.
 
-Last stdout line: one JSON object (service_img_s, inprocess_img_s, ratio, concurrent_img_s, ...).
+The service's own overhead: the `pixels` model (whose forward pass costs almost nothing, like an
+identity model in Triton) streamed through BulkEmbed at its four layers, as indexing does
+(pipeline_img_s), against the same decoder run in-process on the same number of workers
+(decode_img_s); pipeline_ratio = pipeline_img_s / decode_img_s.
+
+Last stdout line: one JSON object (service_img_s, inprocess_img_s, ratio, concurrent_img_s,
+pipeline_img_s, decode_img_s, pipeline_ratio, ...).
 """
 
 import argparse
 import io
 import json
+import os
 import pathlib
+import resource
 import tempfile
 import threading
 import time
@@ -21,7 +29,9 @@ from convsearch.channels import create_channel
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.processes import start_service, stop_service
+from convsearch_extractor import pixels
 from convsearch_extractor.catalog import load_catalog
+from convsearch_extractor.engine import make_decoder
 from convsearch_extractor.imaging import decode
 from convsearch_extractor.runtime import EmbedSpec, LoadedModel
 from convsearch_extractor.server import SERVICE_NAME
@@ -54,11 +64,71 @@ def inprocess_runner(model: str, layer: str, images: list[bytes], device: torch.
     return lambda: loaded.embed(pixels, embed)
 
 
+def own_cpu_s() -> float:
+    """CPU seconds this process has used, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` has used, all threads (Linux /proc); NaN where unreadable."""
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ms_per_image(run_once, count: int, pid: int | None = None) -> tuple[float, float, float]:
+    """(images/s, CPU ms per image of this process, of process `pid`) of one run of `count` images."""
+    own, other, started = own_cpu_s(), process_cpu_s(pid) if pid else 0.0, time.perf_counter()
+    run_once()
+    seconds = time.perf_counter() - started
+    other_ms = (process_cpu_s(pid) - other) * 1000 / count if pid else 0.0
+    return count / seconds, (own_cpu_s() - own) * 1000 / count, other_ms
+
+
 def images_per_s(run_once, batches: int, batch: int) -> float:
     started = time.perf_counter()
     for _ in range(batches):
         run_once()
     return batches * batch / (time.perf_counter() - started)
+
+
+def decode_workers(device: torch.device) -> tuple[int, int]:
+    """(threads, processes) the service decodes with by default on this machine: the extractor's
+    own defaults (--decode-workers, and --decode-processes -1: processes on CUDA, threads on CPU)."""
+    threads = min(16, os.cpu_count() or 1)
+    return threads, threads if device.type == "cuda" else 0
+
+
+def decode_runner(images: list[bytes], processes: int, threads: int):
+    """A function decoding all `images` for the pixels model in a decoder pool like the service's."""
+    decoder = make_decoder(processes, threads)
+
+    def run() -> None:
+        for future in [decoder.submit(decode, image, pixels.PREPROCESS, 10**8) for image in images]:
+            future.result()
+
+    return run, decoder
+
+
+def bulk_runner(stub, images: list[bytes], message_size: int):
+    """A function streaming `images` through BulkEmbed for the pixels model at its four layers,
+    `message_size` images a message, and reading every answer."""
+    config = pb.EmbedConfig(model=pixels.NAME, layers=list(pixels.LAYERS))
+
+    def requests():
+        yield pb.BulkEmbedRequest(config=config)
+        for start in range(0, len(images), message_size):
+            yield pb.BulkEmbedRequest(images=[pb.ImageInput(id=str(i), data=images[i])
+                                              for i in range(start, min(len(images), start + message_size))])
+
+    def run() -> None:
+        count = sum(1 for answer in stub.BulkEmbed(requests()) if answer.WhichOneof("result") == "vectors")
+        assert count == len(images), f"{count} of {len(images)} images embedded"
+
+    return run
 
 
 def concurrent_clients(stub, config, image: bytes, clients: int, seconds: float) -> float:
@@ -92,10 +162,16 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--decode-processes", type=int, default=-1,
                         help="the service's decoding processes (-1 auto, 0 threads)")
+    parser.add_argument("--pipeline-images", type=int, default=512,
+                        help="JPEGs per BulkEmbed stream (and per in-process decode) of the pipeline measure")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
     images = photos(args.batch)
+    threads, auto_processes = decode_workers(device)
+    processes = auto_processes if args.decode_processes < 0 else args.decode_processes
+    many = [images[i % len(images)] for i in range(args.pipeline_images)]
+    run_decode, decoder = decode_runner(many, processes, threads)
 
     run_inprocess = inprocess_runner(args.model, args.layer, images, device)
     process, address = start_service(
@@ -121,8 +197,24 @@ def main() -> None:
         concurrent_img_s = concurrent_clients(stub, config, images[0], args.clients, args.seconds)
         print(f"service, {args.clients} concurrent single-image clients: {concurrent_img_s:.1f} img/s",
               flush=True)
+        run_pipeline = bulk_runner(stub, many, args.batch)
+        run_pipeline()
+        run_decode()
+        # CPU per image as well as images/s: on a shared machine the rates drift, the CPU much less.
+        decode_runs, pipeline_runs = [], []
+        for round_ in range(args.rounds):
+            decode_runs.append(cpu_ms_per_image(run_decode, len(many)))
+            pipeline_runs.append(cpu_ms_per_image(run_pipeline, len(many), process.pid))
+            print(f"round {round_ + 1}: decode in-process {decode_runs[-1][0]:.1f} img/s "
+                  f"({decode_runs[-1][1]:.2f} CPU ms/img), pixels through the service {pipeline_runs[-1][0]:.1f} "
+                  f"img/s (service {pipeline_runs[-1][2]:.2f} + client {pipeline_runs[-1][1]:.2f} CPU ms/img; "
+                  f"{len(many)} JPEGs, {f'{processes} processes' if processes else f'{threads} threads'})",
+                  flush=True)
+        decode_img_s, decode_cpu_ms, _ = (float(v) for v in np.median(decode_runs, axis=0))
+        pipeline_img_s, client_cpu_ms, service_cpu_ms = (float(v) for v in np.median(pipeline_runs, axis=0))
     finally:
         stop_service(process)
+        decoder.shutdown()
     print(json.dumps({
         "model": args.model, "layer": args.layer, "batch": args.batch, "device": device_name(device),
         "decode_processes": args.decode_processes,
@@ -130,6 +222,14 @@ def main() -> None:
         "ratio": round(service_img_s / inprocess_img_s, 3),
         "concurrent_img_s": round(concurrent_img_s, 2),
         "concurrent_vs_batched": round(concurrent_img_s / service_img_s, 3),
+        "pipeline_img_s": round(pipeline_img_s, 2), "decode_img_s": round(decode_img_s, 2),
+        "pipeline_ratio": round(pipeline_img_s / decode_img_s, 3),
+        "pipeline_images": len(many), "decode_workers": processes or threads,
+        "decode_in": "processes" if processes else "threads",
+        # Where the pipeline's time goes: CPU ms per image (with decode processes, decode_cpu_ms
+        # misses their CPU).
+        "decode_cpu_ms": round(decode_cpu_ms, 3), "pipeline_service_cpu_ms": round(service_cpu_ms, 3),
+        "pipeline_client_cpu_ms": round(client_cpu_ms, 3),
     }))
 
 

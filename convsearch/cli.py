@@ -1,7 +1,8 @@
 """The `convsearch` command: run the services locally, manage datasets, ingest, index, search,
 and the demo. Tables for people, --json for scripts; errors as one line.
 
-Exit codes: 0 done, 1 the request failed, 2 bad usage, 3 a service is unavailable, 130 interrupted.
+Exit codes: 0 done, 1 the request failed (for `rebalance`: a dataset was skipped), 2 bad usage,
+3 a service is unavailable, 130 interrupted.
 Bad usage (2) includes a file named on the command line that cannot be read and, for `up`, a port
 it needs that another process holds. --gateway defaults to CONVSEARCH_GATEWAY; --json, --gateway,
 --api-key and --tls-* go before or after the subcommand.
@@ -25,11 +26,15 @@ from collections.abc import Iterator
 from convsearch.api_keys import ENV_API_KEY, ROLES, key_line, new_key
 from convsearch.channels import create_channel
 from convsearch.client import Client
+from convsearch.config import check_address
 from convsearch.embedding import Configuration
 from convsearch.errors import ConvsearchError, NotFound, Unavailable
 from convsearch.health import wait_until_serving
 from convsearch.local import GATEWAY, LocalStack
+from convsearch.placement import parse_primaries
+from convsearch.rebalance import Primaries, rebalance
 from convsearch.tls import ENV_CA, ENV_CERT, ENV_KEY, TLSError, client_credentials
+from convsearch.weights import NONE as NO_WEIGHTS
 
 FASHION200 = pathlib.Path(__file__).resolve().parent.parent / "datasets" / "fashion200"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -149,6 +154,8 @@ def run_index(client: Client, dataset: str, config: Configuration, rebuild_damag
 
 def weights_mark(pretrained: bool, weights: str) -> str:
     """A result's weights for a table: plain when pretrained, a loud marker otherwise."""
+    if weights == NO_WEIGHTS:
+        return "none"
     if pretrained:
         return "pretrained"
     return "RANDOM (!)" if weights == "random" else "UNKNOWN (!)"
@@ -253,7 +260,8 @@ def up_failed(args, stack: LocalStack, exited: list[str]) -> int:
 def cmd_models(args, client: Client) -> int:
     models = client.models(all_layers=args.all_layers)
     rows = [{"model": m.name, "input": m.input_size, "params": f"{m.parameter_count:,}",
-             "weights": "pretrained" if m.pretrained else ("random" if m.available else "missing"),
+             "weights": "none" if m.weights == NO_WEIGHTS else "pretrained" if m.pretrained
+             else ("random" if m.available else "missing"),
              "featured layers": " ".join(layer.name for layer in m.layers if layer.featured)} for m in models]
     emit(args, models, rows, ["model", "input", "params", "weights", "featured layers"])
     return 0
@@ -299,8 +307,13 @@ def cmd_search(args, client: Client) -> int:
     return 0
 
 
+def model_mark(score) -> str:
+    """A score's model for a table, the baseline labelled as such."""
+    return f"{score.model} (baseline)" if score.baseline else score.model
+
+
 def score_rows(scores) -> list[dict]:
-    return [{"model": s.model, "layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
+    return [{"model": model_mark(s), "layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
              f"P@{s.k}": f"{s.precision_at_k:.3f}", f"mAP@{s.k}": f"{s.map_at_k:.3f}", "dims": s.dimension,
              "params": f"{s.parameter_count:,}", "weights": weights_mark(s.pretrained, s.weights)} for s in scores]
 
@@ -341,13 +354,13 @@ def cmd_compare(args, client: Client) -> int:
     comparison = client.compare(args.dataset, args.id or "")
     if args.id:
         by_collection = dict(comparison.item_scores)
-        rows = [{"model": s.model, "layer": s.layer, "metric": s.metric,
+        rows = [{"model": model_mark(s), "layer": s.layer, "metric": s.metric,
                  "item score": f"{by_collection[s.collection]:.2f}", "mean score": f"{s.mean_score:.2f}",
                  "weights": weights_mark(s.pretrained, s.weights)}
                 for s in comparison.ranked if s.collection in by_collection]
         emit(args, comparison, rows, ["model", "layer", "metric", "item score", "mean score", "weights"])
     else:
-        rows = [{"model": model, "best layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
+        rows = [{"model": model_mark(s), "best layer": s.layer, "metric": s.metric, "score": f"{s.mean_score:.2f}",
                  "weights": weights_mark(s.pretrained, s.weights)}
                 for model, s in sorted(comparison.best_layer_per_model.items(), key=lambda kv: -kv[1].mean_score)]
         emit(args, comparison, rows, ["model", "best layer", "metric", "score", "weights"])
@@ -427,6 +440,35 @@ def cmd_snapshot(args, client: Client) -> int:
         client.delete_snapshot(args.snapshot)
         emit(args, {"deleted": args.snapshot}, [{"deleted": args.snapshot}], ["deleted"])
     return 0
+
+
+def cmd_rebalance(args) -> int:
+    """`rebalance`: moves each dataset that is not on the index primary owning it there (see
+    convsearch.rebalance); with --dry-run only says which. 0 when nothing was skipped."""
+    try:
+        names = parse_primaries(args.index)
+        for name in names:
+            check_address(name, "--index")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    moves = []
+    with Primaries(names, client_credentials(args.tls_ca, args.tls_cert, args.tls_key)) as primaries:
+        for done in rebalance(primaries, args.dry_run):
+            moves.append(done)
+            if not args.json:
+                verb = {"planned": "would move", "moved": "moved", "skipped": "skipped"}[done.status]
+                counts = f" ({done.items} items, {done.collections} collections)" if done.status == "moved" else ""
+                print(f"{verb} {done.dataset}: {done.source} -> {done.target}{counts}"
+                      + (f": {done.reason}" if done.reason else ""), flush=True)
+    skipped = sum(m.status == "skipped" for m in moves)
+    if args.json:
+        print(json.dumps({"primaries": names, "dry_run": args.dry_run, "moves": [dataclasses.asdict(m) for m in moves]},
+                         indent=2))
+    elif not moves:
+        print("nothing to move: every dataset is on the primary that owns it")
+    elif not args.dry_run:
+        print(f"{len(moves) - skipped} moved, {skipped} skipped" + ("; run again to retry those" if skipped else ""))
+    return 1 if skipped else 0
 
 
 def demo(client: Client) -> int:
@@ -626,6 +668,13 @@ def parser() -> argparse.ArgumentParser:
                         help="health name, e.g. convsearch.index.v1.IndexService or liveness (default: the server)")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
 
+    rebalance_command = commands.add_parser(
+        "rebalance", parents=(secured,),
+        help="move datasets to the index primaries that own them (after adding a primary), via snapshots")
+    rebalance_command.add_argument("--index", required=True,
+                                   help="every index primary, comma-separated, named exactly as the gateway's --index")
+    rebalance_command.add_argument("--dry-run", action="store_true", help="print the moves without making them")
+
     demo_command = commands.add_parser("demo", help="ingest fashion200, index it with lite0, "
                                                     "search one image per class")
     demo_command.add_argument("--fresh", action="store_true", help="start new local services even if a gateway runs")
@@ -693,6 +742,8 @@ def main(argv=None) -> int:
             return cmd_demo(args)
         if args.command == "health":
             return cmd_health(args)
+        if args.command == "rebalance":
+            return cmd_rebalance(args)
         if args.command == "api-key":
             return cmd_api_key(args)
         with Client(args.gateway, **tls_options(args), api_key=args.api_key) as client:

@@ -137,6 +137,7 @@ class Score:
     single_item_classes: int  # labels with one item, whose query can only score 0
     pretrained: bool  # False: random or unknown weights made the vectors, the scores say nothing
     weights: str
+    baseline: bool = False  # the `pixels` baseline (a model without weights), to read the others against
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,7 +196,7 @@ def _score(message) -> Score:
                  message.mean_score, message.precision_at_k, message.map_at_k, message.k,
                  dict(message.per_label_score), message.queries, message.unlabeled, message.dimension,
                  message.parameter_count, message.cached, message.small_dataset, message.single_item_classes,
-                 message.pretrained, message.weights)
+                 message.pretrained, message.weights, message.baseline)
 
 
 def _configuration(configuration: Configuration) -> pb.Configuration:

@@ -1,6 +1,7 @@
 """Server wiring shared by every service: gRPC server, TLS or plaintext port, health (with
 `liveness`), reflection, metrics endpoint, graceful shutdown."""
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -13,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from convsearch import reflection
 from convsearch.channels import MIB
+from convsearch.config import option
 from convsearch.observability import serve_metrics
 from convsearch.tls import TLSError, server_credentials
 
@@ -20,6 +22,41 @@ from convsearch.tls import TLSError, server_credentials
 # what liveness probes ask (the service's own name is for readiness). Not a real service, so not
 # listed by reflection.
 LIVENESS = "liveness"
+_INT_MAX = 2**31 - 1  # what gRPC reads as "no limit" in a milliseconds option
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionAgeOptions:
+    """The connection age limit of a service that clients balance over by DNS (its configuration's
+    dataclass inherits these options): the extractor's replicas, the index's followers."""
+
+    max_connection_age_s: float = option(30.0, "seconds after which a client connection is asked to go away "
+                                               "(GOAWAY), so clients balancing over dns:/// reconnect, resolve "
+                                               "again and reach new replicas; 0 disables")
+    max_connection_age_grace_s: float = option(0.0, "seconds RPCs still running on a connection asked to go away "
+                                                    "get before it is closed; 0: no limit (long streams always "
+                                                    "finish)")
+
+    def check_connection_age(self) -> None:
+        """Raises ValueError for a negative age or grace."""
+        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+
+    def server_options(self) -> list[tuple[str, int]]:
+        """gRPC server options of the limit. gRPC sends GOAWAY once a connection is
+        max_connection_age_s old (+-10% jitter): RPCs running on it go on, new ones go to a new
+        connection, and the client's resolver is asked to resolve again. After the grace, the
+        connection is closed, failing what still runs on it."""
+        if not self.max_connection_age_s:
+            return []
+
+        def milliseconds(seconds: float) -> int:
+            return min(_INT_MAX, max(1, round(seconds * 1000))) if seconds else _INT_MAX
+
+        return [("grpc.max_connection_age_ms", milliseconds(self.max_connection_age_s)),
+                ("grpc.max_connection_age_grace_ms", milliseconds(self.max_connection_age_grace_s))]
+
 
 
 def create_server(max_workers: int, max_message_mb: int, interceptors: Sequence[grpc.ServerInterceptor] = (),

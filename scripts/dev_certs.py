@@ -5,12 +5,15 @@
     gateway.crt / gateway.key                  the gateway's server certificate (TLS at the API)
     extractor.crt / extractor.key              the extractor's server certificate (mutual TLS)
     index.crt / index.key                      the index's server certificate (mutual TLS)
+    index-read.crt / index-read.key            the index followers' server certificate, also shown
+                                               to the primary they follow (mutual TLS)
     gateway-client.crt / gateway-client.key    the gateway's client certificate for its backends
     ca.crt                                     the CA certificate everyone verifies against
 
 written to a folder (default build/certs). Server certificates name the compose service
-(`gateway`, `extractor`, `index`), the Kubernetes names (`convsearch-gateway`,
-`convsearch-extractor`, `convsearch-index-0.convsearch-index`, `convsearch-index`), `localhost` and
+(`gateway`, `extractor`, `index`, `index-read`), the Kubernetes names (`convsearch-gateway`,
+`convsearch-extractor`, `convsearch-index-0.convsearch-index`, `convsearch-index`,
+`convsearch-index-read`), `localhost` and
 127.0.0.1, and may also be used as client certificates: each container's health check presents
 its own certificate to its own port. The CA's private key is never written: run the script again
 for new certificates (it replaces the folder's files).
@@ -42,6 +45,7 @@ SERVER_NAMES = {
     "gateway": ("gateway", "convsearch-gateway"),
     "extractor": ("extractor", "convsearch-extractor"),
     "index": ("index", "convsearch-index-0.convsearch-index", "convsearch-index"),
+    "index-read": ("index-read", "convsearch-index-read"),
 }
 CLIENT = "gateway-client"
 

@@ -1,7 +1,8 @@
 """The deployment as an operator runs it: docker-compose.yml validates; and (marked `docker`,
 run by `make compose-test`) the real stack: images built by scripts/images.sh, `up`, the demo
 against it, the extractor scaled to 2 with both replicas serving, the index restarted with its
-data intact on the volume, a graceful stop, and everything cleaned up."""
+data intact on the volume, two index followers (docker-compose.replicas.yml) answering the
+gateway's searches, a graceful stop, and everything cleaned up."""
 
 import os
 import pathlib
@@ -136,6 +137,40 @@ def test_the_api_keys_override_points_the_gateway_at_a_mounted_keys_file():
         assert not [key for key in services[name]["environment"] if "API_KEYS" in key]
 
 
+REPLICAS_FILES = ["docker-compose.yml", "docker-compose.replicas.yml"]
+
+
+@pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by set-up as root")
+def test_the_replicas_override_adds_scalable_index_followers_and_points_the_gateway_at_them():
+    merged, default = merged_config(REPLICAS_FILES), merged_config(["docker-compose.yml"])
+    services, plain = merged["services"], default["services"]
+    assert set(services) == set(plain) | {"index-read"} and "index-read" not in plain
+    follower, index = services["index-read"], plain["index"]
+    # The index's image and settings, following the index by its compose name.
+    assert follower["image"] == index["image"]
+    assert follower["environment"] == {**index["environment"], "CONVSEARCH_INDEX_FOLLOW": "index:50053"}
+    assert follower["environment"]["CONVSEARCH_INDEX_DATA_DIR"] == "/data"
+    # Scalable (--scale index-read=N): nothing a second replica would collide on, no named volume
+    # (each replica its own copy, made again when recreated), no published port.
+    assert not follower.get("volumes") and merged["volumes"] == default["volumes"]
+    assert not follower.get("ports") and "container_name" not in follower
+    assert set(follower["expose"]) == {str(PORTS["index"]), "9053"}
+    # Healthy once its first copy is served; started after the index is healthy.
+    assert follower["depends_on"] == {"index": {"condition": "service_healthy"}}
+    assert follower["healthcheck"]["test"] == ["CMD", "convsearch", "health", f"127.0.0.1:{PORTS['index']}",
+                                               HEALTH_NAMES["index"]]
+    assert follower["healthcheck"]["start_period"] not in (None, "0s")
+    assert follower["stop_grace_period"] == index["stop_grace_period"]
+    # The gateway reads from every replica (round_robin over the name's addresses); nothing else changed.
+    gateway = services["gateway"]["environment"]
+    assert gateway == {**plain["gateway"]["environment"], "CONVSEARCH_GATEWAY_INDEX_REPLICAS": "dns:///index-read:50053"}
+    for name, service in plain.items():
+        if name != "gateway":
+            assert services[name] == service, name
+    assert {k: v for k, v in services["gateway"].items() if k != "environment"} == \
+        {k: v for k, v in plain["gateway"].items() if k != "environment"}
+
+
 def wait_healthy(service: str, count: int = 1, timeout_s: float = 600) -> list[str]:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -149,25 +184,30 @@ def wait_healthy(service: str, count: int = 1, timeout_s: float = 600) -> list[s
         time.sleep(2)
 
 
-def images_embedded(container: str) -> float:
+def metric(container: str, port: int, pattern: str) -> float:
+    """A value from a container's /metrics (the services' ports are not published)."""
     script = ("import urllib.request; "
-              "print(urllib.request.urlopen('http://127.0.0.1:9052/metrics', timeout=5).read().decode())")
+              f"print(urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=5).read().decode())")
     metrics = subprocess.run(["docker", "exec", container, "python3", "-c", script], capture_output=True,
                              text=True, check=True).stdout
-    return float(re.search(r"^convsearch_extractor_images_total (\S+)$", metrics, re.M).group(1))
+    return float(re.search(pattern, metrics, re.M).group(1))
+
+
+def images_embedded(container: str) -> float:
+    return metric(container, 9052, r"^convsearch_extractor_images_total (\S+)$")
 
 
 @pytest.fixture(scope="module")
 def stack():
     subprocess.run(["bash", "scripts/docker_daemon.sh"], cwd=ROOT, check=True, timeout=120)
     subprocess.run(["bash", "scripts/images.sh"], cwd=ROOT, check=True, timeout=3600)
-    compose("down", "-v", check=False)
+    compose("down", "-v", "--remove-orphans", check=False)
     try:
         compose("up", "-d")
         wait_healthy("gateway")
         yield
     finally:
-        compose("down", "-v", "--timeout", "60", check=False)
+        compose("down", "-v", "--remove-orphans", "--timeout", "60", check=False)
         # The build stages (the extractor's holds every wheel: ~9 GB) would pile up run after run.
         subprocess.run(["docker", "image", "prune", "--force"], capture_output=True, check=False)
 
@@ -199,8 +239,19 @@ def test_the_stack_runs_scales_keeps_its_data_and_stops_cleanly(stack):
         assert client.dataset("fashion200").item_count == count == 200
     assert [h.id for h in after.hits] == [h.id for h in before.hits]
 
-    containers = compose("ps", "-q").split()
-    compose("stop", "--timeout", "60")
+    # Two followers copy the index; the gateway, recreated with the override, searches through them.
+    replicas = [word for name in REPLICAS_FILES for word in ("-f", name)]
+    compose(*replicas, "up", "-d", "--scale", "extractor=2", "--scale", "index-read=2")
+    wait_healthy("index-read", count=2)
+    [gateway] = wait_healthy("gateway")
+    with Client(GATEWAY) as client:
+        for _ in range(5):
+            replicated = client.search("fashion200", item_id="bag/t10k-00018", configuration=config, k=15)
+            assert [h.id for h in replicated.hits] == [h.id for h in before.hits]
+    assert metric(gateway, 9051, r'^convsearch_gateway_index_reads_total\{by="follower"\} (\S+)$') >= 5
+
+    containers = compose(*replicas, "ps", "-q").split()
+    compose(*replicas, "stop", "--timeout", "60")
     codes = {c: subprocess.run(["docker", "inspect", "-f", "{{.State.ExitCode}}", c], capture_output=True,
                                text=True).stdout.strip() for c in containers}
     assert set(codes.values()) == {"0"}, codes

@@ -33,6 +33,7 @@ HOSTS = {
     "gateway": ["gateway", "convsearch-gateway", "localhost"],
     "extractor": ["extractor", "convsearch-extractor", "localhost"],
     "index": ["index", "convsearch-index-0.convsearch-index", "localhost"],
+    "index-read": ["index-read", "convsearch-index-read", "localhost"],
 }
 
 
@@ -49,6 +50,7 @@ def certs(tmp_path_factory) -> pathlib.Path:
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert "convsearch-index-tls" in result.stdout  # the kubectl commands for the overlay's Secrets
+    assert "convsearch-index-read-tls" in result.stdout
     return out
 
 
@@ -58,7 +60,8 @@ def load(path: pathlib.Path) -> x509.Certificate:
 
 def test_writes_the_ca_and_a_certificate_and_key_per_service_but_not_the_ca_key(certs):
     names = sorted(path.name for path in certs.iterdir())
-    assert names == sorted(["ca.crt"] + [f"{stem}.{ext}" for stem in ("gateway", "extractor", "index", "gateway-client")
+    assert names == sorted(["ca.crt"] + [f"{stem}.{ext}" for stem in ("gateway", "extractor", "index", "index-read",
+                                                                               "gateway-client")
                                          for ext in ("crt", "key")])
     for path in certs.iterdir():  # the containers' user (uid 10001) reads them through a bind mount
         assert stat.S_IMODE(path.stat().st_mode) & 0o004, path.name
@@ -138,6 +141,25 @@ def test_the_healthcheck_passes_with_the_services_own_certificate(certs, index):
     argv = ["--tls-ca", str(certs / "ca.crt"), "--tls-cert", str(certs / "index.crt"), "--tls-key",
             str(certs / "index.key"), "health", index, INDEX_SERVICE]
     assert cli_main(argv) == 0
+
+
+def test_a_follower_reaches_the_primary_and_serves_the_gateway_with_its_certificate(certs, index, tmp_path):
+    # as the Kubernetes mtls overlay runs index-read: its own certificate for both sides
+    own = {"tls_cert": str(certs / "index-read.crt"), "tls_key": str(certs / "index-read.key")}
+    ca = str(certs / "ca.crt")
+    config = IndexConfig(host="127.0.0.1", port=0, metrics_port=-1, data_dir=str(tmp_path),
+                         checkpoint_interval_s=3600.0, tls_client_ca=ca, follow=index, follow_tls_ca=ca,
+                         follow_tls_cert=own["tls_cert"], follow_tls_key=own["tls_key"],
+                         follow_tls_server_name="index", **own)
+    service, port = build_index(config)
+    service.start()
+    try:
+        for server_name in ("index-read", "convsearch-index-read"):
+            channel = gateway_channel(certs, f"127.0.0.1:{port}", server_name)
+            wait_until_serving(channel, INDEX_SERVICE, timeout_s=60)  # SERVING once it has copied the primary
+            assert check(channel) == "SERVING"
+    finally:
+        service.stop(1.0)
 
 
 def test_clients_without_a_certificate_of_the_ca_are_refused(certs, index):

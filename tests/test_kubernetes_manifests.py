@@ -3,7 +3,7 @@
 Every overlay is rendered as kustomize renders it, then each object is validated offline against
 Kubernetes' own schemas (kubernetes-validate, strict: an unknown field fails). Rendering uses a
 small renderer here that knows only what the manifests use (resources, strategic-merge patches,
-images) and refuses anything else; where a real kustomize is at hand (`kustomize`, or
+whole-object `$patch: delete`, images) and refuses anything else; where a real kustomize is at hand (`kustomize`, or
 `kubectl kustomize`, on PATH or named by CONVSEARCH_KUSTOMIZE), the test also renders with it and
 checks that both agree, so the renderer cannot drift from kustomize unnoticed.
 """
@@ -26,20 +26,29 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "deploy" / "kubernetes"
 class UnsupportedByRenderer(ValueError):
     """A kustomize feature this test's renderer refuses to guess at."""
 KUBERNETES_VERSION = "1.37.0"  # the newest that kubernetes-validate 1.37 bundles schemas for
-RENDERINGS = ["base", "overlays/cpu", "overlays/gpu", "overlays/mtls"]
+RENDERINGS = ["base", "overlays/cpu", "overlays/gpu", "overlays/mtls", "overlays/primaries"]
 # Renderings whose services serve TLS (mutual TLS at the extractor and index): probes are `exec`
 # probes running `convsearch health` with TLS options, since native gRPC probes cannot speak TLS.
 TLS_RENDERINGS = ["overlays/mtls"]
 PLAINTEXT_RENDERINGS = [folder for folder in RENDERINGS if folder not in TLS_RENDERINGS]
-COMPONENTS = ("gateway", "extractor", "index")
-GRPC_PORT = {"gateway": 50051, "extractor": 50052, "index": 50053}
-METRICS_PORT = {"gateway": 9051, "extractor": 9052, "index": 9053}
+# index-read: the index's read-only followers (`convsearch-index --follow`): the index's image,
+# flags, ports and health names, in a Deployment of their own.
+COMPONENTS = ("gateway", "extractor", "index", "index-read")
+SERVICE = {"gateway": "gateway", "extractor": "extractor", "index": "index", "index-read": "index"}
+GRPC_PORT = {"gateway": 50051, "extractor": 50052, "index": 50053, "index-read": 50053}
+METRICS_PORT = {"gateway": 9051, "extractor": 9052, "index": 9053, "index-read": 9053}
 READINESS_NAME = {
     "gateway": "convsearch.gateway.v1.GatewayService",
     "extractor": "convsearch.extractor.v1.ExtractorService",
     "index": "convsearch.index.v1.IndexService",
+    "index-read": "convsearch.index.v1.IndexService",
 }
+# Index primaries per rendering (pods of the StatefulSet); with one, followers read from it.
+PRIMARIES = {"overlays/primaries": 3}
+FOLLOWER_RENDERINGS = [folder for folder in RENDERINGS if PRIMARIES.get(folder, 1) == 1]
+FOLLOWERS_SERVICE = "dns:///convsearch-index-read:50053"
 LIVENESS_NAME = "liveness"
+STARTUP_MINIMUM_S = {"extractor": 300, "index": 300, "index-read": 600}  # model load, log replay, first copy
 CONFIG_MAP = "convsearch-config"
 DEFAULT_GRACE_S = 10.0
 
@@ -115,10 +124,18 @@ def build(directory: pathlib.Path) -> list[dict]:
         if set(entry) != {"path"}:
             raise UnsupportedByRenderer(f"{directory}: only `patches: - path: FILE` is supported, got {entry}")
         for patch in _load_all(directory / entry["path"]):
+            directive = patch.pop("$patch", None)
+            if directive not in (None, "delete"):
+                raise UnsupportedByRenderer(f"{directory}: only `$patch: delete` of a whole object is supported")
             targets = [doc for doc in docs if _key(doc) == _key(patch) and doc["apiVersion"] == patch["apiVersion"]]
             if len(targets) != 1:
                 raise ValueError(f"{directory}: patch {entry['path']} names {_key(patch)}, which is not there")
-            strategic_merge(targets[0], patch)
+            if directive == "delete":
+                if set(patch) - {"apiVersion", "kind", "metadata"} or set(patch["metadata"]) != {"name"}:
+                    raise UnsupportedByRenderer(f"{directory}: a `$patch: delete` names its object and no more")
+                docs.remove(targets[0])
+            else:
+                strategic_merge(targets[0], patch)
     for doc in docs:
         _set_images(doc, kustomization.get("images", []))
     return docs
@@ -217,9 +234,9 @@ def quantity(value) -> float:
 
 # --- validation --------------------------------------------------------------------------------
 
-def test_overlays_are_cpu_gpu_and_mtls():
+def test_overlays_are_cpu_gpu_mtls_and_primaries():
     overlays = {path.parent.name for path in (ROOT / "overlays").glob("*/kustomization.yaml")}
-    assert overlays == {"cpu", "gpu", "mtls"}
+    assert overlays == {"cpu", "gpu", "mtls", "primaries"}
     assert [f"overlays/{name}" for name in sorted(overlays)] == RENDERINGS[1:]
 
 
@@ -289,6 +306,22 @@ def test_renderer_refuses_what_it_cannot_render_faithfully(tmp_path):
         build(tmp_path)
     with pytest.raises(UnsupportedByRenderer):
         strategic_merge({"a": [1]}, {"$patch": "replace"})
+    (tmp_path / "patch.yaml").write_text("$patch: replace\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\npatches: [{path: patch.yaml}]\n")
+    with pytest.raises(UnsupportedByRenderer, match="delete"):
+        build(tmp_path)
+    (tmp_path / "patch.yaml").write_text("$patch: delete\napiVersion: v1\nkind: ConfigMap\n"
+                                         "metadata: {name: a}\ndata: {x: y}\n")
+    with pytest.raises(UnsupportedByRenderer, match="no more"):
+        build(tmp_path)
+
+
+def test_renderer_deletes_whole_objects_like_kustomize(tmp_path):
+    (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n---\n"
+                                      "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: b}\n")
+    (tmp_path / "patch.yaml").write_text("$patch: delete\napiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\npatches: [{path: patch.yaml}]\n")
+    assert [_key(doc) for doc in build(tmp_path)] == [("ConfigMap", "b")]
 
 
 def test_strategic_merge_merges_lists_by_key_and_replaces_others():
@@ -306,11 +339,14 @@ def test_objects_are_the_expected_ones(folder):
     kinds = sorted(_key(doc) for doc in render(folder))
     expected = [("ConfigMap", CONFIG_MAP)]
     for component in COMPONENTS:
+        if component == "index-read" and folder not in FOLLOWER_RENDERINGS:
+            continue
         name = f"convsearch-{component}"
         expected += [("Service", name), ("NetworkPolicy", name)]
         expected += [("StatefulSet", name)] if component == "index" else [
             ("Deployment", name), ("HorizontalPodAutoscaler", name)]
-    expected.append(("PodDisruptionBudget", "convsearch-gateway"))
+        if component in ("gateway", "index-read"):  # at least 2 pods: one stays through a drain
+            expected.append(("PodDisruptionBudget", name))
     assert kinds == sorted(expected)
 
 
@@ -328,8 +364,8 @@ def test_every_container_has_grpc_startup_readiness_and_liveness_probes(folder):
         assert container["livenessProbe"]["grpc"]["service"] == LIVENESS_NAME
         startup = container["startupProbe"]
         assert startup["grpc"]["service"] in (READINESS_NAME[component], LIVENESS_NAME)
-        if component in ("extractor", "index"):  # loading a model / replaying the log takes a while
-            assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, component
+        if component in STARTUP_MINIMUM_S:  # a model to load, a log to replay, a primary to copy
+            assert startup["periodSeconds"] * startup["failureThreshold"] >= STARTUP_MINIMUM_S[component], component
 
 
 def test_gateway_is_never_restarted_for_its_backends():
@@ -382,9 +418,12 @@ def test_volumes_tmp_everywhere_data_for_the_index_weights_for_the_extractor(fol
         volumes = {v["name"]: v for v in pod_spec(workload).get("volumes", [])}
         mounts = {m["mountPath"]: m["name"] for m in only_container(workload)["volumeMounts"]}
         assert "emptyDir" in volumes[mounts["/tmp"]], f"{component}: /tmp must be an emptyDir"
+        if component == "index-read":  # a follower's copy: its own, gone with the pod (copied again)
+            assert "emptyDir" in volumes[mounts["/data"]], "a follower's /data is an emptyDir"
+            assert volumes[mounts["/data"]]["emptyDir"].get("sizeLimit"), "an unbounded emptyDir can fill the node"
     index = workloads(docs)["index"]
     claims = [t["metadata"]["name"] for t in index["spec"]["volumeClaimTemplates"]]
-    assert index["spec"]["replicas"] == 1
+    assert index["spec"]["replicas"] == PRIMARIES.get(folder, 1)
     assert index["spec"]["serviceName"] == "convsearch-index"
     assert {m["mountPath"]: m["name"] for m in only_container(index)["volumeMounts"]}["/data"] in claims
     assert config(docs)["CONVSEARCH_INDEX_DATA_DIR"] == "/data"
@@ -397,10 +436,10 @@ def test_volumes_tmp_everywhere_data_for_the_index_weights_for_the_extractor(fol
 @pytest.mark.parametrize("folder", RENDERINGS)
 def test_termination_grace_outlasts_the_drain(folder):
     docs = render(folder)
-    minimum = {"gateway": 30, "extractor": 30, "index": 60}
+    minimum = {"gateway": 30, "extractor": 30, "index": 60, "index-read": 60}
     for component, workload in workloads(docs).items():
         pod = pod_spec(workload)
-        grace_s = float(config(docs).get(f"CONVSEARCH_{component.upper()}_GRACE_S", DEFAULT_GRACE_S))
+        grace_s = float(config(docs).get(f"CONVSEARCH_{SERVICE[component].upper()}_GRACE_S", DEFAULT_GRACE_S))
         pre_stop = only_container(workload).get("lifecycle", {}).get("preStop", {})
         pause_s = pre_stop.get("sleep", {}).get("seconds", 0)
         assert pod["terminationGracePeriodSeconds"] >= minimum[component], component
@@ -429,7 +468,8 @@ def test_services_select_their_pods_on_named_ports(folder):
 def test_autoscalers_target_existing_workloads_by_cpu(folder):
     docs = render(folder)
     hpas = by_kind(docs, "HorizontalPodAutoscaler")
-    assert set(hpas) == {"convsearch-gateway", "convsearch-extractor"}
+    followers = {"convsearch-index-read"} if folder in FOLLOWER_RENDERINGS else set()
+    assert set(hpas) == {"convsearch-gateway", "convsearch-extractor"} | followers
     for hpa in hpas.values():
         assert hpa["apiVersion"] == "autoscaling/v2"
         target = hpa["spec"]["scaleTargetRef"]
@@ -441,13 +481,17 @@ def test_autoscalers_target_existing_workloads_by_cpu(folder):
         assert only_container(matches[0])["resources"]["requests"]["cpu"], "utilisation needs a CPU request"
 
 
-def test_gateway_disruption_budget_leaves_a_gateway_up():
+@pytest.mark.parametrize("component", ["gateway", "index-read"])
+def test_disruption_budgets_leave_a_gateway_and_a_follower_up(component):
     docs = render("base")
-    budget = by_kind(docs, "PodDisruptionBudget")["convsearch-gateway"]
-    gateway = workloads(docs)["gateway"]
-    assert selects(budget["spec"]["selector"], gateway["spec"]["template"]["metadata"]["labels"])
-    hpa = by_kind(docs, "HorizontalPodAutoscaler")["convsearch-gateway"]
-    assert 1 <= budget["spec"]["minAvailable"] < hpa["spec"]["minReplicas"]
+    budget = by_kind(docs, "PodDisruptionBudget")[f"convsearch-{component}"]
+    workload = workloads(docs)[component]
+    assert selects(budget["spec"]["selector"], workload["spec"]["template"]["metadata"]["labels"])
+    others = [name for name, other in workloads(docs).items() if name != component
+              and selects(budget["spec"]["selector"], other["spec"]["template"]["metadata"]["labels"])]
+    assert not others, f"{component}'s budget also selects {others}"
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")[f"convsearch-{component}"]
+    assert 1 <= budget["spec"]["minAvailable"] < hpa["spec"]["minReplicas"] <= workload["spec"]["replicas"]
 
 
 @pytest.mark.parametrize("folder", RENDERINGS)
@@ -455,7 +499,11 @@ def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
     docs = render(folder)
     found = workloads(docs)
     policies = by_kind(docs, "NetworkPolicy")
-    gateway_labels = found["gateway"]["spec"]["template"]["metadata"]["labels"]
+    assert set(policies) == {f"convsearch-{component}" for component in found}
+    labels = {component: workload["spec"]["template"]["metadata"]["labels"] for component, workload in found.items()}
+    # Who may call each backend's gRPC port: the gateway; at the primary also its followers, which
+    # copy and tail it (their pods' label, whether or not this rendering runs any).
+    callers = {"extractor": ["gateway"], "index": ["gateway", "index-read"], "index-read": ["gateway"]}
     for component, workload in found.items():
         policy = policies[f"convsearch-{component}"]
         assert selects(policy["spec"]["podSelector"], workload["spec"]["template"]["metadata"]["labels"])
@@ -467,13 +515,16 @@ def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
             assert "from" not in grpc_rule  # the API is for any client
         else:
             assert grpc_rule["ports"] == [{"port": GRPC_PORT[component], "protocol": "TCP"}]
-            assert len(grpc_rule["from"]) == 1 and set(grpc_rule["from"][0]) == {"podSelector"}, component
-            peer = grpc_rule["from"][0]["podSelector"]
-            assert selects(peer, gateway_labels), component
-            # the gateway alone: an empty selector would admit every pod of the namespace
-            others = [name for name, other in found.items() if name != "gateway"
-                      and selects(peer, other["spec"]["template"]["metadata"]["labels"])]
-            assert peer.get("matchLabels") and not others, f"{component}: {peer} admits {others or 'every pod'}"
+            assert len(grpc_rule["from"]) == len(callers[component]), component
+            for peer, caller in zip(grpc_rule["from"], callers[component], strict=True):
+                assert set(peer) == {"podSelector"}, component
+                peer = peer["podSelector"]
+                assert peer.get("matchLabels") == {"app.kubernetes.io/name": f"convsearch-{caller}"}, component
+                # that caller alone: an empty selector would admit every pod of the namespace
+                others = [name for name in found if name != caller and selects(peer, labels[name])]
+                assert not others, f"{component}: {peer} admits {others}"
+                if caller in found:
+                    assert selects(peer, labels[caller]), f"{component}: {peer} misses the {caller} pods"
         assert metrics_rule["from"], f"{component}: metrics open to everyone"
         for peer in metrics_rule["from"]:
             assert peer.get("podSelector", {}).get("matchLabels"), f"{component}: metrics peers need a pod label"
@@ -491,16 +542,24 @@ def test_flags_come_from_the_config_map(folder):
     extractor_address = data["CONVSEARCH_GATEWAY_EXTRACTOR"]
     assert extractor_address == "dns:///convsearch-extractor:50052"
     assert services["convsearch-extractor"]["spec"]["clusterIP"] == "None"
-    index_address = data["CONVSEARCH_GATEWAY_INDEX"]
-    assert index_address in ("convsearch-index-0.convsearch-index:50053", "dns:///convsearch-index:50053")
+    primaries = [f"convsearch-index-{n}.convsearch-index:50053" for n in range(PRIMARIES.get(folder, 1))]
+    assert data["CONVSEARCH_GATEWAY_INDEX"].split(",") == primaries
+    if folder in FOLLOWER_RENDERINGS:
+        assert data["CONVSEARCH_GATEWAY_INDEX_REPLICAS"] == FOLLOWERS_SERVICE
+    else:
+        assert not data.get("CONVSEARCH_GATEWAY_INDEX_REPLICAS"), "no followers with several primaries"
+    # The primary reads this map too: following, and how, is set on the followers alone.
+    assert not [key for key in data if key.startswith("CONVSEARCH_INDEX_FOLLOW")], "a primary must not follow"
     assert data["CONVSEARCH_EXTRACTOR_MAX_CONNECTION_AGE_S"] == "30"
     for component, workload in workloads(docs).items():
         container = only_container(workload)
         assert {"configMapRef": {"name": CONFIG_MAP}} in container["envFrom"], component
         for variable in container.get("env", []):
+            if component == "index-read" and variable["name"].startswith("CONVSEARCH_INDEX_FOLLOW"):
+                continue  # the followers' own flags: the primary reads the ConfigMap too
             assert not variable["name"].startswith("CONVSEARCH_"), "flags belong in the ConfigMap"
             assert "THREADS" not in variable["name"], "thread counts come from the CPU limit"
-        prefix = f"CONVSEARCH_{component.upper()}_"
+        prefix = f"CONVSEARCH_{SERVICE[component].upper()}_"
         assert data[prefix + "LOG_FORMAT"] == "json"
         assert data[prefix + "METRICS_PORT"] == str(METRICS_PORT[component])
 
@@ -520,7 +579,7 @@ def test_images(folder):
     for component, workload in workloads(render(folder)).items():
         image = only_container(workload)["image"]
         tag = "0.1.0-cuda" if (component, folder) == ("extractor", "overlays/gpu") else "0.1.0"
-        assert image == f"convsearch/{component}:{tag}"
+        assert image == f"convsearch/{SERVICE[component]}:{tag}"
 
 
 def test_cpu_overlay_sizes_the_extractor_for_cpu():
@@ -613,9 +672,9 @@ def test_tls_containers_probe_with_exec_convsearch_health_and_tls_options(folder
 def test_backends_serve_mutual_tls_and_their_probes_hold_a_certificate_they_accept(folder):
     docs = render(folder)
     data = config(docs)
-    for component in ("extractor", "index"):
+    for component in ("extractor", "index", "index-read"):
         workload = workloads(docs)[component]
-        prefix = f"CONVSEARCH_{component.upper()}_"
+        prefix = f"CONVSEARCH_{SERVICE[component].upper()}_"
         cert, key, client_ca = (data.get(prefix + part) for part in ("TLS_CERT", "TLS_KEY", "TLS_CLIENT_CA"))
         assert cert and key, f"{component}: no TLS certificate"
         assert client_ca, f"{component}: no {prefix}TLS_CLIENT_CA: clients would not need a certificate"
@@ -625,6 +684,26 @@ def test_backends_serve_mutual_tls_and_their_probes_hold_a_certificate_they_acce
         command = only_container(workload)["readinessProbe"]["exec"]["command"]
         assert _option(command, "--tls-ca") == client_ca
         assert secret_file(workload, _option(command, "--tls-cert")) == f"convsearch-{component}-tls"
+
+
+@pytest.mark.parametrize("folder", TLS_RENDERINGS)
+def test_followers_reach_the_primary_with_a_client_certificate_it_accepts(folder):
+    docs = render(folder)
+    data = config(docs)
+    found = workloads(docs)
+    follower, primary = found["index-read"], found["index"]
+    env = {v["name"]: v["value"] for v in only_container(follower)["env"]}
+    # The primary's certificate verified against the CA; the follower's own certificate (issued for
+    # client auth too, its probes present it) shown to the primary, whose client CA is that CA.
+    ca, cert, key = (env.get(f"CONVSEARCH_INDEX_FOLLOW_TLS_{part}") for part in ("CA", "CERT", "KEY"))
+    assert ca and cert and key, f"the followers reach the primary in plaintext: {sorted(env)}"
+    assert {secret_file(follower, path) for path in (ca, cert, key)} == {"convsearch-index-read-tls"}
+    assert cert == data["CONVSEARCH_INDEX_TLS_CERT"] and key == data["CONVSEARCH_INDEX_TLS_KEY"]
+    assert ca.endswith("/ca.crt") and data["CONVSEARCH_INDEX_TLS_CLIENT_CA"].endswith("/ca.crt")
+    assert secret_file(primary, data["CONVSEARCH_INDEX_TLS_CLIENT_CA"]) == "convsearch-index-tls"
+    # by the name the primary's certificate carries (the gateway's address of it), no override
+    assert env["CONVSEARCH_INDEX_FOLLOW"] == data["CONVSEARCH_GATEWAY_INDEX"]
+    assert not env.get("CONVSEARCH_INDEX_FOLLOW_TLS_SERVER_NAME")
 
 
 @pytest.mark.parametrize("folder", TLS_RENDERINGS)
@@ -643,6 +722,7 @@ def test_gateway_serves_tls_and_reaches_its_backends_with_a_client_certificate(f
     assert not data.get("CONVSEARCH_GATEWAY_BACKEND_TLS_SERVER_NAME"), "the names are in the addresses"
     assert data["CONVSEARCH_GATEWAY_EXTRACTOR"] == "dns:///convsearch-extractor:50052"
     assert data["CONVSEARCH_GATEWAY_INDEX"] == "convsearch-index-0.convsearch-index:50053"
+    assert data["CONVSEARCH_GATEWAY_INDEX_REPLICAS"] == FOLLOWERS_SERVICE  # certificate: convsearch-index-read
     # API keys from a Secret; clients are not asked for certificates (keys authenticate them).
     assert secret_file(gateway, data["CONVSEARCH_GATEWAY_API_KEYS"]) == "convsearch-api-keys"
     assert not data.get("CONVSEARCH_GATEWAY_TLS_CLIENT_CA")
@@ -655,7 +735,8 @@ def test_tls_overlay_changes_only_the_config_and_the_workloads_and_keeps_the_net
     assert sorted(plain) == sorted(_key(doc) for doc in docs)
     changed = {_key(doc) for doc in docs if doc != plain[_key(doc)]}
     assert changed == {("ConfigMap", CONFIG_MAP), ("Deployment", "convsearch-gateway"),
-                       ("Deployment", "convsearch-extractor"), ("StatefulSet", "convsearch-index")}
+                       ("Deployment", "convsearch-extractor"), ("StatefulSet", "convsearch-index"),
+                       ("Deployment", "convsearch-index-read")}
     for key, doc in ((k, d) for d in docs for k in [_key(d)] if k not in changed):
         assert doc == plain[key]
     # Only TLS settings (and the API keys file) were added to the ConfigMap; nothing was changed.
@@ -664,4 +745,67 @@ def test_tls_overlay_changes_only_the_config_and_the_workloads_and_keeps_the_net
     assert all("TLS" in key or key == "CONVSEARCH_GATEWAY_API_KEYS" for key in set(data) - set(before))
     for component in COMPONENTS:
         for part in ("TLS_CERT", "TLS_KEY"):
-            assert data[f"CONVSEARCH_{component.upper()}_{part}"], f"{component}: no {part}"
+            assert data[f"CONVSEARCH_{SERVICE[component].upper()}_{part}"], f"{component}: no {part}"
+
+
+# --- index followers and primaries -------------------------------------------------------------
+
+def _pod_names(statefulset: dict) -> list[str]:
+    """The stable DNS names (in the namespace) of a StatefulSet's pods, in order, with the gRPC port."""
+    name, service = statefulset["metadata"]["name"], statefulset["spec"]["serviceName"]
+    return [f"{name}-{n}.{service}:{GRPC_PORT['index']}" for n in range(statefulset["spec"]["replicas"])]
+
+
+@pytest.mark.parametrize("folder", FOLLOWER_RENDERINGS)
+def test_followers_follow_pod_0_and_the_gateway_reads_through_their_headless_service(folder):
+    docs = render(folder)
+    data = config(docs)
+    found = workloads(docs)
+    follower, primary = found["index-read"], found["index"]
+    assert follower["kind"] == "Deployment"
+    env = {v["name"]: v.get("value") for v in only_container(follower)["env"]}
+    assert env["CONVSEARCH_INDEX_FOLLOW"] == _pod_names(primary)[0] == data["CONVSEARCH_GATEWAY_INDEX"]
+    assert primary["spec"]["replicas"] == 1, "followers follow one primary"
+    # the followers' headless Service, selecting them and not the primary (nor the reverse)
+    services = by_kind(docs, "Service")
+    read_service = services["convsearch-index-read"]
+    assert data["CONVSEARCH_GATEWAY_INDEX_REPLICAS"] == f"dns:///convsearch-index-read:{GRPC_PORT['index-read']}"
+    assert read_service["spec"]["clusterIP"] == "None"
+    labels = {c: w["spec"]["template"]["metadata"]["labels"] for c, w in found.items()}
+    assert [c for c in found if selects({"matchLabels": read_service["spec"]["selector"]}, labels[c])] == ["index-read"]
+    index_service = services["convsearch-index"]
+    assert [c for c in found if selects({"matchLabels": index_service["spec"]["selector"]}, labels[c])] == ["index"]
+    # the primary's image and data dir, the follower's own (ephemeral) copy
+    assert only_container(follower)["image"] == only_container(primary)["image"]
+    assert "volumeClaimTemplates" not in follower["spec"]
+    # scaled on CPU, never below the disruption budget
+    hpa = by_kind(docs, "HorizontalPodAutoscaler")["convsearch-index-read"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": "convsearch-index-read"}
+    assert hpa["spec"]["minReplicas"] >= 2
+
+
+def test_primaries_overlay_runs_three_primaries_named_in_order_and_no_followers():
+    docs = render("overlays/primaries")
+    data = config(docs)
+    primary = workloads(docs)["index"]
+    assert primary["kind"] == "StatefulSet" and primary["spec"]["replicas"] == 3
+    # every pod, by its stable name, in pod order: placement hashes over the names as written
+    assert data["CONVSEARCH_GATEWAY_INDEX"].split(",") == _pod_names(primary) == [
+        "convsearch-index-0.convsearch-index:50053", "convsearch-index-1.convsearch-index:50053",
+        "convsearch-index-2.convsearch-index:50053"]
+    assert primary["spec"]["volumeClaimTemplates"], "each primary its own volume"
+    # no followers: they follow one primary, and the gateway refuses replicas with several primaries
+    assert not data.get("CONVSEARCH_GATEWAY_INDEX_REPLICAS")
+    assert "index-read" not in workloads(docs)
+    assert not [_key(doc) for doc in docs if "index-read" in doc["metadata"]["name"]]
+    # otherwise the cpu overlay: only the index, the gateway's settings and the followers differ
+    cpu = {_key(doc): doc for doc in render("overlays/cpu")}
+    ours = {_key(doc): doc for doc in docs}
+    assert set(cpu) - set(ours) == {key for key in cpu if key[1] == "convsearch-index-read"}
+    assert set(ours) <= set(cpu)
+    changed = {key for key, doc in ours.items() if doc != cpu[key]}
+    assert changed == {("ConfigMap", CONFIG_MAP), ("StatefulSet", "convsearch-index")}
+    before = config(list(cpu.values()))
+    assert {k for k in set(data) | set(before) if data.get(k) != before.get(k)} == {
+        "CONVSEARCH_GATEWAY_INDEX", "CONVSEARCH_GATEWAY_INDEX_REPLICAS"}

@@ -26,6 +26,7 @@ from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import LIVENESS, create_server
 from convsearch.tensors import to_tensor
 from convsearch_extractor.config import ExtractorConfig
+from convsearch_index.config import IndexConfig
 from tests.conftest import serve_extractor, serve_gateway, serve_index
 
 GATEWAY = "convsearch.gateway.v1.GatewayService"
@@ -338,12 +339,15 @@ def test_liveness_serves_while_the_gateway_waits_for_its_backends():
     assert stopped.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-def test_the_connection_age_becomes_grpc_server_options():
-    options = dict(ExtractorConfig(max_connection_age_s=30, max_connection_age_grace_s=0).server_options())
-    assert options == {"grpc.max_connection_age_ms": 30_000, "grpc.max_connection_age_grace_ms": 2**31 - 1}
-    assert dict(ExtractorConfig(max_connection_age_s=2, max_connection_age_grace_s=60).server_options()) == {
+@pytest.mark.parametrize("config", [ExtractorConfig, IndexConfig])  # extractor replicas, index followers
+def test_the_connection_age_becomes_grpc_server_options(config):
+    assert dict(config().server_options()) == {"grpc.max_connection_age_ms": 30_000,
+                                                "grpc.max_connection_age_grace_ms": 2**31 - 1}
+    assert dict(config(max_connection_age_s=2, max_connection_age_grace_s=60).server_options()) == {
         "grpc.max_connection_age_ms": 2_000, "grpc.max_connection_age_grace_ms": 60_000}
-    assert ExtractorConfig(max_connection_age_s=0).server_options() == []
+    assert config(max_connection_age_s=0).server_options() == []
+    with pytest.raises(ValueError, match="max_connection_age_s must be >= 0"):
+        config(max_connection_age_s=-1).validate()
 
 
 def test_aged_connections_are_closed_so_clients_reconnect(stack):

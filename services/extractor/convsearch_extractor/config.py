@@ -9,14 +9,13 @@ import torch
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
+from convsearch.serving import ConnectionAgeOptions
 from convsearch.tls import ServerTLSOptions, check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
 
-_INT_MAX = 2**31 - 1  # what gRPC reads as "no limit" in a milliseconds option
-
 
 @dataclasses.dataclass(frozen=True)
-class ExtractorConfig(ServerTLSOptions):
+class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
     """Everything the extractor process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -42,12 +41,6 @@ class ExtractorConfig(ServerTLSOptions):
                                        "core (up to 16) on CUDA, where decoding is the bottleneck, "
                                        "and threads on CPU")
     rpc_workers: int = option(64, "threads serving RPCs")
-    max_connection_age_s: float = option(30.0, "seconds after which a client connection is asked to go away "
-                                               "(GOAWAY), so clients balancing over dns:/// reconnect, resolve "
-                                               "again and reach new replicas; 0 disables")
-    max_connection_age_grace_s: float = option(0.0, "seconds RPCs still running on a connection asked to go away "
-                                                    "get before it is closed; 0: no limit (long BulkEmbed "
-                                                    "streams always finish)")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
 
     def validate(self) -> None:
@@ -59,9 +52,7 @@ class ExtractorConfig(ServerTLSOptions):
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
-        for name in ("max_connection_age_s", "max_connection_age_grace_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0: none), got {getattr(self, name)}")
+        self.check_connection_age()
         if self.decode_processes < -1:
             raise ValueError(f"decode_processes must be -1 (auto), 0 (threads) or more, got {self.decode_processes}")
         if self.max_queue_delay_ms < 0:
@@ -70,20 +61,6 @@ class ExtractorConfig(ServerTLSOptions):
             raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
-
-    def server_options(self) -> list[tuple[str, int]]:
-        """gRPC server options of the connection age limit. gRPC sends GOAWAY once a connection is
-        max_connection_age_s old (+-10% jitter): RPCs running on it go on, new ones go to a new
-        connection, and the client's resolver is asked to resolve again. After the grace, the
-        connection is closed, failing what still runs on it."""
-        if not self.max_connection_age_s:
-            return []
-
-        def milliseconds(seconds: float) -> int:
-            return min(_INT_MAX, max(1, round(seconds * 1000))) if seconds else _INT_MAX
-
-        return [("grpc.max_connection_age_ms", milliseconds(self.max_connection_age_s)),
-                ("grpc.max_connection_age_grace_ms", milliseconds(self.max_connection_age_grace_s))]
 
     def decoder_processes(self) -> int:
         """How many decoding processes to fork (0: decode in threads)."""

@@ -1,5 +1,6 @@
 """A model's layers: every graph node's name, op, output shape, the parameters of the model cut
-there, and the 8 featured layers (first conv, last conv, 6 spread evenly between).
+there, and the 8 featured layers (first conv, last conv, 6 spread evenly between), or those a
+model without conv layers names itself.
 
 Names are exactly those of `torchvision.models.feature_extraction.get_graph_node_names` (eval
 mode), so any of them can be handed to `create_feature_extractor`. Shapes come from a pass on
@@ -80,15 +81,21 @@ def _featured_positions(count: int) -> list[int]:
     return sorted({round(i * (count - 1) / (FEATURED_COUNT - 1)) for i in range(FEATURED_COUNT)})
 
 
-def describe(model: nn.Module, input_size: int, leaf_modules: tuple[type, ...] = ()) -> ModelGraph:
-    """Traces `model` (best built on the meta device) and describes every node at `input_size`."""
+def describe(model: nn.Module, input_size: int, leaf_modules: tuple[type, ...] = (),
+             featured: tuple[str, ...] = ()) -> ModelGraph:
+    """Traces `model` (best built on the meta device) and describes every node at `input_size`.
+
+    The featured layers are `featured` when given (a model without conv layers names its own),
+    else the first conv, the last and 6 spread evenly between.
+    """
     model = model.eval()
     # The same tracer configuration get_graph_node_names uses, so the names match it exactly.
     tracer = feature_extraction.NodePathTracer(
         **feature_extraction._set_default_tracer_kwargs(tracer_kwargs(leaf_modules)))
     graph = tracer.trace(model)
     module = fx.GraphModule(tracer.root, graph)
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)  # a model without parameters is traced on the meta device
+    device = first.device if first is not None else torch.device("meta")
     ShapeProp(module).propagate(torch.empty(1, 3, input_size, input_size, device=device))
 
     modules = dict(model.named_modules())
@@ -110,7 +117,12 @@ def describe(model: nn.Module, input_size: int, leaf_modules: tuple[type, ...] =
         # torchvision traces Conv2d+BN+activation blocks as one leaf module: a conv layer too.
         if node.op == "call_module" and isinstance(modules[node.target], (nn.Conv2d, ConvNormActivation)):
             convs.append(name)
-    featured = tuple(convs[i] for i in _featured_positions(len(convs)))
+    if featured:
+        unknown = [name for name in featured if not layers.get(name, Layer(name, "", (), 0)).is_tensor]
+        if unknown:
+            raise ValueError(f"featured layers {unknown} are not tensor nodes of the graph")
+    else:
+        featured = tuple(convs[i] for i in _featured_positions(len(convs)))
     for index, name in enumerate(featured):
         layers[name] = dataclasses.replace(layers[name], featured_index=index)
     return ModelGraph(layers, featured, sum(params.values()))

@@ -42,9 +42,13 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
     spec = pool.spec(model)
     layer_info = pool.graph(model).layers.get(layer)
     if layer_info is None or len(layer_info.output_shape) != 3:
-        featured = ", ".join(pool.graph(model).featured)
+        graph = pool.graph(model)
+        # Featured layers with feature maps; a model whose featured layers are vectors (pixels)
+        # names its other nodes that have them.
+        maps = [name for name in graph.featured if len(graph.layers[name].output_shape) == 3] or [
+            candidate.name for candidate in graph.layers.values() if len(candidate.output_shape) == 3]
         raise InvalidArgument(f"layer {layer!r} of {model} has no (C, H, W) feature map to inspect; "
-                              f"try one of {featured}")
+                              f"try one of {', '.join(maps)}")
     if not 1 <= top <= layer_info.output_shape[0]:
         raise InvalidArgument(f"top_channels {top} is out of range; the layer has {layer_info.output_shape[0]}")
     try:

@@ -16,7 +16,7 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from convsearch.naming import check_model_name
-from convsearch.weights import RANDOM, UNKNOWN, fingerprint
+from convsearch.weights import NONE, RANDOM, UNKNOWN, fingerprint
 from convsearch_extractor.catalog import ModelSpec
 from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
 
@@ -155,15 +155,17 @@ class ModelPool:
             spec = self.spec(name)
             with FX_LOCK, torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                graph = describe(spec.build(False), spec.preprocess.crop_size, spec.tracer_leaf_modules)
+                graph = describe(spec.build(False), spec.preprocess.crop_size, spec.tracer_leaf_modules,
+                                 spec.featured_layers)
             with self._lock:
                 self._graphs[name] = graph
         return graph
 
     def status(self, name: str) -> tuple[bool, bool, str]:
-        """(available, pretrained, reason when unavailable) for a model."""
+        """(available, pretrained, reason when unavailable) for a model. A model without weights
+        (the `pixels` baseline) counts as pretrained: its vectors are as meaningful."""
         spec = self.spec(name)
-        if spec.weights_present():
+        if spec.weightless or spec.weights_present():
             return True, True, ""
         if self.allow_random:
             return True, False, ""
@@ -182,7 +184,10 @@ class ModelPool:
         return self._fingerprint(self.spec(name), pretrained) if available else UNKNOWN
 
     def _fingerprint(self, spec: ModelSpec, pretrained: bool) -> str:
-        """RANDOM, or the weights file's fingerprint, hashed once per version of the file."""
+        """NONE for a model without weights, RANDOM, or the weights file's fingerprint, hashed once
+        per version of the file."""
+        if spec.weightless:
+            return NONE
         if not pretrained:
             return RANDOM
         try:

@@ -1,5 +1,10 @@
 """The gateway's two backends: channels, stubs, deadlines, and errors that name the backend.
 
+The index may be several primaries, each owning whole datasets (see convsearch_gateway.primaries);
+`Backends.index` calls them as one backend, and it is up when every primary is. With followers of
+the primary (`--index-replicas`), `Backends.reads` sends the read-only paths' calls to them (see
+convsearch_gateway.replicas); their health is watched too, but the gateway serves without them.
+
 Every call to a backend (unary or streaming, through `Backend.call` or the stub) passes the
 request id of the RPC being served on (x-request-id) and is timed, to its end, in
 convsearch_gateway_backend_duration_seconds (labels backend, method, code). Calls made on
@@ -21,6 +26,9 @@ from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.grpc_errors import error_from_call
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.observability import LATENCY_BUCKETS, CallObserver
+from convsearch.placement import parse_primaries
+from convsearch_gateway.primaries import IndexPrimaries
+from convsearch_gateway.replicas import IndexReads
 
 log = logging.getLogger("convsearch.gateway.backends")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
@@ -80,22 +88,27 @@ class Backend:
 class Backends:
     """The extractor and the index, and a thread that keeps their health current.
 
+    `index` is one primary's address or several, comma-separated (each a primary of its own).
     With `credentials` (convsearch.tls.channel_credentials) both are reached over TLS, their
     certificates checked for the host names in their addresses, or for `server_name` when given.
     """
 
     def __init__(self, extractor: str, index: str, deadline_s: float, max_message_mb: int,
                  registry: prom.CollectorRegistry, credentials: grpc.ChannelCredentials | None = None,
-                 server_name: str = ""):
+                 server_name: str = "", index_replicas: str = ""):
         latency = prom.Histogram("convsearch_gateway_backend_duration_seconds",
                                  "Time from the start to the end of a call to a backend", ("backend", "method", "code"),
                                  registry=registry, buckets=LATENCY_BUCKETS)
         self.extractor = Backend("extractor", extractor, extractor_pb2_grpc.ExtractorServiceStub,
                                  "convsearch.extractor.v1.ExtractorService", deadline_s, max_message_mb, latency,
                                  credentials, server_name)
-        self.index = Backend("index", index, index_pb2_grpc.IndexServiceStub,
-                             "convsearch.index.v1.IndexService", deadline_s, max_message_mb, latency,
-                             credentials, server_name)
+        def index_backend(name: str, address: str) -> Backend:
+            return Backend(name, address, index_pb2_grpc.IndexServiceStub, "convsearch.index.v1.IndexService",
+                           deadline_s, max_message_mb, latency, credentials, server_name)
+
+        self.index = IndexPrimaries([index_backend("index", primary) for primary in parse_primaries(index)])
+        self.followers = index_backend("index follower", index_replicas) if index_replicas else None
+        self.reads = IndexReads(self.index, self.followers, self.index.versions, registry)
         self.max_message_bytes = max_message_mb << 20  # either way; image fetches page under it
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -106,10 +119,12 @@ class Backends:
             last = None
             while True:
                 state = (self.extractor.check(), self.index.check())
-                if state != last:
-                    log.info("backends: extractor %s, index %s", *("up" if up else "DOWN" for up in state))
+                followers = self.followers.check() if self.followers is not None else None
+                if (state, followers) != last:
+                    log.info("backends: extractor %s, index %s%s", *("up" if up else "DOWN" for up in state),
+                             "" if followers is None else f", index followers {'up' if followers else 'DOWN'}")
                     on_change(*state)
-                    last = state
+                    last = (state, followers)
                 if self._stop.wait(interval_s):
                     return
 
@@ -125,3 +140,5 @@ class Backends:
         self.stop_watching()
         self.extractor.close()
         self.index.close()
+        if self.followers is not None:
+            self.followers.close()

@@ -5,6 +5,7 @@ import dataclasses
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
+from convsearch.placement import parse_primaries
 from convsearch.tls import ServerTLSOptions, check_client_options, check_server_options
 
 
@@ -18,7 +19,15 @@ class GatewayConfig(ServerTLSOptions):
     log_format: str = option("text", f"log lines as {' or '.join(LOG_FORMATS)} (JSON: one object a line)")
     extractor: str = option("127.0.0.1:50052", "extractor address: host:port, several comma-separated "
                                                "IPv4 host:port, or one dns:///name (balanced round_robin)")
-    index: str = option("127.0.0.1:50053", "index address (host:port or dns:///name)")
+    index: str = option("127.0.0.1:50053", "index primary: host:port or dns:///name; or several primaries, "
+                                           "comma-separated host:port, each dataset placed on one by its name "
+                                           "(name each by a stable host name, e.g. index-0.index:50053, and "
+                                           "the same way everywhere; see `convsearch rebalance`)")
+    index_replicas: str = option("", "followers of the (one) index primary (convsearch-index --follow): host:port, "
+                                     "several comma-separated IPv4 host:port, or dns:///name (balanced "
+                                     "round_robin); searches and other reads go there, seeing this gateway's own "
+                                     "writes; writes, image reads and reads no follower answers in time go to the "
+                                     "primary; empty: every call to the primary")
     deadline_s: float = option(30.0, "deadline of each call to a backend (a client's shorter deadline wins)")
     max_concurrent_rpcs: int = option(64, "RPCs served at once; more wait")
     batch_size: int = option(32, "images per extractor batch when ingesting and indexing")
@@ -56,7 +65,12 @@ class GatewayConfig(ServerTLSOptions):
         """Raises ValueError for values the service cannot run with."""
         for part in self.extractor.split(","):
             check_address(part.strip(), "extractor")
-        check_address(self.index, "index")
+        for primary in parse_primaries(self.index):
+            check_address(primary, "index")
+        for part in filter(None, (part.strip() for part in self.index_replicas.split(","))):
+            check_address(part, "index_replicas")
+        if self.index_replicas and len(parse_primaries(self.index)) > 1:
+            raise ValueError("index_replicas follow one primary: with several index primaries, leave it empty")
         for name in ("deadline_s", "max_concurrent_rpcs", "batch_size", "health_interval_s", "max_message_mb"):
             check_positive(getattr(self, name), name)
         check_positive(self.max_pixels, "max_pixels")

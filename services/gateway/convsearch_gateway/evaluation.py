@@ -80,7 +80,7 @@ def score_target(backends: Backends, dataset: str, target: Target, labeled: dict
     per_query, precisions, aps = {}, [], []
     for start in range(0, len(ids), QUERY_BATCH):
         chunk = ids[start:start + QUERY_BATCH]
-        reply = backends.index.call("Search", index_pb2.SearchRequest(
+        reply = backends.reads.call("Search", index_pb2.SearchRequest(
             dataset=dataset, collection=target.collection, query_ids=chunk, k=max(k, TOP)))
         for item_id, result in zip(chunk, reply.results, strict=True):
             label = labeled[item_id]

@@ -67,7 +67,7 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
     ids = list(labels)
     found, rows = [], []
     for start in range(0, len(ids), _FETCH):
-        reply = backends.index.call("GetVectors", index_pb2.GetVectorsRequest(
+        reply = backends.reads.call("GetVectors", index_pb2.GetVectorsRequest(
             dataset=dataset, collection=target.collection, ids=ids[start:start + _FETCH]))
         found += list(reply.ids)
         if reply.ids:

@@ -57,11 +57,11 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
                                              pooling=POOLING_ENUMS[target.pooling]), images=[image]), remaining)
         check_weights(dataset, target.collection, weights, embedded.weights)
         request.queries.CopyFrom(embedded.layers[0].vectors)
-        reply = backends.index.call("Search", request, remaining)
+        reply = backends.reads.call("Search", request, remaining)
     result = reply.results[0]
     # One call for the hits' metadata and the query item's label.
     wanted = ([item_id] if item_id else []) + list(result.ids[:k])
-    items = {item.id: item for item in backends.index.call("GetItems", index_pb2.GetItemsRequest(
+    items = {item.id: item for item in backends.reads.call("GetItems", index_pb2.GetItemsRequest(
         dataset=dataset, ids=wanted), remaining).items} if wanted else {}
     query_label = items[item_id].label if item_id in items else ""
     hits = [(i, label, distance, dict(items[i].metadata) if i in items else {})
@@ -77,7 +77,7 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
 
 def _collection_weights(backends: Backends, dataset: str, collection: str, remaining: float | None) -> str:
     """The weights fingerprint of a collection; NOT_FOUND with a hint when the dataset lacks it."""
-    collections = backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset),
+    collections = backends.reads.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset),
                                       remaining).collections
     for found in collections:
         if found.name == collection:
@@ -90,9 +90,9 @@ def _collection_weights(backends: Backends, dataset: str, collection: str, remai
 def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id: str, remaining: float | None):
     """Searches with a stored item's vector; NOT_FOUND says whether the item or its vector is missing."""
     try:
-        return backends.index.call("Search", request, remaining)
+        return backends.reads.call("Search", request, remaining)
     except NotFound:
-        items = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
+        items = backends.reads.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
                                     remaining)
         if not items.items:
             raise NotFound(f"dataset {shown(request.dataset)} has no item {shown(item_id)}",

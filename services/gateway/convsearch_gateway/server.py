@@ -66,7 +66,7 @@ def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
         raise SystemExit(f"backend TLS: {exc}") from None
     registry = metrics_registry()
     backends = Backends(config.extractor, config.index, config.deadline_s, config.max_message_mb, registry,
-                        backend_credentials, config.backend_tls_server_name)
+                        backend_credentials, config.backend_tls_server_name, config.index_replicas)
     guard = Guard(SERVICE_NAME, _keys_file(config.api_keys), config.rate_limit_per_s, config.rate_burst,
                   config.stream_cap, config.max_streams_per_key, config.stream_idle_timeout_s)
     server = create_server(config.max_concurrent_rpcs, config.max_message_mb,

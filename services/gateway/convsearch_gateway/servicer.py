@@ -10,7 +10,7 @@ from convsearch.grpc_errors import map_errors
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.index.v1 import index_pb2
 from convsearch.naming import check_model_name
-from convsearch.weights import is_pretrained
+from convsearch.weights import is_baseline, is_pretrained
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import ModelCatalog
@@ -43,7 +43,7 @@ def _score(score) -> pb.ConfigurationScore:
         map_at_k=score.map_at_k, k=score.k, per_label_score=score.per_label_score, queries=score.queries,
         unlabeled=score.unlabeled, dimension=score.dimension, parameter_count=score.parameter_count,
         cached=score.cached, small_dataset=score.small_dataset, single_item_classes=score.single_item_classes,
-        pretrained=is_pretrained(score.weights), weights=score.weights)
+        pretrained=is_pretrained(score.weights), weights=score.weights, baseline=is_baseline(score.weights))
 
 
 def _model(model: extractor_pb2.ModelInfo, all_layers: bool) -> pb.ModelInfo:
@@ -79,15 +79,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     @map_errors
     def GetDataset(self, request, context):
         remaining = context.time_remaining()
-        dataset = self.backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=request.name), remaining)
-        collections = self.backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(
+        dataset = self.backends.reads.call("GetDataset", index_pb2.GetDatasetRequest(name=request.name), remaining)
+        collections = self.backends.reads.call("ListCollections", index_pb2.ListCollectionsRequest(
             dataset=request.name), remaining)
         return pb.GetDatasetResponse(dataset=convert(dataset.dataset, pb.Dataset()),
                                      collections=converted(collections.collections, pb.Collection))
 
     @map_errors
     def ListDatasets(self, request, context):
-        reply = self.backends.index.call("ListDatasets", index_pb2.ListDatasetsRequest(), context.time_remaining())
+        reply = self.backends.reads.call("ListDatasets", index_pb2.ListDatasetsRequest(), context.time_remaining())
         return pb.ListDatasetsResponse(datasets=converted(reply.datasets, pb.Dataset))
 
     @map_errors

@@ -107,11 +107,14 @@ class _State:
 class VectorCollection:
     """Vectors of one (dataset, model, layer, pooling, metric), durable in `directory`.
 
-    Raises DataLoss when the files in `directory` fail their checks.
+    Raises DataLoss when the files in `directory` fail their checks. `sha256` (path relative to
+    `directory` -> hex digest) spares reading files again to verify them: the SHA-256 of their
+    bytes as the caller wrote them (a follower hashes a copy as it arrives); still checked
+    against the checkpoint's manifest, as a file read here would be.
     """
 
     def __init__(self, directory: pathlib.Path, spec: VectorSpec, fsync: bool = True, name: str = "",
-                 timings: Timings = Timings()):
+                 timings: Timings = Timings(), sha256: dict[str, str] | None = None):
         self.directory = directory
         self.spec = spec
         self.fsync = fsync
@@ -123,7 +126,7 @@ class VectorCollection:
         self._s = self._empty_state()
         self.version = 0  # applied batches since creation; replay recounts the logged ones
         try:
-            migrated = self._load_checkpoint()
+            migrated = self._load_checkpoint(sha256 or {})
             log_path = directory / "wal.log"
             legacy_log = wal.is_legacy(log_path)
             self._replay()
@@ -227,8 +230,13 @@ class VectorCollection:
 
     # ---- durability --------------------------------------------------------------------
 
-    def _load_checkpoint(self) -> bool:
+    def _load_checkpoint(self, known_sha256: dict[str, str]) -> bool:
         """Loads the checkpoint CURRENT names, verified; True when it was in an older format."""
+
+        def sha256(path: pathlib.Path) -> str:
+            known = known_sha256.get(path.relative_to(self.directory).as_posix())
+            return known if known is not None else _sha256(path)
+
         current = self.directory / "CURRENT"
         if not current.exists():
             return False
@@ -239,11 +247,11 @@ class VectorCollection:
         pointer = json.loads(text)
         checkpoint = self._checkpoint_dir(pointer["checkpoint"])
         manifest_path = checkpoint / "MANIFEST.json"
-        if _sha256(manifest_path) != pointer["manifest_sha256"]:
+        if sha256(manifest_path) != pointer["manifest_sha256"]:
             raise DataLoss(f"{checkpoint.name}/MANIFEST.json fails its checksum")
         for file_name, entry in json.loads(manifest_path.read_text())["files"].items():
             path = checkpoint / file_name
-            if not path.is_file() or path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+            if not path.is_file() or path.stat().st_size != entry["size"] or sha256(path) != entry["sha256"]:
                 raise DataLoss(f"{checkpoint.name}/{file_name} is missing or fails its checksum")
         meta = json.loads((checkpoint / "meta.json").read_text())
         if meta["format"] != CHECKPOINT_FORMAT or meta["dimension"] != self.spec.dimension:
@@ -402,6 +410,30 @@ class VectorCollection:
             name = json.loads((self.directory / "CURRENT").read_text())["checkpoint"]
             shutil.copytree(self.directory / name, target)
 
+    def log_bytes(self) -> int:
+        """Size of the write-ahead log: what opening a copy of the files would replay."""
+        return (self.directory / "wal.log").stat().st_size
+
+    def link_files(self, target: pathlib.Path) -> list[str]:
+        """Puts a consistent copy of the collection's files in the new folder `target` (on the
+        same file system): the checkpoint hard-linked (a checkpoint's files never change; a newer
+        one replaces the folder), CURRENT and the log copied. Returns their paths relative to
+        `target`; opening a VectorCollection there gives this collection's state."""
+        with self._writer:
+            target.mkdir(parents=True)
+            paths = []
+            current = self.directory / "CURRENT"
+            if current.exists():
+                name = json.loads(current.read_text())["checkpoint"]
+                (target / name).mkdir()
+                for path in sorted((self.directory / name).iterdir()):
+                    os.link(path, target / name / path.name)
+                    paths.append(f"{name}/{path.name}")
+                shutil.copyfile(current, target / "CURRENT")
+                paths.append("CURRENT")
+            shutil.copyfile(self.directory / "wal.log", target / "wal.log")
+            return [*paths, "wal.log"]
+
     def close(self, checkpoint: bool = True) -> None:
         """Checkpoints (unless told not to) and closes the log."""
         if checkpoint:
@@ -435,12 +467,16 @@ class VectorCollection:
         with self._writer, self.lock.write():
             yield
 
-    def upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
-        """Inserts or replaces vectors; durable when it returns. (inserted, replaced)."""
+    def upsert(self, ids: Sequence[str], vectors: np.ndarray,
+               logged: Callable[[], None] = lambda: None) -> tuple[int, int]:
+        """Inserts or replaces vectors; durable when it returns. (inserted, replaced). `logged`
+        is called once the batch is in the log (durable: replayed after a crash) and before the
+        graph takes it, which can take long (an in-place update costs hnswlib ~7x an insert)."""
         vectors = np.asarray(vectors, np.float32)
         self._check_vectors(ids, vectors)
         with self._writing():
             self._log(wal.encode(wal.UPSERT, list(ids), vectors))
+            logged()
             return self._apply_upsert(ids, vectors)
 
     def delete(self, ids: Sequence[str]) -> int:

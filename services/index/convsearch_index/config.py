@@ -2,14 +2,16 @@
 
 import dataclasses
 
-from convsearch.config import check_port, check_positive, option, parse_config
+from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
-from convsearch.tls import ServerTLSOptions, check_server_options
+from convsearch.serving import ConnectionAgeOptions
+from convsearch.tls import ServerTLSOptions, check_client_options, check_server_options
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexConfig(ServerTLSOptions):
-    """Everything the index process can be told."""
+class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
+    """Everything the index process can be told. The connection age limit matters for followers:
+    gateways reading through dns:/// reconnect and reach followers the autoscaler added."""
 
     host: str = option("0.0.0.0", "interface to listen on")
     port: int = option(50053, "gRPC port; 0 picks a free one")
@@ -26,10 +28,23 @@ class IndexConfig(ServerTLSOptions):
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     snapshot_retention: int = option(0, "snapshots kept per dataset: after each snapshot the oldest beyond this "
                                         "many are deleted; 0 keeps all")
+    replication_log_mb: int = option(256, "MiB of recent changes a primary keeps for its followers; a follower "
+                                          "further behind (or new) copies everything")
+    follow: str = option("", "run as a read-only follower of the primary index at this host:port: copy its data, "
+                             "apply its changes, serve reads; empty: a primary")
+    follow_tls_ca: str = option("", "PEM CA certificate(s) the primary's certificate is verified against; TLS to "
+                                    "the primary when set; empty: plaintext")
+    follow_tls_cert: str = option("", "PEM client certificate shown to the primary (its mutual TLS)")
+    follow_tls_key: str = option("", "PEM private key of follow_tls_cert")
+    follow_tls_server_name: str = option("", "host name the primary's certificate is checked for instead of the "
+                                             "one in --follow (for an address by IP)")
+    max_lag_wait: float = option(2.0, "seconds a follower's read with a min_version it has not applied waits "
+                                      "before answering UNAVAILABLE (read from the primary)")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
-        for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers"):
+        for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers",
+                     "replication_log_mb"):
             check_positive(getattr(self, name), name)
         if self.snapshot_retention < 0:
             raise ValueError(f"snapshot_retention must be 0 (keep all) or more, got {self.snapshot_retention}")
@@ -37,6 +52,14 @@ class IndexConfig(ServerTLSOptions):
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
+        if self.follow:
+            check_address(self.follow, "follow")
+        check_client_options(self.follow_tls_ca, self.follow_tls_cert, self.follow_tls_key, "follow_tls")
+        if (self.follow_tls_cert or self.follow_tls_server_name) and not self.follow_tls_ca:
+            raise ValueError("follow_tls_cert and follow_tls_server_name need follow_tls_ca (the primary's CA)")
+        if self.max_lag_wait < 0:
+            raise ValueError(f"max_lag_wait must be 0 or more seconds, got {self.max_lag_wait}")
+        self.check_connection_age()
 
 
 def load_config(argv=None) -> IndexConfig:

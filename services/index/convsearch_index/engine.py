@@ -8,8 +8,11 @@ rebuild_damaged, which deletes it first: its files move to DATA_DIR/damaged/) or
 dataset from a snapshot.
 """
 
+import contextlib
 import dataclasses
 import fcntl
+import functools
+import inspect
 import itertools
 import json
 import logging
@@ -22,22 +25,26 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
 from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, shown
 from convsearch.naming import collection_name
+from convsearch_index.changes import ChangeLog, DatasetCopy
 from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
 from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_digest
 from convsearch_index.rwlock import RWLock
+from convsearch_index.snapshot_files import receive
 
 log = logging.getLogger("convsearch.index")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 SNAPSHOT_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what a snapshot name may be at all
 SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[0-9a-f]{6}")
 MAX_ID = 256
+COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +121,35 @@ def check_ids(ids: Sequence[str], what: str = "item id") -> None:
                                   if item_id else f"an {what} is empty; every item needs an id")
 
 
+def _ordered(argument: str):
+    """Runs a write holding the order lock of the dataset named by `argument` (see Index.changes)."""
+    def wrap(method):
+        signature = inspect.signature(method)
+
+        @functools.wraps(method)
+        def ordered(self, *args, **kwargs):
+            with self._order_lock(signature.bind(self, *args, **kwargs).arguments[argument]):
+                return method(self, *args, **kwargs)
+
+        return ordered
+
+    return wrap
+
+
 class Index:
-    """Everything the index service keeps, under one data directory."""
+    """Everything the index service keeps, under one data directory.
+
+    With a change log (`changes`, a primary's), every write is recorded there as it is applied;
+    each dataset's writes then take turns (its order lock), so the log lists them in the order
+    they were applied, which is the order followers apply them in.
+    """
 
     def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True,
-                 timings: Timings | None = None, snapshot_retention: int = 0):
+                 timings: Timings | None = None, snapshot_retention: int = 0, changes: ChangeLog | None = None):
         self.data_dir = data_dir
         self.snapshot_retention = snapshot_retention  # snapshots kept per dataset; 0 keeps all
+        self.changes = changes
+        self._order_locks: dict[str, threading.RLock] = {}
         self._snapshot_lock = threading.Lock()  # deleting snapshot files vs. reading them
         self.limits = limits
         self.fsync = fsync
@@ -158,7 +187,8 @@ class Index:
         log.info("opened %s: %d datasets, %d collections (%d damaged)", data_dir, len(self._labels),
                  len(self._collections), len(damaged))
 
-    def _open_collection(self, dataset: str, spec: dict, relative: pathlib.Path) -> CollectionInfo:
+    def _open_collection(self, dataset: str, spec: dict, relative: pathlib.Path,
+                         sha256: dict[str, str] | None = None) -> CollectionInfo:
         key = CollectionKey(spec["model"], spec["layer"], spec["pooling"], spec["metric"], spec["minkowski_p"])
         vector_spec = VectorSpec(spec["dimension"], spec["metric"], spec["minkowski_p"], spec["m"],
                                  spec["ef_construction"], spec["ef"])
@@ -166,7 +196,7 @@ class Index:
         info = CollectionInfo(dataset, key, vector_spec, directory, None, spec.get("weights", ""))
         try:
             info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}",
-                                            self.timings)
+                                            self.timings, sha256)
         except DataLoss as exc:
             info.damage = (
                 f"collection {shown(key.name)} of dataset {shown(dataset)} is damaged: {exc}. Its files are kept "
@@ -179,6 +209,20 @@ class Index:
         with self._meta:
             return self._dataset_locks.setdefault(dataset, RWLock())
 
+    def _order_lock(self, dataset: str):
+        if self.changes is None:
+            return contextlib.nullcontext()
+        with self._meta:
+            return self._order_locks.setdefault(dataset, threading.RLock())
+
+    def _record(self, kind: str, dataset: str, **fields) -> None:
+        if self.changes is not None:
+            self.changes.record(kind, dataset, **fields)
+
+    def version(self, dataset: str) -> int:
+        """The dataset's version: the change log position of its latest write (0 without a log)."""
+        return self.changes.version(dataset) if self.changes is not None else 0
+
     # ---- datasets ----------------------------------------------------------------------
 
     def _require_dataset(self, name: str) -> None:
@@ -188,15 +232,18 @@ class Index:
                            "datasets)", reason="DATASET_NOT_FOUND", resource_type="dataset", resource_name=name,
                            metadata={"dataset": name})
 
-    def create_dataset(self, name: str, description: str = "") -> DatasetRecord:
+    @_ordered("name")
+    def create_dataset(self, name: str, description: str = "", created_at: float | None = None) -> DatasetRecord:
         check_name(name)
+        created_at = time.time() if created_at is None else created_at
         with self._guard.read(), self._meta:
             if name in self._labels:
                 raise AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first",
                                     reason="DATASET_ALREADY_EXISTS", resource_type="dataset", resource_name=name,
                                     metadata={"dataset": name})
-            self.records.create_dataset(name, description)
+            self.records.create_dataset(name, description, created_at)
             self._labels[name] = {}
+            self._record("create_dataset", name, description=description, created_at=created_at)
         return self.dataset(name)
 
     def dataset(self, name: str) -> DatasetRecord:
@@ -206,6 +253,7 @@ class Index:
     def datasets(self) -> list[DatasetRecord]:
         return [self.records.dataset(name) for name in self.records.dataset_names()]
 
+    @_ordered("name")
     def delete_dataset(self, name: str) -> None:
         self._require_dataset(name)
         with self._guard.read(), self._meta:
@@ -213,14 +261,17 @@ class Index:
                 self._drop_collection(*key)
             self.records.delete_dataset(name)
             del self._labels[name]
+            self._record("delete_dataset", name)
 
     # ---- items -------------------------------------------------------------------------
 
-    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> tuple[int, int]:
+    @_ordered("dataset")
+    def put_items(self, dataset: str, items: Sequence[ItemRecord], keep_digests: bool = False) -> tuple[int, int]:
         """Upserts items: (inserted, replaced). A replaced item whose image changed loses its
         vectors, so the next indexing run embeds it again: they are deleted (durably) before the
         new image is committed, so a crash in between leaves the old image without vectors,
-        never the new image with the old vectors."""
+        never the new image with the old vectors. With `keep_digests` (a follower's copies,
+        without images) each item's digest and image_size are kept as given."""
         self._require_dataset(dataset)
         if not items:
             raise InvalidArgument("no items given; send at least one")
@@ -231,8 +282,9 @@ class Index:
         for item in items:
             if len(item.label) > MAX_ID:
                 raise InvalidArgument(f"label of item {shown(item.id)} is longer than {MAX_ID} characters")
-        for item in items:
-            item.digest = image_digest(item.image)
+        if not keep_digests:
+            for item in items:
+                item.digest = image_digest(item.image)
         with self._guard.read(), self._dataset_lock(dataset).write():
             existing = self.records.digests(dataset, ids)
             changed = [item.id for item in items if item.id in existing and existing[item.id] != item.digest]
@@ -242,7 +294,21 @@ class Index:
                         info.vectors.delete(changed)
             self.records.put_items(dataset, items)
             self._labels[dataset].update((item.id, item.label) for item in items)
+            if self.changes is not None:  # a follower logs nothing: skip copying the items
+                self._record("put_items", dataset, items=[
+                    dataclasses.replace(item, image=b"", image_size=item.image_size or len(item.image))
+                    for item in items])
         return len(items) - len(existing), len(existing)
+
+    def put_copied_items(self, dataset: str, rows: Sequence[tuple[str, str, str, str, int]]) -> None:
+        """Stores a page of the items of a dataset being copied whole from a primary (a
+        follower's copy; see Records.item_rows for the rows), durably, in one transaction. The
+        dataset was created empty for the copy, so no item is replaced and no vector goes stale:
+        put_items' digest checks are skipped."""
+        self._require_dataset(dataset)
+        with self._guard.read(), self._dataset_lock(dataset).write():
+            self.records.put_copied_items(dataset, rows)
+            self._labels[dataset].update((row[0], row[1]) for row in rows)
 
     def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> tuple[list[ItemRecord], list[str]]:
         self._require_dataset(dataset)
@@ -255,6 +321,7 @@ class Index:
             raise InvalidArgument(f"page size {limit} is out of range; use 1 to 1000")
         return self.records.scan_items(dataset, after, limit, include_images, label)
 
+    @_ordered("dataset")
     def delete_items(self, dataset: str, ids: Sequence[str]) -> tuple[int, int]:
         """Deletes items from the dataset and every collection: (deleted, not found)."""
         self._require_dataset(dataset)
@@ -265,6 +332,8 @@ class Index:
             deleted = self.records.delete_items(dataset, ids)
             for item_id in deleted:
                 self._labels[dataset].pop(item_id, None)
+            if deleted:
+                self._record("delete_items", dataset, ids=deleted)
         return len(deleted), len(set(ids)) - len(deleted)
 
     def labels(self, dataset: str) -> dict[str, str]:
@@ -277,6 +346,7 @@ class Index:
         with self._meta:
             return [info for (d, _), info in self._collections.items() if d == dataset]
 
+    @_ordered("dataset")
     def create_collection(self, dataset: str, key: CollectionKey, dimension: int, m: int = 16,
                           ef_construction: int = 200, ef: int = 64, weights: str = "") -> CollectionInfo:
         self._require_dataset(dataset)
@@ -298,6 +368,7 @@ class Index:
                                     resource_name=key.name, metadata={"dataset": dataset, "collection": key.name})
             relative = pathlib.Path("collections") / uuid.uuid4().hex
             self.records.create_collection(dataset, key.name, spec, str(relative))
+            self._record("create_collection", dataset, spec=spec)
             return self._open_collection(dataset, spec, relative)
 
     def collection(self, dataset: str, name: str) -> CollectionInfo:
@@ -332,13 +403,16 @@ class Index:
             os.replace(info.directory, kept)
             log.warning("damaged collection %s of %s deleted; its files are kept in %s", name, dataset, kept)
 
+    @_ordered("dataset")
     def delete_collection(self, dataset: str, name: str) -> None:
         self.collection(dataset, name)
         with self._guard.read(), self._meta:
             self._drop_collection(dataset, name)
+            self._record("delete_collection", dataset, name=name)
 
     # ---- vectors -----------------------------------------------------------------------
 
+    @_ordered("dataset")
     def upsert_vectors(self, dataset: str, name: str, ids: Sequence[str], vectors: np.ndarray,
                        digests: Sequence[str] = ()) -> tuple[int, int, list[str]]:
         """(inserted, replaced, stale ids). With `digests` (the image digest each vector was made
@@ -361,7 +435,11 @@ class Index:
                 ids, vectors = [ids[n] for n in fresh], np.asarray(vectors)[fresh]
                 if not ids:
                     return 0, 0, stale
-            return (*collection.upsert(ids, vectors), stale)
+            # Logged for followers as soon as it is durable, so they apply it while the graph here
+            # does (in dataset order: the order lock is held), not only after.
+            counts = collection.upsert(ids, vectors, logged=lambda: self._record(
+                "upsert_vectors", dataset, collection=name, ids=list(ids), vectors=np.asarray(vectors, np.float32)))
+            return (*counts, stale)
 
     def search(self, dataset: str, name: str, queries: np.ndarray | list[str], k: int, ef: int = 0,
                include_labels: Sequence[str] = (), exclude_labels: Sequence[str] = (),
@@ -449,10 +527,27 @@ class Index:
         with self._snapshot_lock:
             path.unlink(missing_ok=True)
 
-    def snapshot(self, dataset: str) -> tuple[SnapshotInfo, list[str]]:
+    def open_snapshot(self, name: str) -> BinaryIO:
+        """A kept snapshot's file, open for reading (ReadSnapshot); it stays readable to the end
+        if the snapshot is deleted meanwhile."""
+        with self._snapshot_lock:
+            return self._snapshot_path(name).open("rb")
+
+    def store_snapshot(self, name: str, parts: Iterable[tuple[bytes, str]]) -> SnapshotInfo:
+        """Stores a snapshot streamed from another index under its name (WriteSnapshot): `parts`
+        are (data, sha256) with the SHA-256 of all the bytes on the last; kept only if it matches
+        (see snapshot_files.receive)."""
+        match = SNAPSHOT_NAME.fullmatch(name or "")
+        if match is None:  # also keeps paths out: no / or . in a name
+            raise InvalidArgument(f"invalid snapshot name {shown(name)}: snapshot names look like "
+                                  "<dataset>-20260101T120000-1a2b3c (as SnapshotDataset gave it)", field="snapshot")
+        stat = receive(self.data_dir / "snapshots", name, parts, self.fsync).stat()
+        return SnapshotInfo(name, match["dataset"], stat.st_mtime, stat.st_size, stat.st_mtime_ns)
+
+    def snapshot(self, dataset: str, retention: bool = True) -> tuple[SnapshotInfo, list[str]]:
         """Writes a tar file under data_dir/snapshots holding the dataset's items and collections;
-        then, with a retention limit set, deletes the dataset's oldest snapshots beyond it.
-        Returns the new snapshot and the names of those deleted."""
+        then, with a retention limit set (and `retention`), deletes the dataset's oldest snapshots
+        beyond it. Returns the new snapshot and the names of those deleted."""
         self._require_dataset(dataset)
         name = f"{dataset}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         target = self.data_dir / "snapshots" / f"{name}.tar"
@@ -473,7 +568,7 @@ class Index:
         deleted = []
         with self._snapshot_lock:
             kept = self.snapshots(dataset)
-            if self.snapshot_retention > 0:
+            if retention and self.snapshot_retention > 0:
                 for old in [info for info in kept if info.name != name][:max(0, len(kept) - self.snapshot_retention)]:
                     (self.data_dir / "snapshots" / f"{old.name}.tar").unlink(missing_ok=True)
                     deleted.append(old.name)
@@ -483,6 +578,7 @@ class Index:
         stat = target.stat()
         return SnapshotInfo(name, dataset, stat.st_mtime, stat.st_size, stat.st_mtime_ns), deleted
 
+    @_ordered("dataset")
     def restore(self, snapshot: str, dataset: str) -> DatasetRecord:
         """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset."""
         check_name(dataset)
@@ -503,7 +599,64 @@ class Index:
                                            ("model", "layer", "pooling", "metric", "minkowski_p")})
                     self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
                     self._open_collection(dataset, entry["spec"], relative)
+        self._record("copy_dataset", dataset)  # followers copy it whole
         return self.dataset(dataset)
+
+    @_ordered("dataset")
+    def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
+        """Stores a result derived from a collection, replacing one with the same key."""
+        self.collection(dataset, collection).healthy()
+        if not key:
+            raise InvalidArgument("an attachment needs a key")
+        self.records.put_attachment(dataset, collection, key, version, data)
+        self._record("put_attachment", dataset, collection=collection, key=key, version=version, data=data)
+
+    # ---- replication -------------------------------------------------------------------
+
+    def copy_dataset(self, dataset: str, target: pathlib.Path) -> DatasetCopy:
+        """A consistent copy of a dataset for a follower: its items (without images; a snapshot
+        read afterwards, page by page), attachments and each healthy collection's files
+        (hard-linked or copied into folders under `target`), with the change log position it
+        holds every write up to. Writes to the dataset wait while the files are linked and the
+        snapshot taken, not while it is read."""
+        self._require_dataset(dataset)
+        for info in self._dataset_collections(dataset):
+            if info.vectors is not None and info.vectors.log_bytes() > COPY_CHECKPOINT_BYTES:
+                info.vectors.checkpoint()  # else every follower re-inserts the whole log into its graph
+        with self._order_lock(dataset):
+            self._require_dataset(dataset)
+            collections = []
+            for number, info in enumerate(self.collections(dataset)):
+                if info.vectors is None:
+                    log.warning("collection %s of %s is damaged: not copied to a follower", info.key.name, dataset)
+                    continue
+                folder = target / f"collection-{number}"
+                spec = {**dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
+                        "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}
+                collections.append((spec, folder, info.vectors.link_files(folder)))
+            items = self.records.item_snapshot(dataset)
+            try:
+                return DatasetCopy(self.records.dataset(dataset), self.changes.last if self.changes else 0, items,
+                                   self.records.attachments(dataset), collections)
+            except BaseException:
+                items.close()
+                raise
+
+    def install_collection(self, dataset: str, spec: dict, files: pathlib.Path,
+                           sha256: dict[str, str] | None = None) -> CollectionInfo:
+        """Makes `files` (a folder on the data dir's file system holding a collection's files, as
+        copy_dataset gave them) a collection of the dataset, replacing one of the same name;
+        opening it verifies the files (against their checkpoint's manifest: with the SHA-256 in
+        `sha256`, path relative to the folder -> hex, for those the caller hashed as it wrote them)."""
+        self._require_dataset(dataset)
+        key = CollectionKey(**{k: spec[k] for k in ("model", "layer", "pooling", "metric", "minkowski_p")})
+        with self._guard.read(), self._meta:
+            if (dataset, key.name) in self._collections:
+                self._drop_collection(dataset, key.name)
+            relative = pathlib.Path("collections") / uuid.uuid4().hex
+            os.replace(files, self.data_dir / relative)
+            self.records.create_collection(dataset, key.name, spec, str(relative))
+            return self._open_collection(dataset, spec, relative, sha256)
 
     def close(self) -> None:
         """Checkpoints everything and releases the data dir."""

@@ -9,14 +9,14 @@ import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS datasets (
     name TEXT PRIMARY KEY, description TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS items (
     dataset TEXT NOT NULL, id TEXT NOT NULL, label TEXT NOT NULL, metadata TEXT NOT NULL,
-    image BLOB NOT NULL, digest TEXT NOT NULL DEFAULT '', PRIMARY KEY (dataset, id)) WITHOUT ROWID;
+    image BLOB NOT NULL, digest TEXT NOT NULL DEFAULT '', image_size INTEGER, PRIMARY KEY (dataset, id)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS items_by_label ON items (dataset, label, id);
 CREATE TABLE IF NOT EXISTS collections (
     dataset TEXT NOT NULL, name TEXT NOT NULL, spec TEXT NOT NULL, directory TEXT NOT NULL,
@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS attachments (
     dataset TEXT NOT NULL, collection TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
     data BLOB NOT NULL, PRIMARY KEY (dataset, collection, key));
 """
+_SIZE = "COALESCE(image_size, length(image))"  # a follower stores items without their images
 
 
 @dataclasses.dataclass
@@ -55,10 +56,37 @@ class DatasetRecord:
     collection_count: int
 
 
+class ItemSnapshot:
+    """The items of a dataset as they were when it was made, without images, read page by page
+    while writes go on: a read transaction on a connection of its own (WAL mode keeps its view).
+    Rows are (id, label, metadata as JSON, digest, image_size) in id order, as
+    Records.put_copied_items takes them: what a follower's copy of a dataset is made of. Close it
+    (the WAL cannot be checkpointed past an open snapshot)."""
+
+    def __init__(self, path: pathlib.Path, dataset: str):
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.execute("BEGIN")
+            # Executing the query takes the read transaction's view: before this returns.
+            self._cursor = self._db.execute(
+                f"SELECT id, label, metadata, digest, {_SIZE} FROM items WHERE dataset = ? ORDER BY id", (dataset,))
+        except BaseException:
+            self._db.close()
+            raise
+
+    def pages(self, size: int) -> Iterator[list[tuple[str, str, str, str, int]]]:
+        while rows := self._cursor.fetchmany(size):
+            yield rows
+
+    def close(self) -> None:
+        self._db.close()
+
+
 class Records:
     """The SQLite side of the index. One connection, serialised by a lock."""
 
     def __init__(self, path: pathlib.Path):
+        self.path = path
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -67,9 +95,13 @@ class Records:
         self._add_digests()
 
     def _add_digests(self) -> None:
-        """Gives items stored before digests existed theirs (once)."""
-        if "digest" not in [row[1] for row in self._query("PRAGMA table_info(items)")]:
+        """Gives items stored before digests existed theirs (once), and the image_size column
+        (set only for a follower's items, stored without their images; NULL: length(image))."""
+        columns = [row[1] for row in self._query("PRAGMA table_info(items)")]
+        if "digest" not in columns:
             self._db.execute("ALTER TABLE items ADD COLUMN digest TEXT NOT NULL DEFAULT ''")
+        if "image_size" not in columns:
+            self._db.execute("ALTER TABLE items ADD COLUMN image_size INTEGER")
         while True:
             rows = self._query("SELECT dataset, id, image FROM items WHERE digest = '' LIMIT 500")
             if not rows:
@@ -94,8 +126,9 @@ class Records:
 
     # ---- datasets ----------------------------------------------------------------------
 
-    def create_dataset(self, name: str, description: str) -> None:
-        self._transaction([("INSERT INTO datasets VALUES (?, ?, ?)", (name, description, time.time()))])
+    def create_dataset(self, name: str, description: str, created_at: float | None = None) -> None:
+        self._transaction([("INSERT INTO datasets VALUES (?, ?, ?)",
+                            (name, description, time.time() if created_at is None else created_at))])
 
     def dataset(self, name: str) -> DatasetRecord | None:
         rows = self._query(
@@ -127,10 +160,28 @@ class Records:
     def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> None:
         """Upserts items (their digests computed here) in one transaction."""
         self._transaction(
-            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?)",
+            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
              (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image,
-              item.digest or image_digest(item.image)))
+              item.digest or image_digest(item.image), None if item.image else item.image_size or None))
             for item in items)
+
+    def put_copied_items(self, dataset: str, rows: Iterable[tuple[str, str, str, str, int]]) -> None:
+        """Stores items copied from another index, without images, in one transaction: rows of
+        (id, label, metadata as JSON, digest, image_size), replacing any with the same id. Only
+        for a dataset being copied whole (a follower's copy), which has no vectors to invalidate."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, x'', ?, ?)",
+                                     ((dataset, *row) for row in rows))
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def item_snapshot(self, dataset: str) -> "ItemSnapshot":
+        """Every item of the dataset as it is now, read later page by page (see ItemSnapshot)."""
+        return ItemSnapshot(self.path, dataset)
 
     def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> dict[str, ItemRecord]:
         image = "image" if include_images else "x''"
@@ -138,7 +189,7 @@ class Records:
         for start in range(0, len(ids), 500):
             chunk = list(ids[start:start + 500])
             marks = ",".join("?" * len(chunk))
-            for row in self._query(f"SELECT id, label, metadata, {image}, digest, length(image) FROM items "
+            for row in self._query(f"SELECT id, label, metadata, {image}, digest, {_SIZE} FROM items "
                                    f"WHERE dataset = ? AND id IN ({marks})", (dataset, *chunk)):
                 found[row[0]] = ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4], row[5])
         return found
@@ -149,7 +200,7 @@ class Records:
         where = "dataset = ? AND id > ?" + (" AND label = ?" if label else "")
         args = (dataset, after, label) if label else (dataset, after)
         return [ItemRecord(row[0], row[1], json.loads(row[2]), bytes(row[3]), row[4], row[5]) for row in self._query(
-            f"SELECT id, label, metadata, {image}, digest, length(image) FROM items WHERE {where} ORDER BY id LIMIT ?",
+            f"SELECT id, label, metadata, {image}, digest, {_SIZE} FROM items WHERE {where} ORDER BY id LIMIT ?",
             (*args, limit))]
 
     def labels(self, dataset: str) -> dict[str, str]:
@@ -184,6 +235,11 @@ class Records:
         self._transaction([("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",
                             (dataset, collection, key, version, data))])
 
+    def attachments(self, dataset: str) -> list[tuple[str, str, int, bytes]]:
+        """(collection, key, version, data) of every attachment of the dataset."""
+        return [(c, k, v, bytes(d)) for c, k, v, d in self._query(
+            "SELECT collection, key, version, data FROM attachments WHERE dataset = ?", (dataset,))]
+
     def attachment(self, dataset: str, collection: str, key: str) -> tuple[int, bytes] | None:
         rows = self._query("SELECT version, data FROM attachments WHERE dataset = ? AND collection = ? AND key = ?",
                            (dataset, collection, key))
@@ -211,7 +267,8 @@ class Records:
                 columns = [row[1] for row in self._db.execute("PRAGMA snapshot.table_info(items)")]
                 digest = "digest" if "digest" in columns else "''"  # snapshots from before digests
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute(f"INSERT INTO main.items SELECT ?, id, label, metadata, image, {digest} "
+                self._db.execute("INSERT INTO main.items (dataset, id, label, metadata, image, digest) "
+                                 f"SELECT ?, id, label, metadata, image, {digest} "
                                  "FROM snapshot.items WHERE dataset = ?", (target, source))
                 self._db.execute("COMMIT")
             finally:

@@ -2,6 +2,7 @@
 
 import logging
 import pathlib
+import shutil
 import threading
 
 from convsearch.errors import FailedPrecondition
@@ -9,8 +10,11 @@ from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.logs import setup_logging
 from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server, tls_credentials, tls_note
+from convsearch.tls import TLSError, channel_credentials
+from convsearch_index.changes import ChangeLog
 from convsearch_index.config import IndexConfig, load_config
 from convsearch_index.engine import Index, Limits
+from convsearch_index.follower import Follower, FollowerGate
 from convsearch_index.metrics import CollectionsCollector, durability_timings
 from convsearch_index.servicer import IndexServicer
 
@@ -19,11 +23,13 @@ log = logging.getLogger("convsearch.index")
 
 
 class _IndexService(RunningService):
-    """Serves as soon as the data dir is loaded; checkpoints periodically and on stop."""
+    """Serves as soon as the data dir is loaded (a follower: once it holds a copy of its primary);
+    checkpoints periodically and on stop."""
 
-    def __init__(self, index: Index, interval_s: float, *args, **kwargs):
+    def __init__(self, index: Index, interval_s: float, follower: Follower | None, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.index = index
+        self.follower = follower
         self._stopping = threading.Event()
         self._checkpointer = threading.Thread(target=self._checkpoint_every, args=(interval_s,),
                                               name="checkpointer", daemon=True)
@@ -31,7 +37,12 @@ class _IndexService(RunningService):
     def start(self) -> None:
         super().start()
         self._checkpointer.start()
-        self.set_serving(True)
+        if self.follower is None:
+            self.set_serving(True)
+            return
+        if self.follower.ready:  # its copy from before a restart; else its first copy turns it SERVING
+            self.set_serving(True)
+        self.follower.start()  # after: a whole copy it starts turns it NOT_SERVING until done
 
     def _checkpoint_every(self, interval_s: float) -> None:
         while not self._stopping.wait(interval_s):
@@ -45,6 +56,8 @@ class _IndexService(RunningService):
         self._stopping.set()
         if self._checkpointer.is_alive():
             self._checkpointer.join()
+        if self.follower is not None:
+            self.follower.stop()
         super().stop(grace_s)
 
 
@@ -52,19 +65,35 @@ def build_server(config: IndexConfig) -> tuple[RunningService, int]:
     """Builds the index's server on config.port (0 picks one) and its metrics endpoint on
     config.metrics_port; returns it and its port."""
     credentials = tls_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)  # before opening the data
-    registry = metrics_registry()
     try:
-        index = Index(pathlib.Path(config.data_dir), Limits(config.max_k, config.max_queries, config.exact_below),
-                      config.fsync, durability_timings(registry), snapshot_retention=config.snapshot_retention)
+        follow_credentials = channel_credentials(config.follow_tls_ca, config.follow_tls_cert, config.follow_tls_key)
+    except (TLSError, ValueError) as exc:
+        raise SystemExit(f"TLS to the primary: {exc}") from None
+    registry = metrics_registry()
+    data_dir = pathlib.Path(config.data_dir)
+    # A primary logs its changes for followers; a follower applies its primary's and logs none.
+    changes = None if config.follow else ChangeLog(config.replication_log_mb << 20)
+    try:
+        index = Index(data_dir, Limits(config.max_k, config.max_queries, config.exact_below),
+                      config.fsync, durability_timings(registry), snapshot_retention=config.snapshot_retention,
+                      changes=changes)
     except FailedPrecondition as exc:
         raise SystemExit(str(exc)) from None
+    shutil.rmtree(data_dir / "replication", ignore_errors=True)  # copies for followers a crash left (data dir held)
     registry.register(CollectionsCollector(index))
-    server = create_server(config.rpc_workers, config.max_message_mb, [RpcObserver("index", registry)])
+    interceptors = [RpcObserver("index", registry)]
+    follower = None
+    if config.follow:
+        follower = Follower(index, config.follow, follow_credentials, config.follow_tls_server_name,
+                            config.max_message_mb, config.max_lag_wait, registry,
+                            on_ready=lambda: service.set_serving(True), on_syncing=lambda: service.set_serving(False))
+        interceptors.append(FollowerGate(follower, SERVICE_NAME))
+    server = create_server(config.rpc_workers, config.max_message_mb, interceptors, config.server_options())
     index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(index), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
         port = bind(server, config.host, config.port, credentials)
-        service = _IndexService(index, config.checkpoint_interval_s, server, health, [SERVICE_NAME], log,
+        service = _IndexService(index, config.checkpoint_interval_s, follower, server, health, [SERVICE_NAME], log,
                                 on_stop=index.close, metrics_registry=registry, metrics_port=config.metrics_port,
                                 metrics_host=config.host)
     except SystemExit:
@@ -79,9 +108,9 @@ def main(argv=None) -> None:
     setup_logging("convsearch.index", config.log_format)
     service, port = build_server(config)
     service.start()
-    log.info("index listening on %s:%d%s (data dir %s, checkpoint every %.0fs, metrics port %d)", config.host, port,
+    log.info("index listening on %s:%d%s (data dir %s, checkpoint every %.0fs, metrics port %d)%s", config.host, port,
              tls_note(config.tls_cert, config.tls_client_ca), config.data_dir, config.checkpoint_interval_s,
-             service.metrics_port)
+             service.metrics_port, f", following {config.follow} (read-only)" if config.follow else "")
     service.run_until_signalled(config.grace_s)
 
 

@@ -1,5 +1,7 @@
 """IndexService over gRPC: converts messages and leaves the work to the Index core."""
 
+import itertools
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from convsearch.embedding import minkowski_p_of
@@ -12,6 +14,8 @@ from convsearch.naming import check_model_name
 from convsearch.tensors import from_tensor, to_tensor
 from convsearch_index.engine import CollectionInfo, CollectionKey, Index
 from convsearch_index.records import DatasetRecord, ItemRecord
+from convsearch_index.replication import replicate
+from convsearch_index.snapshot_files import chunks
 
 DEFAULT_PAGE = 100
 
@@ -22,9 +26,9 @@ def _timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
-def _dataset(record: DatasetRecord) -> pb.Dataset:
+def _dataset(record: DatasetRecord, version: int) -> pb.Dataset:
     return pb.Dataset(name=record.name, description=record.description, create_time=_timestamp(record.created_at),
-                      item_count=record.item_count, collection_count=record.collection_count)
+                      item_count=record.item_count, collection_count=record.collection_count, version=version)
 
 
 def _item(record: ItemRecord) -> pb.Item:
@@ -49,20 +53,24 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def CreateDataset(self, request, context):
-        return pb.CreateDatasetResponse(dataset=_dataset(self.index.create_dataset(request.name, request.description)))
+        record = self.index.create_dataset(request.name, request.description)
+        version = self.index.version(request.name)
+        return pb.CreateDatasetResponse(dataset=_dataset(record, version), version=version)
 
     @map_errors
     def GetDataset(self, request, context):
-        return pb.GetDatasetResponse(dataset=_dataset(self.index.dataset(request.name)))
+        return pb.GetDatasetResponse(dataset=_dataset(self.index.dataset(request.name),
+                                                      self.index.version(request.name)))
 
     @map_errors
     def ListDatasets(self, request, context):
-        return pb.ListDatasetsResponse(datasets=[_dataset(d) for d in self.index.datasets()])
+        return pb.ListDatasetsResponse(datasets=[_dataset(record, self.index.version(record.name))
+                                                 for record in self.index.datasets()])
 
     @map_errors
     def DeleteDataset(self, request, context):
         self.index.delete_dataset(request.name)
-        return pb.DeleteDatasetResponse()
+        return pb.DeleteDatasetResponse(version=self.index.version(request.name))
 
     @staticmethod
     def _records(request) -> list[ItemRecord]:
@@ -71,7 +79,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def PutItems(self, request, context):
         inserted, replaced = self.index.put_items(request.dataset, self._records(request))
-        return pb.PutItemsResponse(inserted=inserted, replaced=replaced)
+        return pb.PutItemsResponse(inserted=inserted, replaced=replaced, version=self.index.version(request.dataset))
 
     @map_errors
     def PutItemsStream(self, request_iterator, context):
@@ -86,7 +94,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
             if request.items:
                 counts = self.index.put_items(dataset, self._records(request))
                 inserted, replaced = inserted + counts[0], replaced + counts[1]
-        return pb.PutItemsStreamResponse(inserted=inserted, replaced=replaced)
+        return pb.PutItemsStreamResponse(inserted=inserted, replaced=replaced,
+                                         version=self.index.version(dataset) if dataset else 0)
 
     @map_errors
     def GetItems(self, request, context):
@@ -104,7 +113,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def DeleteItems(self, request, context):
         deleted, not_found = self.index.delete_items(request.dataset, list(request.ids))
-        return pb.DeleteItemsResponse(deleted=deleted, not_found=not_found)
+        return pb.DeleteItemsResponse(deleted=deleted, not_found=not_found, version=self.index.version(request.dataset))
 
     @map_errors
     def CreateCollection(self, request, context):
@@ -115,7 +124,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
                             minkowski_p_of(metric, spec.minkowski_p, "spec.minkowski_p"))
         info = self.index.create_collection(request.dataset, key, spec.dimension, spec.m or 16,
                                             spec.ef_construction or 200, spec.ef or 64, weights=spec.weights)
-        return pb.CreateCollectionResponse(collection=_collection(info))
+        return pb.CreateCollectionResponse(collection=_collection(info), version=self.index.version(request.dataset))
 
     @map_errors
     def ListCollections(self, request, context):
@@ -124,7 +133,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
     @map_errors
     def DeleteCollection(self, request, context):
         self.index.delete_collection(request.dataset, request.collection)
-        return pb.DeleteCollectionResponse()
+        return pb.DeleteCollectionResponse(version=self.index.version(request.dataset))
 
     @map_errors
     def GetCollectionStats(self, request, context):
@@ -137,7 +146,8 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         vectors = from_tensor(request.vectors, "vectors")
         inserted, replaced, stale = self.index.upsert_vectors(request.dataset, request.collection,
                                                               list(request.ids), vectors, list(request.image_digests))
-        return pb.UpsertVectorsResponse(inserted=inserted, replaced=replaced, stale_ids=stale)
+        return pb.UpsertVectorsResponse(inserted=inserted, replaced=replaced, stale_ids=stale,
+                                        version=self.index.version(request.dataset))
 
     @map_errors
     def Search(self, request, context):
@@ -166,7 +176,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def SnapshotDataset(self, request, context):
-        info, deleted = self.index.snapshot(request.dataset)
+        info, deleted = self.index.snapshot(request.dataset, retention=not request.skip_retention)
         return pb.SnapshotDatasetResponse(snapshot=info.name, size_bytes=info.size_bytes, deleted=deleted,
                                           create_time=_timestamp(info.created_at))
 
@@ -182,17 +192,32 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         return pb.DeleteSnapshotResponse()
 
     @map_errors
+    def ReadSnapshot(self, request, context):
+        with self.index.open_snapshot(request.snapshot) as file:
+            for data, size, sha256 in chunks(file):
+                yield pb.ReadSnapshotResponse(data=data, size_bytes=size, sha256=sha256)
+
+    @map_errors
+    def WriteSnapshot(self, request_iterator, context):
+        requests = iter(request_iterator)
+        first = next(requests, None)
+        if first is None or not first.snapshot:
+            raise InvalidArgument("the first message of the stream must name the snapshot", field="snapshot")
+        parts = ((r.data, r.sha256) for r in itertools.chain([first], requests))
+        info = self.index.store_snapshot(first.snapshot, parts)
+        return pb.WriteSnapshotResponse(snapshot=pb.Snapshot(
+            name=info.name, dataset=info.dataset, create_time=_timestamp(info.created_at), size_bytes=info.size_bytes))
+
+    @map_errors
     def RestoreDataset(self, request, context):
-        return pb.RestoreDatasetResponse(dataset=_dataset(self.index.restore(request.snapshot, request.dataset)))
+        record = self.index.restore(request.snapshot, request.dataset)
+        version = self.index.version(request.dataset)
+        return pb.RestoreDatasetResponse(dataset=_dataset(record, version), version=version)
 
     @map_errors
     def PutAttachment(self, request, context):
-        self.index.collection(request.dataset, request.collection).healthy()
-        if not request.key:
-            raise InvalidArgument("an attachment needs a key")
-        self.index.records.put_attachment(request.dataset, request.collection, request.key, request.version,
-                                          request.data)
-        return pb.PutAttachmentResponse()
+        self.index.put_attachment(request.dataset, request.collection, request.key, request.version, request.data)
+        return pb.PutAttachmentResponse(version=self.index.version(request.dataset))
 
     @map_errors
     def GetAttachment(self, request, context):
@@ -202,3 +227,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
         if stored is not None:
             reply.found, reply.version, reply.data = True, stored[0], stored[1]
         return reply
+
+    @map_errors
+    def Replicate(self, request, context):
+        yield from replicate(self.index, request, context)

@@ -1,0 +1,196 @@
+"""Moves datasets to the index primaries that own them (`convsearch rebalance`).
+
+The gateway places each dataset on one primary by its name (convsearch.placement) but never
+moves data: after a primary is added, the datasets it wins stay where they are (the gateway
+still finds them there) until this moves them, talking to the primaries directly. A move of
+dataset D from primary S to its owner O:
+
+1. note D's state on S: its item count and each collection's count and version;
+2. snapshot D on S and stream the snapshot to O (ReadSnapshot into WriteSnapshot, SHA-256 checked);
+3. restore it on O as D and check the copy: the same item count, the same collections, each
+   with the same count;
+4. only if D on S is still as noted, delete it there; otherwise a write reached it during the
+   move, so the copy on O is deleted and D is skipped (run again);
+5. delete the snapshot on S and its copy on O.
+
+A dataset found on its owner as well as elsewhere is skipped, never overwritten: a person
+compares the two and deletes one. A restored dataset's description says which snapshot it was
+restored from, as RestoreDataset's always does.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import grpc
+
+from convsearch import placement
+from convsearch.channels import create_channel
+from convsearch.grpc_errors import error_from_call
+from convsearch.index.v1 import index_pb2 as pb
+from convsearch.index.v1 import index_pb2_grpc
+from convsearch.snapshot_copy import SourceFailed, copy_snapshot
+
+CALL_TIMEOUT_S = 30.0
+"""Deadline of the short calls; snapshots, copies and restores take as long as the data needs."""
+
+
+@dataclasses.dataclass
+class Move:
+    """One dataset to move, and what happened."""
+
+    dataset: str
+    source: str
+    target: str
+    status: str = "planned"  # planned, moved or skipped
+    reason: str = ""  # why it was skipped
+    items: int = 0
+    collections: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """What a dataset holds, to tell whether it changed and whether a copy is whole."""
+
+    items: int
+    collections: dict[str, tuple[int, int]]  # name -> (count, version)
+    version: int  # the dataset's change log position on its primary: any write changes it
+
+    def same_content(self, other: "State") -> bool:
+        return self.items == other.items and \
+            {n: c for n, (c, _) in self.collections.items()} == {n: c for n, (c, _) in other.collections.items()}
+
+
+class Primaries:
+    """Channels to the index primaries, by their names as the gateway is given them."""
+
+    def __init__(self, names: list[str], credentials: grpc.ChannelCredentials | None = None):
+        self.names = names
+        self._channels = {name: create_channel(name, credentials=credentials) for name in names}
+        self.stubs = {name: index_pb2_grpc.IndexServiceStub(channel) for name, channel in self._channels.items()}
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+
+    def __enter__(self) -> "Primaries":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _failure(exc: grpc.RpcError, primary: str) -> str:
+    return f"{primary}: {exc.code().name}: {exc.details()}"
+
+
+def plan(primaries: Primaries) -> list[Move]:
+    """The datasets that are not on their owners, by name; raises the domain error of a primary
+    that cannot list its datasets (a plan without it would be wrong)."""
+    where: dict[str, list[str]] = {}
+    for name, stub in primaries.stubs.items():
+        try:
+            listed = stub.ListDatasets(pb.ListDatasetsRequest(), timeout=CALL_TIMEOUT_S).datasets
+        except grpc.RpcError as exc:
+            raise error_from_call(exc, f"index primary {_failure(exc, name)}") from None
+        for dataset in listed:
+            where.setdefault(dataset.name, []).append(name)
+    moves = []
+    for dataset, holders in sorted(where.items()):
+        owner = placement.owner(dataset, primaries.names)
+        for source in holders:
+            if source == owner:
+                continue
+            move = Move(dataset, source, owner)
+            if owner in holders:
+                move.status, move.reason = "skipped", (f"{owner} (its owner) has a dataset {dataset} as well; compare "
+                                                       f"the two, delete one, and run again")
+            moves.append(move)
+    return moves
+
+
+def state(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> State:
+    found = stub.GetDataset(pb.GetDatasetRequest(name=dataset), timeout=CALL_TIMEOUT_S).dataset
+    collections = stub.ListCollections(pb.ListCollectionsRequest(dataset=dataset), timeout=CALL_TIMEOUT_S).collections
+    return State(found.item_count, {c.name: (c.count, c.version) for c in collections}, found.version)
+
+
+def _delete(call: Callable[[], object]) -> str:
+    """Runs a clean-up call; "" when it worked, else what failed."""
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return f"{exc.code().name}: {exc.details()}"
+    return ""
+
+
+def _has(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> bool:
+    """Whether the primary answers that it has the dataset (False also when it cannot answer)."""
+    try:
+        stub.GetDataset(pb.GetDatasetRequest(name=dataset), timeout=CALL_TIMEOUT_S)
+    except grpc.RpcError:
+        return False
+    return True
+
+
+def move(primaries: Primaries, planned: Move) -> Move:
+    """Moves one dataset (see the module's steps); fills in its status and returns it."""
+    source, target = primaries.stubs[planned.source], primaries.stubs[planned.target]
+    dataset = planned.dataset
+    snapshot, restored, step = "", False, planned.source
+    try:
+        before = state(source, dataset)
+        taken = source.SnapshotDataset(pb.SnapshotDatasetRequest(dataset=dataset, skip_retention=True))
+        snapshot = taken.snapshot
+        step = planned.target
+        try:
+            copy_snapshot(source, target, snapshot)
+        except SourceFailed as exc:
+            step = planned.source
+            raise exc.error from None
+        try:
+            target.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snapshot, dataset=dataset))
+            restored = True
+        finally:
+            left = _delete(lambda: target.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot)))
+        copy = state(target, dataset)
+        step = planned.source
+        if not copy.same_content(before):
+            planned.status, planned.reason = "skipped", (
+                f"the copy on {planned.target} holds {copy.items} items and {len(copy.collections)} collections, "
+                f"the source {before.items} and {len(before.collections)}; run again")
+        elif state(source, dataset) != before:
+            planned.status, planned.reason = "skipped", (f"it changed on {planned.source} during the move (a write "
+                                                         "came); run again")
+        else:
+            source.DeleteDataset(pb.DeleteDatasetRequest(name=dataset))
+            restored = False  # the copy is the dataset now
+            planned.status, planned.items, planned.collections = "moved", copy.items, len(copy.collections)
+        if left:
+            planned.reason = f"{planned.reason}; " if planned.reason else ""
+            planned.reason += f"the snapshot copy {snapshot} on {planned.target} is left: {left}"
+    except grpc.RpcError as exc:
+        planned.status, planned.reason = "skipped", _failure(exc, step)
+    finally:
+        if restored and not _has(source, dataset):  # never delete the copy unless the source surely has it
+            planned.reason += (f"; {planned.source} does not answer that it still has {dataset}, so the copy on "
+                               f"{planned.target} is kept: check both before deleting either")
+        elif restored:  # a copy that did not become the dataset
+            failed = _delete(lambda: target.DeleteDataset(pb.DeleteDatasetRequest(name=dataset),
+                                                          timeout=CALL_TIMEOUT_S))
+            if failed:
+                planned.reason += (f"; its copy on {planned.target} could not be deleted ({failed}): delete it "
+                                   "there by hand")
+        if snapshot:
+            failed = _delete(lambda: source.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot),
+                                                           timeout=CALL_TIMEOUT_S))
+            if failed:
+                planned.reason += f"; the snapshot {snapshot} on {planned.source} is left: {failed}"
+    return planned
+
+
+def rebalance(primaries: Primaries, dry_run: bool = False) -> Iterator[Move]:
+    """Each planned move as it is done (or, with dry_run, as planned); raises the domain error
+    (convsearch.errors) of a primary that cannot list its datasets."""
+    for planned in plan(primaries):
+        yield planned if dry_run or planned.status == "skipped" else move(primaries, planned)
+

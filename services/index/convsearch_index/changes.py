@@ -1,0 +1,145 @@
+"""The primary's change log: every write the index applied, in order, each at a position; what
+followers tail (see replication.py). A vector upsert is listed once it is durable in its
+collection's log, before the graph has taken it, so followers apply it meanwhile.
+
+Positions are global and grow by one per change. Each process starts at `time.time_ns()`, so
+positions keep growing across restarts without writing anything per change: this assumes the
+clock does not step back between two runs by more than the changes of the first (one per
+nanosecond would be needed to overtake it). Each process also has a random epoch: a follower
+that followed another epoch copies everything again rather than trusting positions across it.
+
+The log lives in memory, bounded in bytes: the oldest changes are dropped first, and a follower
+whose position was dropped copies everything again.
+"""
+
+import dataclasses
+import pathlib
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from convsearch_index.records import DatasetRecord, ItemRecord, ItemSnapshot
+
+# Approximate bytes of a change besides its payload (ids, vectors, items): what the bound counts.
+_OVERHEAD = 200
+_ITEM_BYTES = 120
+
+
+class Compacted(Exception):
+    """The changes after a position were dropped from the log."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One applied write. `kind` names the engine method (create_dataset, delete_dataset,
+    put_items, delete_items, create_collection, delete_collection, upsert_vectors, put_attachment,
+    or copy_dataset: the dataset was replaced whole, e.g. restored from a snapshot) and `fields`
+    its arguments as applied (items without images; only the vectors stored)."""
+
+    position: int
+    kind: str
+    dataset: str
+    fields: dict
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetCopy:
+    """A consistent copy of a dataset (Index.copy_dataset): it holds every write to the dataset
+    up to `position` and none after."""
+
+    record: DatasetRecord
+    position: int
+    items: ItemSnapshot  # read after the copy is made; close it
+    attachments: list[tuple[str, str, int, bytes]]  # (collection, key, version, data)
+    collections: list[tuple[dict, pathlib.Path, list[str]]]  # (spec, folder, file paths relative to it)
+
+
+def _size(fields: dict) -> int:
+    size = _OVERHEAD
+    for value in fields.values():
+        if isinstance(value, np.ndarray):
+            size += value.nbytes
+        elif isinstance(value, bytes | str):
+            size += len(value)
+        elif isinstance(value, list):
+            for element in value:
+                if isinstance(element, ItemRecord):
+                    size += _ITEM_BYTES + len(element.id) + len(element.label) + sum(
+                        len(k) + len(v) for k, v in element.metadata.items())
+                else:
+                    size += 8 + len(element)
+    return size
+
+
+class ChangeLog:
+    """The changes applied by this process, the newest up to `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.epoch = uuid.uuid4().hex
+        self.start = time.time_ns()  # see the module docstring
+        self._next = self.start
+        self._ring: list[Change] = []
+        self._head = 0  # index in _ring of the oldest change kept
+        self._bytes = 0
+        self._by_dataset: dict[str, int] = {}
+        self._changed = threading.Condition()
+
+    @property
+    def last(self) -> int:
+        """The position of the latest change (start - 1 before the first)."""
+        return self._next - 1
+
+    def record(self, kind: str, dataset: str, **fields) -> int:
+        """Appends a change; its position. The caller holds the dataset's order lock, so a
+        dataset's changes are listed in the order they were applied."""
+        size = _size(fields)
+        with self._changed:
+            position = self._next
+            self._next += 1
+            self._ring.append(Change(position, kind, dataset, fields, size))
+            self._by_dataset[dataset] = position
+            self._bytes += size
+            while self._bytes > self.max_bytes and self._head < len(self._ring) - 1:
+                self._bytes -= self._ring[self._head].size
+                self._ring[self._head] = None  # type: ignore[call-overload] - freed now, cut off below
+                self._head += 1
+            if self._head > 1024 and self._head * 2 > len(self._ring):
+                del self._ring[:self._head]
+                self._head = 0
+            self._changed.notify_all()
+        return position
+
+    def version(self, dataset: str) -> int:
+        """The position of the dataset's latest change in this process; before any, the
+        position this process started after (older than anything it wrote)."""
+        with self._changed:
+            return self._by_dataset.get(dataset, self.start - 1)
+
+    def holds(self, position: int) -> bool:
+        """True when every change after `position` is still in the log."""
+        with self._changed:
+            first = self._ring[self._head].position if self._head < len(self._ring) else self._next
+            return first - 1 <= position <= self.last
+
+    def after(self, position: int, max_bytes: int, timeout_s: float) -> list[Change]:
+        """The changes after `position` (at least one, up to about `max_bytes`), waiting up to
+        `timeout_s` for one; [] when none came. Raises Compacted when they were dropped."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.last > position, timeout_s)
+            if self.last <= position:
+                return []
+            first = self._ring[self._head].position
+            if position < first - 1:
+                raise Compacted(f"changes after {position} were dropped (the log starts at {first})")
+            index = self._head + position + 1 - first
+            batch, size = [], 0
+            for change in self._ring[index:index + 10_000]:
+                if batch and size + change.size > max_bytes:
+                    break
+                batch.append(change)
+                size += change.size
+            return batch

@@ -1,0 +1,87 @@
+"""The gateway over an index primary and a follower (`--index-replicas`): searches and listings are
+answered by the follower, each right after this gateway's own writes (read-your-writes through
+min_version); writes and image reads go to the primary; with the follower gone, reads fall back to
+the primary and nothing fails."""
+
+import urllib.request
+
+import pytest
+
+from convsearch.gateway.v1 import gateway_pb2 as pb
+from convsearch.gateway.v1 import gateway_pb2_grpc
+from convsearch.index.v1 import index_pb2, index_pb2_grpc
+from convsearch_gateway.config import GatewayConfig
+from tests.conftest import running_gateway, serve_extractor, serve_index
+
+pytestmark = pytest.mark.slow
+LAST = pb.Configuration(model="efficientnet_lite0", layers=["_conv_head"])
+
+
+def reads(service, by: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
+    prefix = f'convsearch_gateway_index_reads_total{{by="{by}"}} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(gateway service, gateway stub, a function that stops the follower, follower stub)."""
+    extractor, extractor_channel, extractor_address = serve_extractor()
+    primary, primary_channel, primary_address = serve_index(tmp_path_factory.mktemp("primary"))
+    follower, follower_channel, follower_address = serve_index(tmp_path_factory.mktemp("follower"),
+                                                               follow=primary_address, max_lag_wait=5.0)
+    stopped = []  # the follower, once a test has stopped it
+    with running_gateway(extractor_address, primary_address, index_replicas=follower_address) as (service, channel,
+                                                                                                   _):
+        yield (service, gateway_pb2_grpc.GatewayServiceStub(channel), lambda: stopped.append(follower.stop(0.5)),
+               index_pb2_grpc.IndexServiceStub(follower_channel))
+    running = [(primary, primary_channel), (extractor, extractor_channel)]
+    for service, channel in running if stopped else [(follower, follower_channel), *running]:
+        channel.close()
+        service.stop(1.0)
+
+
+def test_each_write_is_read_back_through_the_follower(stack, chelsea_jpeg, coffee_jpeg):
+    service, gateway, _, follower = stack
+    gateway.CreateDataset(pb.CreateDatasetRequest(name="pets"))
+    assert gateway.GetDataset(pb.GetDatasetRequest(name="pets")).dataset.name == "pets"
+    before = reads(service, "follower")
+    for number, image in enumerate([chelsea_jpeg, coffee_jpeg, chelsea_jpeg, coffee_jpeg]):
+        item = pb.Item(id=f"pet{number}", label="cat" if image is chelsea_jpeg else "cup", image=image)
+        [result] = gateway.Ingest(iter([pb.IngestRequest(dataset="pets", items=[item], configurations=[LAST])]))
+        assert result.indexed, result
+        # At once, through the follower: the dataset counts the item and a search finds it.
+        assert gateway.GetDataset(pb.GetDatasetRequest(name="pets")).dataset.item_count == number + 1
+        hits = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, image=image, k=10,
+                                               exact=True)).hits
+        assert f"pet{number}" in [hit.id for hit in hits]
+    assert reads(service, "follower") - before >= 12
+    # The follower holds the data itself: it answered, not the primary behind it.
+    listed = follower.ListCollections(index_pb2.ListCollectionsRequest(dataset="pets")).collections
+    assert [(c.name, c.count) for c in listed] == [("efficientnet_lite0/_conv_head/avg/cosine", 4)]
+    # Images stay on the primary: GetImage still works through the gateway.
+    assert gateway.GetImage(pb.GetImageRequest(dataset="pets", item_id="pet1")).mime_type == "image/jpeg"
+
+
+def test_a_labeled_search_by_id_and_the_listing_come_from_the_follower(stack):
+    service, gateway, _, _ = stack
+    before = reads(service, "follower")
+    reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
+    assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
+    assert "pets" in [d.name for d in gateway.ListDatasets(pb.ListDatasetsRequest()).datasets]
+    assert reads(service, "follower") > before
+
+
+def test_without_the_follower_reads_fall_back_to_the_primary(stack, chelsea_jpeg):
+    service, gateway, stop_follower, _ = stack
+    stop_follower()
+    before = reads(service, "primary")
+    hits = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, image=chelsea_jpeg, k=2)).hits
+    assert {hit.id for hit in hits} == {"pet0", "pet2"}
+    assert gateway.GetDataset(pb.GetDatasetRequest(name="pets")).dataset.item_count == 4
+    assert reads(service, "primary") > before
+
+
+def test_followers_follow_one_primary():
+    with pytest.raises(ValueError, match="index_replicas follow one primary"):
+        GatewayConfig(index="a:50053,b:50053", index_replicas="c:50053").validate()

@@ -1,0 +1,489 @@
+"""Read replicas: followers (`convsearch-index --follow`) copy a primary, tail its changes and
+answer reads exactly as it does; writes go to the primary; min_version never reads older data;
+kill -9 of either side loses and duplicates nothing."""
+
+import hashlib
+import signal
+import threading
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from convsearch.channels import create_channel
+from convsearch.common.v1 import common_pb2
+from convsearch.grpc_errors import error_from_call
+from convsearch.index.v1 import index_pb2 as pb
+from convsearch.index.v1 import index_pb2_grpc
+from convsearch.processes import free_port, start_service, stop_service
+from convsearch.tensors import to_tensor
+from convsearch_index.server import SERVICE_NAME
+from tests.conftest import serve_index
+
+pytestmark = pytest.mark.slow
+DIM = 16
+COSINE, EUCLID = "m/l/avg/cosine", "m/l/avg/euclidean"
+
+
+def _stub(channel):
+    return index_pb2_grpc.IndexServiceStub(channel)
+
+
+def _spec(metric=common_pb2.METRIC_COSINE):
+    return pb.CollectionSpec(model="m", layer="l", dimension=DIM, metric=metric)
+
+
+def _metric(service, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{service.metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+def state_of(stub, min_version: int = 0, queries: np.ndarray | None = None) -> dict:
+    """Everything a reader can see, with images left out: datasets, items, collections, exact
+    search answers and attachments."""
+    state = {}
+    datasets = stub.ListDatasets(pb.ListDatasetsRequest(min_version=min_version), timeout=60).datasets
+    for dataset in datasets:
+        items, token = [], ""
+        while True:
+            page = stub.ScanItems(pb.ScanItemsRequest(dataset=dataset.name, page_size=1000, page_token=token,
+                                                      min_version=min_version))
+            items += [(i.id, i.label, dict(i.metadata), i.image_digest, i.image_size) for i in page.items]
+            token = page.next_page_token
+            if not token:
+                break
+        collections = {}
+        for info in stub.ListCollections(pb.ListCollectionsRequest(dataset=dataset.name)).collections:
+            entry = {"count": info.count, "spec": info.spec.SerializeToString(deterministic=True)}
+            if info.count and queries is not None:
+                reply = stub.Search(pb.SearchRequest(dataset=dataset.name, collection=info.name, k=10, exact=True,
+                                                     queries=to_tensor(queries)))
+                entry["hits"] = [(list(r.ids), list(r.distances)) for r in reply.results]
+                ids = [i[0] for i in items]
+                entry["vectors"] = stub.GetVectors(pb.GetVectorsRequest(
+                    dataset=dataset.name, collection=info.name, ids=ids)).SerializeToString(deterministic=True)
+                attachment = stub.GetAttachment(pb.GetAttachmentRequest(dataset=dataset.name, collection=info.name,
+                                                                        key="eval"))
+                entry["attachment"] = (attachment.found, attachment.version, attachment.data)
+            collections[info.name] = entry
+        state[dataset.name] = {"description": dataset.description, "items": items, "collections": collections,
+                               "counts": (dataset.item_count, dataset.collection_count)}
+    return state
+
+
+class RandomWriter:
+    """Random writes at a primary (items put, replaced with another image, deleted; vectors
+    upserted; collections created and deleted; a second dataset), remembering the latest version."""
+
+    def __init__(self, stub, seed: int = 0):
+        self.stub, self.rng = stub, np.random.default_rng(seed)
+        self.version = 0
+        self.items: dict[str, set[str]] = {"a": set(), "b": set()}
+        self.collections: dict[str, set[str]] = {"a": set(), "b": set()}
+        for dataset in ("a", "b"):
+            self._note(stub.CreateDataset(pb.CreateDatasetRequest(name=dataset, description=f"set {dataset}")))
+            self._create(dataset, COSINE)
+        self._create("a", EUCLID)
+
+    def _note(self, reply) -> None:
+        assert reply.version > 0
+        self.version = max(self.version, reply.version)
+
+    def _create(self, dataset: str, name: str) -> None:
+        metric = common_pb2.METRIC_COSINE if name == COSINE else common_pb2.METRIC_EUCLIDEAN
+        self._note(self.stub.CreateCollection(pb.CreateCollectionRequest(dataset=dataset, spec=_spec(metric))))
+        self.collections[dataset].add(name)
+
+    def step(self) -> None:
+        rng, stub = self.rng, self.stub
+        dataset = "a" if rng.random() < 0.7 else "b"
+        items, op = self.items[dataset], rng.random()
+        ids = [f"i{n}" for n in rng.integers(0, 400, rng.integers(1, 6))]
+        ids = sorted(set(ids))
+        if op < 0.35 or not items:  # new items, or replaced images (their vectors drop)
+            self._note(stub.PutItems(pb.PutItemsRequest(dataset=dataset, items=[
+                pb.Item(id=i, label=f"c{rng.integers(0, 5)}", metadata={"n": str(rng.integers(0, 9))},
+                        image=rng.bytes(int(rng.integers(1, 40)))) for i in ids])))
+            items.update(ids)
+        elif op < 0.75 and self.collections[dataset]:
+            name = sorted(self.collections[dataset])[rng.integers(0, len(self.collections[dataset]))]
+            present = sorted(items)
+            chosen = sorted({present[n] for n in rng.integers(0, len(present), 6)})
+            reply = stub.UpsertVectors(pb.UpsertVectorsRequest(
+                dataset=dataset, collection=name, ids=chosen,
+                vectors=to_tensor(rng.normal(size=(len(chosen), DIM)).astype(np.float32))))
+            self._note(reply)
+        elif op < 0.9:
+            self._note(stub.DeleteItems(pb.DeleteItemsRequest(dataset=dataset, ids=ids)))
+            items.difference_update(ids)
+        elif op < 0.95 and self.collections[dataset]:
+            name = sorted(self.collections[dataset])[0]
+            self._note(stub.PutAttachment(pb.PutAttachmentRequest(dataset=dataset, collection=name, key="eval",
+                                                                  version=int(rng.integers(0, 99)),
+                                                                  data=rng.bytes(8))))
+        elif op < 0.975 and self.collections[dataset]:
+            name = sorted(self.collections[dataset])[-1]
+            self._note(stub.DeleteCollection(pb.DeleteCollectionRequest(dataset=dataset, collection=name)))
+            self.collections[dataset].discard(name)
+        else:
+            missing = sorted({COSINE, EUCLID} - self.collections[dataset])
+            if missing:
+                self._create(dataset, missing[0])
+
+
+def assert_converged(primary, followers, version: int) -> None:
+    queries = np.random.default_rng(99).normal(size=(8, DIM)).astype(np.float32)
+    expected = state_of(primary, 0, queries)
+    assert expected
+    for follower in followers:
+        assert state_of(follower, version, queries) == expected
+
+
+def test_two_followers_converge_on_10k_random_writes(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    followers = [serve_index(tmp_path / f"f{n}", follow=address, fsync=False, max_lag_wait=60.0) for n in (1, 2)]
+    try:
+        writer = RandomWriter(_stub(primary_channel))
+        started = time.monotonic()
+        for _ in range(10_000):
+            writer.step()
+        print(f"10k writes in {time.monotonic() - started:.1f}s")
+        assert_converged(_stub(primary_channel), [_stub(channel) for _, channel, _ in followers], writer.version)
+        # A follower that joins now copies the current state whole.
+        late = serve_index(tmp_path / "f3", follow=address, fsync=False, max_lag_wait=60.0)
+        followers.append(late)
+        assert_converged(_stub(primary_channel), [_stub(late[1])], writer.version)
+    finally:
+        for service, channel, _ in [*followers, (primary, primary_channel, address)]:
+            channel.close()
+            service.stop(0.5)
+
+
+def test_min_version_reads_never_see_older_data_and_writes_go_to_the_primary(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    follower, follower_channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=0.5)
+    try:
+        stub, reader = _stub(primary_channel), _stub(follower_channel)
+        stub.CreateDataset(pb.CreateDatasetRequest(name="d"))
+        stub.CreateCollection(pb.CreateCollectionRequest(dataset="d", spec=_spec()))
+        rng = np.random.default_rng(1)
+        for n in range(60):
+            reply = stub.PutItems(pb.PutItemsRequest(dataset="d", items=[pb.Item(id=f"x{n}", label=str(n))]))
+            seen = reader.GetItems(pb.GetItemsRequest(dataset="d", ids=[f"x{n}"], min_version=reply.version))
+            assert [i.label for i in seen.items] == [str(n)]
+            vector = rng.normal(size=(1, DIM)).astype(np.float32)
+            reply = stub.UpsertVectors(pb.UpsertVectorsRequest(dataset="d", collection=COSINE, ids=[f"x{n}"],
+                                                               vectors=to_tensor(vector)))
+            hits = reader.Search(pb.SearchRequest(dataset="d", collection=COSINE, k=1, exact=True,
+                                                  queries=to_tensor(vector), min_version=reply.version))
+            assert list(hits.results[0].ids) == [f"x{n}"]
+            stats = reader.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="d", collection=COSINE,
+                                                                           min_version=reply.version))
+            assert stats.collection.count == n + 1
+        # Writes, image reads and snapshots are refused, naming the primary.
+        refused = [
+            lambda: reader.PutItems(pb.PutItemsRequest(dataset="d", items=[pb.Item(id="y")])),
+            lambda: reader.CreateDataset(pb.CreateDatasetRequest(name="e")),
+            lambda: reader.UpsertVectors(pb.UpsertVectorsRequest(dataset="d", collection=COSINE, ids=["x0"],
+                                                                 vectors=to_tensor(np.ones((1, DIM), np.float32)))),
+            lambda: reader.DeleteItems(pb.DeleteItemsRequest(dataset="d", ids=["x0"])),
+            lambda: reader.GetItems(pb.GetItemsRequest(dataset="d", ids=["x0"], include_images=True)),
+            lambda: reader.SnapshotDataset(pb.SnapshotDatasetRequest(dataset="d")),
+        ]
+        for call in refused:
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert address in caught.value.details()
+            error = error_from_call(caught.value)
+            assert error.reason == "READ_ONLY_FOLLOWER" and error.metadata["primary"] == address
+        # Without its primary the follower keeps serving what it has; a version it has not
+        # applied waits max_lag_wait, then answers UNAVAILABLE.
+        primary_channel.close()
+        primary.stop(0.5)
+        primary = None
+        assert len(reader.GetItems(pb.GetItemsRequest(dataset="d", ids=["x0", "x59"])).items) == 2
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as caught:
+            reader.GetItems(pb.GetItemsRequest(dataset="d", ids=["x0"], min_version=reply.version + 10))
+        waited = time.monotonic() - started
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert error_from_call(caught.value).reason == "FOLLOWER_BEHIND"
+        assert 0.5 <= waited < 5  # the channel retries UNAVAILABLE up to 3 times
+    finally:
+        follower_channel.close()
+        follower.stop(0.5)
+        if primary is not None:
+            primary.stop(0.5)
+
+
+def _wait_until_copied(service, full_syncs: int, timeout_s: float = 60.0) -> None:
+    """Waits until an in-process follower has completed its `full_syncs`-th whole copy (it
+    answers no reads while one is under way)."""
+    deadline = time.monotonic() + timeout_s
+    while not (_metric(service, "convsearch_index_follower_full_syncs_total") == full_syncs
+               and service.follower.ready):
+        assert time.monotonic() < deadline, f"no whole copy number {full_syncs} completed in {timeout_s:g}s"
+        time.sleep(0.05)
+
+
+def test_a_follower_behind_the_change_log_copies_everything_again(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False, replication_log_mb=1)
+    stub = _stub(primary_channel)
+    writer = RandomWriter(stub, seed=3)
+    for _ in range(300):
+        writer.step()
+    follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
+    try:
+        assert_converged(stub, [_stub(channel)], writer.version)
+        assert _metric(follower, "convsearch_index_follower_full_syncs_total") == 1
+        channel.close()
+        follower.stop(0.5)
+        rng = np.random.default_rng(5)
+        ids = sorted(writer.items["a"])
+        for _ in range(40):  # 40 x 200 x 64 bytes: more than the 1 MiB log holds
+            writer._note(stub.PutItems(pb.PutItemsRequest(dataset="a", items=[pb.Item(id=i, label="z")
+                                                                             for i in ids])))
+            chosen = [f"v{n}" for n in range(200)]
+            writer._note(stub.PutItems(pb.PutItemsRequest(dataset="b", items=[pb.Item(id=i) for i in chosen])))
+            writer.items["b"].update(chosen)
+            writer._note(stub.UpsertVectors(pb.UpsertVectorsRequest(
+                dataset="b", collection=COSINE, ids=chosen,
+                vectors=to_tensor(rng.normal(size=(200, DIM)).astype(np.float32)))))
+        follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
+        _wait_until_copied(follower, 1)  # in this process; it answers no reads until then
+        assert_converged(stub, [_stub(channel)], writer.version)
+    finally:
+        channel.close()
+        follower.stop(0.5)
+        primary_channel.close()
+        primary.stop(0.5)
+
+
+def test_a_follower_copying_everything_again_answers_no_reads_until_the_copy_is_done(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from convsearch.errors import Unavailable
+    from convsearch.health import wait_until_serving
+
+    port = free_port()
+    primary, primary_channel, address = serve_index(tmp_path / "p", port=port, fsync=False)
+    stub = _stub(primary_channel)
+    writer = RandomWriter(stub, seed=7)
+    for _ in range(100):
+        writer.step()
+    follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
+    follower_stub, health = _stub(channel), health_pb2_grpc.HealthStub(channel)
+    following = follower.follower
+    copying, release = threading.Event(), threading.Event()
+    begin_copy = following._begin_copy
+
+    def held_begin_copy(message):  # the first dataset is replaced, then the copy waits for the test
+        begin_copy(message)
+        copying.set()
+        release.wait(60)
+
+    try:
+        assert_converged(stub, [follower_stub], writer.version)
+        assert following.ready
+        # The primary restarts (a rolling update): another epoch, so the follower copies everything again.
+        primary_channel.close()
+        primary.stop(0.5)
+        following._begin_copy = held_begin_copy
+        primary, primary_channel, _ = serve_index(tmp_path / "p", port=port, fsync=False)
+        stub = writer.stub = _stub(primary_channel)
+        assert copying.wait(30)
+        # Mid-copy: not ready, NOT_SERVING, and reads (even of versions applied before) are refused.
+        assert not following.ready
+        status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(Unavailable) as refused:
+            following.admit("ScanItems", pb.ScanItemsRequest(dataset="a", min_version=writer.version))
+        assert refused.value.reason == "FOLLOWER_SYNCING"
+        for read, request in ((follower_stub.ScanItems, pb.ScanItemsRequest(dataset="a", min_version=writer.version)),
+                              (follower_stub.GetDataset, pb.GetDatasetRequest(name="a")),
+                              (follower_stub.ListDatasets, pb.ListDatasetsRequest())):
+            with pytest.raises(grpc.RpcError) as failed:
+                read(request, timeout=10)
+            error = error_from_call(failed.value)
+            assert isinstance(error, Unavailable) and error.reason == "FOLLOWER_SYNCING"
+        release.set()
+        wait_until_serving(channel, SERVICE_NAME, timeout_s=30)
+        assert following.ready
+        for _ in range(50):
+            writer.step()
+        assert_converged(stub, [follower_stub], writer.version)
+        assert _metric(follower, "convsearch_index_follower_full_syncs_total") == 2
+    finally:
+        release.set()
+        channel.close()
+        follower.stop(0.5)
+        primary_channel.close()
+        primary.stop(0.5)
+
+
+def _write_in_background(stub, seed: int, stop: threading.Event, acknowledged: list) -> threading.Thread:
+    """Puts items with vectors until stopped or the primary dies; `acknowledged` lists the ids
+    whose item and vector were both acknowledged."""
+    def run():
+        rng, n = np.random.default_rng(seed), 0
+        while not stop.is_set():
+            ids = [f"w{seed}-{n + k}" for k in range(5)]
+            n += 5
+            try:
+                stub.PutItems(pb.PutItemsRequest(dataset="live", items=[pb.Item(id=i, image=i.encode())
+                                                                        for i in ids]), timeout=10)
+                stub.UpsertVectors(pb.UpsertVectorsRequest(
+                    dataset="live", collection=COSINE, ids=ids,
+                    vectors=to_tensor(rng.normal(size=(5, DIM)).astype(np.float32))), timeout=10)
+            except grpc.RpcError:
+                return
+            acknowledged.extend(ids)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _converge_live(primary_stub, follower_stubs, acknowledged: list) -> None:
+    """Every follower answers what the primary does; every acknowledged item and vector is
+    there once."""
+    version = primary_stub.PutItems(pb.PutItemsRequest(dataset="live", items=[pb.Item(id="marker")])).version
+    assert_converged(primary_stub, follower_stubs, version)
+    for stub in [primary_stub, *follower_stubs]:
+        found = stub.GetVectors(pb.GetVectorsRequest(dataset="live", collection=COSINE, ids=acknowledged,
+                                                     ids_only=True))
+        assert list(found.missing_ids) == [] and len(found.ids) == len(set(acknowledged))
+        stats = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="live", collection=COSINE))
+        items = stub.GetDataset(pb.GetDatasetRequest(name="live")).dataset.item_count
+        assert stats.collection.count <= items - 1  # one vector per item at most (the marker has none)
+
+
+def test_kill_9_of_a_follower_mid_stream_resumes_from_its_position(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    stub = _stub(primary_channel)
+    stub.CreateDataset(pb.CreateDatasetRequest(name="live"))
+    stub.CreateCollection(pb.CreateCollectionRequest(dataset="live", spec=_spec()))
+    data_dir = str(tmp_path / "f")
+    process, follower_address = start_service("convsearch-index", "--data-dir", data_dir, "--follow", address,
+                                              service=SERVICE_NAME)
+    stop, acknowledged = threading.Event(), []
+    writer = _write_in_background(stub, 1, stop, acknowledged)
+    try:
+        while len(acknowledged) < 300:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        while len(acknowledged) < 600:  # writes go on while it is down
+            time.sleep(0.05)
+        process, follower_address = start_service("convsearch-index", "--data-dir", data_dir, "--follow", address,
+                                                  service=SERVICE_NAME)
+        while len(acknowledged) < 900:
+            time.sleep(0.05)
+        stop.set()
+        writer.join()
+        follower_channel = create_channel(follower_address)
+        _converge_live(stub, [_stub(follower_channel)], acknowledged)
+        follower_channel.close()
+    finally:
+        stop.set()
+        log = stop_service(process)
+        primary_channel.close()
+        primary.stop(0.5)
+    assert "resumed after version" in log and "copying everything" not in log
+
+
+def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_path):
+    port = free_port()
+    primary_args = ("convsearch-index", "--data-dir", str(tmp_path / "p"))
+    process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
+    primary_channel = create_channel(address)
+    stub = _stub(primary_channel)
+    stub.CreateDataset(pb.CreateDatasetRequest(name="live"))
+    stub.CreateCollection(pb.CreateCollectionRequest(dataset="live", spec=_spec()))
+    followers = [serve_index(tmp_path / f"f{n}", follow=address, max_lag_wait=60.0) for n in (1, 2)]
+    stop, acknowledged = threading.Event(), []
+    writer = _write_in_background(stub, 2, stop, acknowledged)
+    try:
+        while len(acknowledged) < 300:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        writer.join()
+        process.wait()
+        # Meanwhile the followers serve what they have.
+        for _, channel, _ in followers:
+            assert _stub(channel).GetDataset(pb.GetDatasetRequest(name="live")).dataset.item_count > 0
+        process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
+        stop = threading.Event()
+        writer = _write_in_background(stub, 3, stop, acknowledged)
+        while len(acknowledged) < 500:
+            time.sleep(0.05)
+        stop.set()
+        writer.join()
+        for service, _, _ in followers:
+            _wait_until_copied(service, 2)  # another epoch: whole (no reads answered meanwhile)
+        _converge_live(stub, [_stub(channel) for _, channel, _ in followers], acknowledged)
+    finally:
+        stop.set()
+        for service, channel, _ in followers:
+            channel.close()
+            service.stop(0.5)
+        primary_channel.close()
+        stop_service(process)
+
+
+def test_a_dataset_copy_reads_its_items_as_they_were_while_writes_go_on(tmp_path):
+    from convsearch_index.changes import ChangeLog
+    from convsearch_index.engine import Index
+    from convsearch_index.records import ItemRecord
+
+    index = Index(tmp_path / "p", fsync=False, changes=ChangeLog(1 << 20))
+    try:
+        index.create_dataset("d")
+        index.put_items("d", [ItemRecord(f"i{n:03d}", f"c{n % 3}", {"n": str(n)} if n % 2 else {}, b"x" * n)
+                              for n in range(250)])
+        before = index.scan_items("d", "", 1000, include_images=False)
+        (tmp_path / "copy").mkdir()
+        copy = index.copy_dataset("d", tmp_path / "copy" / "d")
+        try:
+            # Writes to the dataset are not held up by the copy, nor seen by it.
+            index.put_items("d", [ItemRecord("i000", "changed"), ItemRecord("new")])
+            index.delete_items("d", ["i001"])
+            pages = list(copy.items.pages(100))
+        finally:
+            copy.items.close()
+        assert [len(page) for page in pages] == [100, 100, 50]
+        # What a follower stores from those rows reads back as the primary's items did then.
+        follower = Index(tmp_path / "f", fsync=False)
+        try:
+            follower.create_dataset("d")
+            for page in pages:
+                follower.put_copied_items("d", page)
+            assert follower.scan_items("d", "", 1000, include_images=False) == before
+            assert follower.labels("d") == {item.id: item.label for item in before}
+        finally:
+            follower.close()
+    finally:
+        index.close()
+
+
+def test_a_copied_collection_is_verified_with_the_digests_taken_as_it_arrived(tmp_path):
+    from convsearch.errors import DataLoss
+    from convsearch_index.collection import VectorCollection, VectorSpec
+
+    spec = VectorSpec(DIM)
+    source = VectorCollection(tmp_path / "source", spec, fsync=False)
+    source.upsert([f"v{n}" for n in range(50)], np.random.default_rng(0).normal(size=(50, DIM)))
+    source.checkpoint()
+    files = source.link_files(tmp_path / "copy")
+    source.close(checkpoint=False)
+    digests = {path: hashlib.sha256((tmp_path / "copy" / path).read_bytes()).hexdigest() for path in files}
+    copied = VectorCollection(tmp_path / "copy", spec, fsync=False, sha256=digests)
+    assert len(copied) == 50
+    copied.close(checkpoint=False)
+    # A digest that does not match the manifest refuses the collection, as a file failing it would.
+    graph = next(path for path in files if path.endswith("graph.bin"))
+    with pytest.raises(DataLoss, match="graph.bin"):
+        VectorCollection(tmp_path / "copy", spec, fsync=False, sha256={**digests, graph: "0" * 64})
