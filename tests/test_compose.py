@@ -171,16 +171,18 @@ def test_the_replicas_override_adds_scalable_index_followers_and_points_the_gate
         {k: v for k, v in plain["gateway"].items() if k != "environment"}
 
 
-def wait_healthy(service: str, count: int = 1, timeout_s: float = 600) -> list[str]:
+def wait_healthy(service: str, count: int = 1, timeout_s: float = 600, files: tuple[str, ...] = ()) -> list[str]:
+    """The service's containers once `count` of them are healthy; `files`: -f options of an override."""
     deadline = time.monotonic() + timeout_s
     while True:
-        ids = compose("ps", "-q", service).split()
+        ids = compose(*files, "ps", "-q", service).split()
         states = [subprocess.run(["docker", "inspect", "-f", "{{.State.Health.Status}}", i], capture_output=True,
                                  text=True).stdout.strip() for i in ids]
         if len(ids) == count and all(state == "healthy" for state in states):
             return ids
         if time.monotonic() > deadline:
-            raise AssertionError(f"{service}: {states} after {timeout_s}s\n{compose('logs', '--tail=50', service)}")
+            raise AssertionError(f"{service}: {states} after {timeout_s}s\n"
+                                 f"{compose(*files, 'logs', '--tail=50', service)}")
         time.sleep(2)
 
 
@@ -240,10 +242,10 @@ def test_the_stack_runs_scales_keeps_its_data_and_stops_cleanly(stack):
     assert [h.id for h in after.hits] == [h.id for h in before.hits]
 
     # Two followers copy the index; the gateway, recreated with the override, searches through them.
-    replicas = [word for name in REPLICAS_FILES for word in ("-f", name)]
+    replicas = tuple(word for name in REPLICAS_FILES for word in ("-f", name))
     compose(*replicas, "up", "-d", "--scale", "extractor=2", "--scale", "index-read=2")
-    wait_healthy("index-read", count=2)
-    [gateway] = wait_healthy("gateway")
+    wait_healthy("index-read", count=2, files=replicas)
+    [gateway] = wait_healthy("gateway", files=replicas)
     with Client(GATEWAY) as client:
         for _ in range(5):
             replicated = client.search("fashion200", item_id="bag/t10k-00018", configuration=config, k=15)
