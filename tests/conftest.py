@@ -121,3 +121,10 @@ def running_gateway(extractor: str, index: str, **overrides):
         channel.close()
         service.stop(0.5)
 
+
+def damage_collection(service, dataset: str, name: str) -> None:
+    """Leaves a collection of an in-process index `service` damaged, as files failing their checks
+    at run time would: it answers DATA_LOSS and takes no writes."""
+    info = service.index.collection(dataset, name)
+    info.vectors.close(checkpoint=False)
+    info.vectors, info.damage = None, f"collection {name} of dataset {dataset} is damaged"

@@ -8,8 +8,10 @@ distances are gone.
 
 import hashlib
 import json
+import os
 import pathlib
 import shutil
+import tarfile
 import zlib
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from convsearch.errors import DataLoss
 from convsearch.synthetic import clustered_vectors
 from convsearch_index import wal
+from convsearch_index.changes import ChangeLog
 from convsearch_index.collection import VectorCollection, VectorSpec
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.records import ItemRecord
@@ -367,3 +370,63 @@ def test_near_parallel_vectors_never_get_negative_distances_and_ties_rank_by_id(
     ids, distances = ranked(collection, base, 4, exact=True)[0]
     assert ids.index("a-copy") < ids.index("b-copy") and ids[3] == "z-near", (ids, distances)
     assert distances[ids.index("a-copy")] == distances[ids.index("b-copy")] < distances[3]
+
+
+# ---- 12. a restore that fails, and what a crash must not undo --------------------------------
+
+def rewritten_snapshot(index, snapshot: str, name: str, damage) -> str:
+    """Stores a copy of `snapshot` as `name` with `damage(folder)` done to its extracted files."""
+    folder = pathlib.Path(index.data_dir) / "rewrite"
+    with tarfile.open(index.data_dir / "snapshots" / f"{snapshot}.tar") as archive:
+        archive.extractall(folder, filter="data")
+    damage(folder)
+    with tarfile.open(index.data_dir / "snapshots" / f"{name}.tar", "w") as archive:
+        archive.add(folder, arcname=".")
+    shutil.rmtree(folder)
+    return name
+
+
+def damage_a_graph(folder):
+    damage_flip_60(next(folder.glob("collection-*/graph.bin")))
+
+
+def damage_the_items(folder):
+    (folder / "records.sqlite").write_bytes(b"not a database" * 100)
+
+
+@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items])
+def test_a_snapshot_that_fails_its_checks_restores_nothing_not_even_for_followers(tmp_path, damage):
+    index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
+    index.create_dataset("shoes")
+    index.put_items("shoes", [ItemRecord(i, "a", image=i.encode()) for i in ids_of(20)])
+    index.create_collection("shoes", CollectionKey("m", "l"), DIM)
+    index.upsert_vectors("shoes", "m/l/avg/cosine", ids_of(20), clustered_vectors(20, DIM, 2, 1))
+    good = index.snapshot("shoes")[0].name
+    bad = rewritten_snapshot(index, good, "shoes-20260101T000000-bad000", damage)
+    before = {p.name for p in (tmp_path / "collections").iterdir()}
+    position = index.changes.last
+    with pytest.raises(DataLoss, match=r"snapshot 'shoes-20260101T000000-bad000' cannot be restored.*Nothing was "
+                                       r"restored"):
+        index.restore(bad, "copy")
+    assert [d.name for d in index.datasets()] == ["shoes"]
+    assert {p.name for p in (tmp_path / "collections").iterdir()} == before
+    logged = [(c.kind, c.dataset) for c in index.changes.after(position, 1 << 20, 0)]
+    assert logged in ([], [("create_dataset", "copy"), ("delete_dataset", "copy")])  # a follower ends without it
+    assert index.restore(good, "copy").item_count == 20  # the name is free, the good snapshot restores
+    index.close()
+
+
+def test_a_snapshot_and_a_restored_collection_are_on_disk_before_they_are_named(tmp_path, monkeypatch):
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    index.fsync = True
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    snapshot = index.snapshot("shoes")[0].name
+    assert str(tmp_path / "snapshots" / f"{snapshot}.tar.tmp") in synced  # its bytes, before the rename
+    assert str(tmp_path / "snapshots") in synced  # the rename
+    synced.clear()
+    index.restore(snapshot, "copy")
+    restored = index.collection("copy", "m/l/avg/cosine").directory
+    assert {str(restored), str(restored / "ckpt-000001"), str(restored / "ckpt-000001" / "graph.bin")} <= set(synced)
+    index.close()

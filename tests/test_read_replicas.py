@@ -11,7 +11,7 @@ from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch_gateway.config import GatewayConfig
-from tests.conftest import running_gateway, serve_extractor, serve_index
+from tests.conftest import damage_collection, running_gateway, serve_extractor, serve_index
 
 pytestmark = pytest.mark.slow
 LAST = pb.Configuration(model="efficientnet_lite0", layers=["_conv_head"])
@@ -25,7 +25,7 @@ def reads(service, by: str) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """(gateway service, gateway stub, a function that stops the follower, follower stub)."""
+    """(gateway service, gateway stub, a function that stops the follower, follower stub, follower service)."""
     extractor, extractor_channel, extractor_address = serve_extractor()
     primary, primary_channel, primary_address = serve_index(tmp_path_factory.mktemp("primary"))
     follower, follower_channel, follower_address = serve_index(tmp_path_factory.mktemp("follower"),
@@ -34,7 +34,7 @@ def stack(tmp_path_factory):
     with running_gateway(extractor_address, primary_address, index_replicas=follower_address) as (service, channel,
                                                                                                    _):
         yield (service, gateway_pb2_grpc.GatewayServiceStub(channel), lambda: stopped.append(follower.stop(0.5)),
-               index_pb2_grpc.IndexServiceStub(follower_channel))
+               index_pb2_grpc.IndexServiceStub(follower_channel), follower)
     running = [(primary, primary_channel), (extractor, extractor_channel)]
     for service, channel in running if stopped else [(follower, follower_channel), *running]:
         channel.close()
@@ -42,7 +42,7 @@ def stack(tmp_path_factory):
 
 
 def test_each_write_is_read_back_through_the_follower(stack, chelsea_jpeg, coffee_jpeg):
-    service, gateway, _, follower = stack
+    service, gateway, _, follower, _ = stack
     gateway.CreateDataset(pb.CreateDatasetRequest(name="pets"))
     assert gateway.GetDataset(pb.GetDatasetRequest(name="pets")).dataset.name == "pets"
     before = reads(service, "follower")
@@ -64,7 +64,7 @@ def test_each_write_is_read_back_through_the_follower(stack, chelsea_jpeg, coffe
 
 
 def test_a_labeled_search_by_id_and_the_listing_come_from_the_follower(stack):
-    service, gateway, _, _ = stack
+    service, gateway, *_ = stack
     before = reads(service, "follower")
     reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
     assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
@@ -72,8 +72,17 @@ def test_a_labeled_search_by_id_and_the_listing_come_from_the_follower(stack):
     assert reads(service, "follower") > before
 
 
+def test_a_collection_damaged_at_the_follower_is_read_from_the_primary(stack):
+    service, gateway, *_, follower_service = stack
+    damage_collection(follower_service, "pets", "efficientnet_lite0/_conv_head/avg/cosine")
+    before = reads(service, "primary")
+    reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
+    assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
+    assert reads(service, "primary") > before
+
+
 def test_without_the_follower_reads_fall_back_to_the_primary(stack, chelsea_jpeg):
-    service, gateway, stop_follower, _ = stack
+    service, gateway, stop_follower, *_ = stack
     stop_follower()
     before = reads(service, "primary")
     hits = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, image=chelsea_jpeg, k=2)).hits

@@ -2,7 +2,9 @@
 answer reads exactly as it does; writes go to the primary; min_version never reads older data;
 kill -9 of either side loses and duplicates nothing."""
 
+import contextlib
 import hashlib
+import json
 import signal
 import threading
 import time
@@ -20,7 +22,7 @@ from convsearch.index.v1 import index_pb2_grpc
 from convsearch.processes import free_port, start_service, stop_service
 from convsearch.tensors import to_tensor
 from convsearch_index.server import SERVICE_NAME
-from tests.conftest import serve_index
+from tests.conftest import damage_collection, serve_index
 
 pytestmark = pytest.mark.slow
 DIM = 16
@@ -229,19 +231,42 @@ def _wait_until_copied(service, full_syncs: int, timeout_s: float = 60.0) -> Non
         time.sleep(0.05)
 
 
+class Followed:
+    """A primary after `steps` random writes and a follower of it (stopped and started again by
+    the tests), both in this process."""
+
+    def __init__(self, tmp_path, seed: int, steps: int, **primary_options):
+        self.primary, self.primary_channel, self.address = serve_index(tmp_path / "p", fsync=False, **primary_options)
+        self.stub = _stub(self.primary_channel)
+        self.writer = RandomWriter(self.stub, seed)
+        for _ in range(steps):
+            self.writer.step()
+        self._data_dir = tmp_path / "f"
+        self.start_follower()
+
+    def start_follower(self) -> None:
+        self.follower, self.channel, _ = serve_index(self._data_dir, follow=self.address, fsync=False,
+                                                     max_lag_wait=60.0)
+
+    def stop_follower(self) -> None:
+        self.channel.close()
+        self.follower.stop(0.5)
+
+    def assert_converged(self) -> None:
+        assert_converged(self.stub, [_stub(self.channel)], self.writer.version)
+
+    def close(self) -> None:
+        self.stop_follower()
+        self.primary_channel.close()
+        self.primary.stop(0.5)
+
+
 def test_a_follower_behind_the_change_log_copies_everything_again(tmp_path):
-    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False, replication_log_mb=1)
-    stub = _stub(primary_channel)
-    writer = RandomWriter(stub, seed=3)
-    for _ in range(300):
-        writer.step()
-    follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
-    try:
-        assert_converged(stub, [_stub(channel)], writer.version)
-        assert _metric(follower, "convsearch_index_follower_full_syncs_total") == 1
-        channel.close()
-        follower.stop(0.5)
-        rng = np.random.default_rng(5)
+    with contextlib.closing(Followed(tmp_path, seed=3, steps=300, replication_log_mb=1)) as pair:
+        pair.assert_converged()
+        assert _metric(pair.follower, "convsearch_index_follower_full_syncs_total") == 1
+        pair.stop_follower()
+        writer, stub, rng = pair.writer, pair.stub, np.random.default_rng(5)
         ids = sorted(writer.items["a"])
         for _ in range(40):  # 40 x 200 x 64 bytes: more than the 1 MiB log holds
             writer._note(stub.PutItems(pb.PutItemsRequest(dataset="a", items=[pb.Item(id=i, label="z")
@@ -252,14 +277,30 @@ def test_a_follower_behind_the_change_log_copies_everything_again(tmp_path):
             writer._note(stub.UpsertVectors(pb.UpsertVectorsRequest(
                 dataset="b", collection=COSINE, ids=chosen,
                 vectors=to_tensor(rng.normal(size=(200, DIM)).astype(np.float32)))))
-        follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
-        _wait_until_copied(follower, 1)  # in this process; it answers no reads until then
-        assert_converged(stub, [_stub(channel)], writer.version)
-    finally:
-        channel.close()
-        follower.stop(0.5)
-        primary_channel.close()
-        primary.stop(0.5)
+        pair.start_follower()
+        _wait_until_copied(pair.follower, 1)  # in this process; it answers no reads until then
+        pair.assert_converged()
+
+
+def test_a_follower_that_cannot_apply_a_change_or_starts_damaged_copies_everything_again(tmp_path):
+    with contextlib.closing(Followed(tmp_path, seed=4, steps=200)) as pair:
+        pair.assert_converged()
+        # At run time: the next change to the damaged collection cannot be applied.
+        damage_collection(pair.follower, "a", COSINE)
+        pair.writer._note(pair.stub.UpsertVectors(pb.UpsertVectorsRequest(
+            dataset="a", collection=COSINE, ids=sorted(pair.writer.items["a"])[:3],
+            vectors=to_tensor(np.ones((3, DIM), np.float32)))))
+        _wait_until_copied(pair.follower, 2)
+        assert _metric(pair.follower, "convsearch_index_follower_diverged_total") == 1
+        pair.assert_converged()
+        # At a restart: a collection whose files fail their checks.
+        directory = pair.follower.index.collection("a", COSINE).directory
+        pair.stop_follower()
+        graph = directory / json.loads((directory / "CURRENT").read_text())["checkpoint"] / "graph.bin"
+        graph.write_bytes(b"\0" * graph.stat().st_size)
+        pair.start_follower()
+        _wait_until_copied(pair.follower, 1)
+        pair.assert_converged()
 
 
 def test_a_follower_copying_everything_again_answers_no_reads_until_the_copy_is_done(tmp_path):
@@ -487,3 +528,36 @@ def test_a_copied_collection_is_verified_with_the_digests_taken_as_it_arrived(tm
     graph = next(path for path in files if path.endswith("graph.bin"))
     with pytest.raises(DataLoss, match="graph.bin"):
         VectorCollection(tmp_path / "copy", spec, fsync=False, sha256={**digests, graph: "0" * 64})
+
+
+def test_a_data_dir_is_never_started_as_the_other_role_by_mistake(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False, max_lag_wait=60.0)
+    stub = _stub(primary_channel)
+    version = stub.CreateDataset(pb.CreateDatasetRequest(name="kept")).version
+    assert [d.name for d in _stub(channel).ListDatasets(pb.ListDatasetsRequest(min_version=version)).datasets] == [
+        "kept"]
+    channel.close()
+    follower.stop(0.5)
+    primary_channel.close()
+    primary.stop(0.5)
+    # The primary's data with --follow: refused, its datasets untouched.
+    with pytest.raises(SystemExit, match=r"holds the datasets of a primary index \(1\); following .* would replace"):
+        serve_index(tmp_path / "p", follow=address, fsync=False)
+    # The follower's copy without --follow: refused, then promoted on purpose.
+    with pytest.raises(SystemExit, match=rf"is a follower's copy of {address}.*--follow {address}.*--promote"):
+        serve_index(tmp_path / "f", fsync=False)
+    promoted, channel, _ = serve_index(tmp_path / "f", fsync=False, promote=True)
+    try:
+        stub = _stub(channel)
+        stub.CreateDataset(pb.CreateDatasetRequest(name="new"))
+        assert [d.name for d in stub.ListDatasets(pb.ListDatasetsRequest()).datasets] == ["kept", "new"]
+    finally:
+        channel.close()
+        promoted.stop(0.5)
+    restarted, channel, _ = serve_index(tmp_path / "p", fsync=False)  # a primary still, its data whole
+    try:
+        assert [d.name for d in _stub(channel).ListDatasets(pb.ListDatasetsRequest()).datasets] == ["kept"]
+    finally:
+        channel.close()
+        restarted.stop(0.5)

@@ -5,15 +5,17 @@ The gateway's read-only paths (search, dataset listings, projections, evaluation
 follower with `min_version` set to the version the primary gave this gateway's latest write to
 that dataset (0 when it wrote none), so a client reads its own writes through the gateway it wrote
 through. A follower behind that version answers UNAVAILABLE after its --max-lag-wait, one that
-cannot be reached at once: the read then goes to the primary, as every read does while no
-follower is SERVING or when it needs what followers do not keep (images).
+cannot be reached at once, and one whose copy of a collection is damaged DATA_LOSS: the read then
+goes to the primary, with what is left of the caller's time, as every read does while no follower
+is SERVING or when it needs what followers do not keep (images).
 """
 
 import threading
+import time
 
 import prometheus_client as prom
 
-from convsearch.errors import Unavailable
+from convsearch.errors import DataLoss, Unavailable
 
 READS = frozenset({"Search", "GetItems", "ScanItems", "GetVectors", "ListCollections", "GetCollectionStats",
                    "GetDataset", "ListDatasets"})
@@ -67,10 +69,11 @@ class IndexReads:
         pinned = type(request)()
         pinned.CopyFrom(request)
         pinned.min_version = self.versions.of(dataset_of(method, request))
+        deadline = None if remaining is None else time.monotonic() + remaining
         try:
             reply = self.followers.call(method, pinned, remaining)
-        except Unavailable:
+        except (Unavailable, DataLoss):
             self._served.labels("primary").inc()
-            return self.primaries.call(method, request, remaining)
+            return self.primaries.call(method, request, None if deadline is None else deadline - time.monotonic())
         self._served.labels("follower").inc()
         return reply

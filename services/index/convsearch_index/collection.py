@@ -32,7 +32,7 @@ import hnswlib
 import numpy as np
 
 from convsearch.errors import DataLoss, InvalidArgument
-from convsearch_index import wal
+from convsearch_index import durable, wal
 from convsearch_index.distances import HNSW_SPACES, exact_knn, from_hnsw
 from convsearch_index.rwlock import RWLock
 
@@ -59,14 +59,6 @@ class VectorSpec:
     @property
     def approximate(self) -> bool:
         return self.metric in HNSW_SPACES
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: pathlib.Path) -> str:
@@ -382,26 +374,16 @@ class VectorCollection:
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
             files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-        self._write_durably(temporary / "MANIFEST.json", json.dumps({"files": files}))
-        _fsync_dir(temporary)
-        os.replace(temporary, self.directory / name)
+        durable.write_file(temporary / "MANIFEST.json", json.dumps({"files": files}))
+        durable.replace(temporary, self.directory / name)
         manifest_sha256 = _sha256(self.directory / name / "MANIFEST.json")
-        self._write_durably(self.directory / "CURRENT.tmp",
-                            json.dumps({"checkpoint": name, "manifest_sha256": manifest_sha256}))
-        os.replace(self.directory / "CURRENT.tmp", self.directory / "CURRENT")
-        _fsync_dir(self.directory)
+        durable.write_file(self.directory / "CURRENT",
+                           json.dumps({"checkpoint": name, "manifest_sha256": manifest_sha256}))
         if self._wal is not None:
             self._wal.truncate()
         for old in self.directory.glob("ckpt-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-
-    @staticmethod
-    def _write_durably(path: pathlib.Path, text: str) -> None:
-        with open(path, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
 
     def export_checkpoint(self, target: pathlib.Path) -> None:
         """Checkpoints, then copies that checkpoint (files and manifest) to `target`."""
@@ -585,12 +567,14 @@ class VectorCollection:
                     "version": self.version, "memory_bytes": int(memory), "approximate": s.graph is not None}
 
 
-def install_checkpoint(source: pathlib.Path, directory: pathlib.Path) -> None:
+def install_checkpoint(source: pathlib.Path, directory: pathlib.Path, fsync: bool = True) -> None:
     """Makes a copied checkpoint folder (see export_checkpoint) the state of a new collection in
-    `directory`; opening it verifies every file."""
+    `directory`, on disk before it returns (with `fsync`); opening it verifies every file."""
     directory.mkdir(parents=True)
     shutil.copytree(source, directory / "ckpt-000001")
+    if fsync:
+        durable.fsync_tree(directory)
     manifest = directory / "ckpt-000001" / "MANIFEST.json"
     pointer = json.dumps({"checkpoint": "ckpt-000001", "manifest_sha256": _sha256(manifest)}) \
         if manifest.exists() else "ckpt-000001"  # a checkpoint from before checksums
-    VectorCollection._write_durably(directory / "CURRENT", pointer)
+    durable.write_file(directory / "CURRENT", pointer)

@@ -38,6 +38,8 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
     follow_tls_key: str = option("", "PEM private key of follow_tls_cert")
     follow_tls_server_name: str = option("", "host name the primary's certificate is checked for instead of the "
                                              "one in --follow (for an address by IP)")
+    promote: bool = option(False, "start a follower's data dir as a primary for good (its primary is gone); "
+                                  "without it a follower's copy refuses to start without --follow")
     max_lag_wait: float = option(2.0, "seconds a follower's read with a min_version it has not applied waits "
                                       "before answering UNAVAILABLE (read from the primary)")
 
@@ -57,6 +59,8 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
         check_client_options(self.follow_tls_ca, self.follow_tls_cert, self.follow_tls_key, "follow_tls")
         if (self.follow_tls_cert or self.follow_tls_server_name) and not self.follow_tls_ca:
             raise ValueError("follow_tls_cert and follow_tls_server_name need follow_tls_ca (the primary's CA)")
+        if self.promote and self.follow:
+            raise ValueError("promote makes a follower's copy a primary: it cannot go with follow")
         if self.max_lag_wait < 0:
             raise ValueError(f"max_lag_wait must be 0 or more seconds, got {self.max_lag_wait}")
         self.check_connection_age()

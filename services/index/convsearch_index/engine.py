@@ -20,6 +20,7 @@ import os
 import pathlib
 import re
 import shutil
+import sqlite3
 import tarfile
 import tempfile
 import threading
@@ -32,6 +33,7 @@ import numpy as np
 
 from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, shown
 from convsearch.naming import collection_name
+from convsearch_index import durable
 from convsearch_index.changes import ChangeLog, DatasetCopy
 from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
@@ -564,7 +566,9 @@ class Index:
             partial = target.with_suffix(".tar.tmp")
             with tarfile.open(partial, "w") as archive:
                 archive.add(work, arcname=".")
-            os.replace(partial, target)
+            if self.fsync:
+                durable.fsync_path(partial)
+            durable.replace(partial, target, self.fsync)
         deleted = []
         with self._snapshot_lock:
             kept = self.snapshots(dataset)
@@ -580,27 +584,54 @@ class Index:
 
     @_ordered("dataset")
     def restore(self, snapshot: str, dataset: str) -> DatasetRecord:
-        """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset."""
+        """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset, whole or not
+        at all: a snapshot that cannot be read, or whose collections fail their checks, leaves no
+        dataset behind (DATA_LOSS)."""
         check_name(dataset)
         path = self._snapshot_path(snapshot)
         with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
             work = pathlib.Path(work)
-            with self._snapshot_lock, tarfile.open(path) as archive:
-                archive.extractall(work, filter="data")
-            manifest = json.loads((work / "manifest.json").read_text())
+            try:
+                with self._snapshot_lock, tarfile.open(path) as archive:
+                    archive.extractall(work, filter="data")
+                manifest = json.loads((work / "manifest.json").read_text())
+            except (tarfile.TarError, OSError, ValueError) as exc:
+                raise self._unreadable(snapshot, exc) from None
             self.create_dataset(dataset, f"restored from {snapshot}")
-            self.records.import_items(work / "records.sqlite", manifest["dataset"], dataset)
-            self._labels[dataset] = self.records.labels(dataset)
-            with self._guard.read(), self._meta:
-                for entry in manifest["collections"]:
-                    relative = pathlib.Path("collections") / uuid.uuid4().hex
-                    install_checkpoint(work / entry["folder"], self.data_dir / relative)
-                    key = CollectionKey(**{k: entry["spec"][k] for k in
-                                           ("model", "layer", "pooling", "metric", "minkowski_p")})
-                    self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
-                    self._open_collection(dataset, entry["spec"], relative)
+            try:
+                self._restore_contents(dataset, work, manifest)
+            except BaseException as exc:
+                self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
+                if isinstance(exc, (sqlite3.Error, OSError, KeyError, TypeError, ValueError)):
+                    raise self._unreadable(snapshot, exc) from None
+                raise
         self._record("copy_dataset", dataset)  # followers copy it whole
         return self.dataset(dataset)
+
+    @staticmethod
+    def _unreadable(snapshot: str, exc: BaseException) -> DataLoss:
+        return DataLoss(f"snapshot {shown(snapshot)} cannot be restored: {type(exc).__name__}: {exc}. Nothing was "
+                        "restored; restore another snapshot of the dataset", reason="SNAPSHOT_DAMAGED",
+                        resource_type="snapshot", resource_name=snapshot)
+
+    def _restore_contents(self, dataset: str, work: pathlib.Path, manifest: dict) -> None:
+        """Fills a restored dataset from an extracted snapshot; raises when any of it fails."""
+        self.records.import_items(work / "records.sqlite", manifest["dataset"], dataset)
+        self._labels[dataset] = self.records.labels(dataset)
+        with self._guard.read(), self._meta:
+            for entry in manifest["collections"]:
+                relative = pathlib.Path("collections") / uuid.uuid4().hex
+                try:
+                    install_checkpoint(work / entry["folder"], self.data_dir / relative, self.fsync)
+                except BaseException:
+                    shutil.rmtree(self.data_dir / relative, ignore_errors=True)
+                    raise
+                key = CollectionKey(**{k: entry["spec"][k] for k in
+                                       ("model", "layer", "pooling", "metric", "minkowski_p")})
+                self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
+                info = self._open_collection(dataset, entry["spec"], relative)
+                if info.damage:
+                    raise ValueError(f"its collection {key.name} fails its checks")
 
     @_ordered("dataset")
     def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
@@ -654,7 +685,7 @@ class Index:
             if (dataset, key.name) in self._collections:
                 self._drop_collection(dataset, key.name)
             relative = pathlib.Path("collections") / uuid.uuid4().hex
-            os.replace(files, self.data_dir / relative)
+            durable.replace(files, self.data_dir / relative, self.fsync)
             self.records.create_collection(dataset, key.name, spec, str(relative))
             return self._open_collection(dataset, spec, relative, sha256)
 

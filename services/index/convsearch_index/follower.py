@@ -6,7 +6,9 @@ Each change is applied through the engine's own write paths, so it is as durable
 primary; then the position reached is written to DATA_DIR/follower.json (atomically, after the
 writes it stands for). A restart resumes from there: the primary sends what came after, or, when
 that is no longer in its change log (or the primary restarted: another epoch), whole copies.
-Changes are idempotent, so applying again what a crash left unrecorded changes nothing.
+Changes are idempotent, so applying again what a crash left unrecorded changes nothing. A change
+that cannot be applied (a collection damaged here, a disk error) is never skipped: the follower
+copies everything again, as it does when it starts with a damaged collection.
 
 A dataset copy goes in fast without giving up a check: its items go straight into SQLite (the
 dataset is new, so there is nothing to replace) on a thread of their own while the files
@@ -49,6 +51,7 @@ from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.observability import behavior_of, with_behavior
 from convsearch.tensors import from_tensor
+from convsearch_index import durable
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.records import ItemRecord
 from convsearch_index.replication import spec_dict, spec_name
@@ -155,7 +158,7 @@ class _Copy:
         self.dataset = message.dataset.name
         self.position = message.position
         self.items = message.dataset.item_count
-        self.attachments = list(message.attachments)
+        self.attachments: list[pb.PutAttachmentRequest] = []  # as they come
         self.started = time.monotonic()
         self.collections: dict[str, tuple[dict, pathlib.Path]] = {}
         self.files: dict[tuple[str, str], _IncomingFile] = {}  # (collection, path) -> its file
@@ -210,13 +213,8 @@ class _Copy:
             incoming.close()
 
 
-def _fsync_tree(folder: pathlib.Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders holding them
-        descriptor = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+class _Diverged(Exception):
+    """A change this follower could not apply: it copies everything again."""
 
 
 class Follower:
@@ -238,6 +236,10 @@ class Follower:
         self.epoch: str = state.get("epoch", "")
         self.position: int = state.get("position", 0)
         self.ready = bool(self.epoch)  # holds a consistent copy (maybe old) to serve
+        damaged = [f"{info.dataset}/{info.key.name}" for info in index.all_collections() if info.damage]
+        if damaged:
+            log.error("collections damaged here (%s): copying everything from the primary again", ", ".join(damaged))
+        self._copy_again = bool(damaged)  # the next stream asks for whole copies, whatever its position
         self._stream_epoch = ""
         self._skip: dict[str, int] = {}  # dataset -> position its copy holds every change up to
         self._copied: set[str] = set()  # datasets copied since the last full-sync start
@@ -263,6 +265,9 @@ class Follower:
             "primary starting it again) to applying all of it", registry=registry)
         self._connected = prom.Gauge("convsearch_index_follower_connected",
                                      "1 while the stream from the primary is open", registry=registry)
+        self._diverged = prom.Counter("convsearch_index_follower_diverged",
+                                      "Changes this follower could not apply (each makes it copy everything again)",
+                                      registry=registry)
         self._version.set(self.position)
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -283,6 +288,10 @@ class Follower:
             started = time.monotonic()
             try:
                 self._follow()
+            except _Diverged as exc:
+                log.error("%s; copying everything from the primary again", exc)
+                self._diverged.inc()
+                self._copy_again = True
             except grpc.RpcError as exc:
                 if self._stopping.is_set():
                     return
@@ -305,7 +314,8 @@ class Follower:
         self._sync_started, self._restarted_sync = time.monotonic(), False  # a whole copy is timed from here
         with create_channel(primary, max_message_mb, credentials, server_name) as channel:
             self._call = index_pb2_grpc.IndexServiceStub(channel).Replicate(pb.ReplicateRequest(
-                epoch=self.epoch, position=self.position, follower=socket.gethostname()))
+                epoch="" if self._copy_again else self.epoch, position=self.position,
+                follower=socket.gethostname()))
             if self._stopping.is_set():
                 self._call.cancel()
             for message in self._call:
@@ -324,6 +334,8 @@ class Follower:
             self._copy.put_items(message.items.items)
         elif event == "file_chunk":
             self._copy.write(message.file_chunk)
+        elif event == "attachment":
+            self._copy.attachments.append(message.attachment)
         elif event == "dataset_copy_end":
             self._end_copy()
         elif event == "sync_done":
@@ -347,6 +359,7 @@ class Follower:
         if was_ready:
             self._on_syncing()
         self._state_path.unlink(missing_ok=True)
+        self._copy_again = False
         self._full_syncs.inc()
         if self._restarted_sync:  # the primary copies again mid-stream: timed from here
             self._sync_started = time.monotonic()
@@ -371,7 +384,7 @@ class Follower:
         self._copy = None
         for name, (spec, folder) in copy.collections.items():
             if self.index.fsync:
-                _fsync_tree(folder)
+                durable.fsync_tree(folder)
             # Verified against the checkpoint's manifest with the digests taken as the bytes came.
             self.index.install_collection(copy.dataset, spec, folder, sha256=digests[name])
         for attachment in copy.attachments:
@@ -402,7 +415,11 @@ class Follower:
                 continue  # sent again after a reconnect
             dataset = self._dataset_of(change)
             if change.position > self._skip.get(dataset, 0):
-                self._apply_change(change)
+                try:
+                    self._apply_change(change)
+                except Exception as exc:  # noqa: BLE001 - raised as what it means for this follower
+                    raise _Diverged(f"change {change.position} ({change.WhichOneof('write')}) of dataset "
+                                    f"{dataset} could not be applied: {type(exc).__name__}: {exc}") from exc
             applied = change.position
         if applied is not None:
             self._advance(self._stream_epoch, applied)
@@ -449,13 +466,8 @@ class Follower:
 
     def _advance(self, epoch: str, position: int) -> None:
         """Records the position reached, after the writes it stands for are durable."""
-        temporary = self._state_path.with_suffix(".tmp")
-        with open(temporary, "w") as handle:
-            handle.write(json.dumps({"epoch": epoch, "position": position, "primary": self.primary}))
-            if self.index.fsync:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(temporary, self._state_path)
+        durable.write_file(self._state_path, json.dumps({"epoch": epoch, "position": position,
+                                                         "primary": self.primary}), self.index.fsync)
         with self._applied:
             self.epoch, self.position = epoch, position
             self._applied.notify_all()

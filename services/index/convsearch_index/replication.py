@@ -2,8 +2,9 @@
 
 A stream starts where the follower's position is: right there when it is in this process's
 change log (same epoch, not dropped), else with a whole copy of every dataset. A dataset copy is
-its items (without images), attachments and the files of each collection (a checkpoint and the
-log after it), so the follower opens the collection as it is instead of rebuilding its graph.
+its items (without images), attachments (a message each) and the files of each collection (a
+checkpoint and the log after it), so the follower opens the collection as it is instead of
+rebuilding its graph.
 The items are read from a SQLite snapshot taken with the files (writes to the dataset wait only
 for that, not for the reading), and item pages and file chunks take turns on the stream, so the
 follower stores items while the files arrive.
@@ -126,8 +127,8 @@ def _copy(index: Index, dataset: str) -> Iterator[pb.ReplicateResponse]:
 
 
 def _copy_messages(dataset: str, copy: DatasetCopy) -> Iterator[pb.ReplicateResponse]:
-    """The messages of a dataset copy: its header (collections, their files' sizes, attachments),
-    its items, its files, its end."""
+    """The messages of a dataset copy: its header (collections, their files' sizes), its
+    attachments, its items, its files, its end."""
     record = copy.record
     yield pb.ReplicateResponse(dataset_copy=pb.DatasetCopy(
         dataset=pb.Dataset(name=dataset, description=record.description, create_time=_timestamp(record.created_at),
@@ -135,9 +136,10 @@ def _copy_messages(dataset: str, copy: DatasetCopy) -> Iterator[pb.ReplicateResp
         position=copy.position,
         collections=[pb.CollectionCopy(spec=spec_message(spec), files=[
             pb.CopiedFile(path=path, size_bytes=(files / path).stat().st_size) for path in paths])
-            for spec, files, paths in copy.collections],
-        attachments=[pb.PutAttachmentRequest(dataset=dataset, collection=collection, key=key, version=version,
-                                             data=data) for collection, key, version, data in copy.attachments]))
+            for spec, files, paths in copy.collections]))
+    for collection, key, version, data in copy.attachments:
+        yield pb.ReplicateResponse(attachment=pb.PutAttachmentRequest(dataset=dataset, collection=collection,
+                                                                      key=key, version=version, data=data))
     items = (pb.ReplicateResponse(items=pb.PutItemsRequest(dataset=dataset, items=map(_copied_item, page)))
              for page in copy.items.pages(ITEMS_PER_MESSAGE))
     # Item pages and file chunks take turns, so a follower stores items while the files arrive.

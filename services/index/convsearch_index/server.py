@@ -16,6 +16,7 @@ from convsearch_index.config import IndexConfig, load_config
 from convsearch_index.engine import Index, Limits
 from convsearch_index.follower import Follower, FollowerGate
 from convsearch_index.metrics import CollectionsCollector, durability_timings
+from convsearch_index.roles import claim_role
 from convsearch_index.servicer import IndexServicer
 
 SERVICE_NAME = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
@@ -78,6 +79,11 @@ def build_server(config: IndexConfig) -> tuple[RunningService, int]:
                       config.fsync, durability_timings(registry), snapshot_retention=config.snapshot_retention,
                       changes=changes)
     except FailedPrecondition as exc:
+        raise SystemExit(str(exc)) from None
+    try:
+        claim_role(index, config.follow, config.promote)
+    except FailedPrecondition as exc:
+        index.close()
         raise SystemExit(str(exc)) from None
     shutil.rmtree(data_dir / "replication", ignore_errors=True)  # copies for followers a crash left (data dir held)
     registry.register(CollectionsCollector(index))

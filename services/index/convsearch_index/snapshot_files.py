@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
 from convsearch.errors import AlreadyExists, InvalidArgument, shown
+from convsearch_index import durable
 
 CHUNK_BYTES = 1 << 20
 """Bytes a message carries at most: far under any gRPC message limit."""
@@ -74,6 +75,8 @@ def receive(folder: pathlib.Path, name: str, parts: Iterable[tuple[bytes, str]],
             os.link(temporary, target)  # unlike a rename, never replaces one stored meanwhile
         except FileExistsError:
             raise already_exists(name) from None
+        if fsync:
+            durable.fsync_path(folder)
         return target
     finally:
         os.unlink(temporary)
