@@ -303,6 +303,16 @@ def test_a_follower_that_cannot_apply_a_change_or_starts_damaged_copies_everythi
         pair.assert_converged()
 
 
+def test_a_follower_whose_recorded_position_is_unreadable_copies_everything_again(tmp_path):
+    with contextlib.closing(Followed(tmp_path, seed=6, steps=100)) as pair:
+        pair.assert_converged()
+        pair.stop_follower()
+        (tmp_path / "f" / "follower.json").write_bytes(b"")  # as a power cut may leave it
+        pair.start_follower()
+        _wait_until_copied(pair.follower, 1)
+        pair.assert_converged()
+
+
 def test_a_follower_copying_everything_again_answers_no_reads_until_the_copy_is_done(tmp_path):
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

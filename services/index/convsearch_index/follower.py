@@ -4,9 +4,11 @@ primary's Replicate stream (see replication.py), and serves the read RPCs.
 
 Each change is applied through the engine's own write paths, so it is as durable here as at the
 primary; then the position reached is written to DATA_DIR/follower.json (atomically, after the
-writes it stands for). A restart resumes from there: the primary sends what came after, or, when
-that is no longer in its change log (or the primary restarted: another epoch), whole copies.
-Changes are idempotent, so applying again what a crash left unrecorded changes nothing. A change
+writes it stands for, without an fsync of its own: after a power cut it may be older than the
+writes, never newer). A restart resumes from there: the primary sends what came after, or, when
+that is no longer in its change log (or the primary restarted: another epoch; or the file is
+unreadable), whole copies. Changes are idempotent, so applying again what a crash left
+unrecorded changes nothing. A change
 that cannot be applied (a collection damaged here, a disk error) is never skipped: the follower
 copies everything again, as it does when it starts with a damaged collection.
 
@@ -232,7 +234,7 @@ class Follower:
         self._on_syncing = on_syncing  # a whole copy starts again: NOT_SERVING until on_ready
         self._state_path = index.data_dir / STATE_FILE
         self._incoming = index.data_dir / "replication" / "incoming"  # emptied at each start (server.py)
-        state = json.loads(self._state_path.read_text()) if self._state_path.exists() else {}
+        state = _read_state(self._state_path)
         self.epoch: str = state.get("epoch", "")
         self.position: int = state.get("position", 0)
         self.ready = bool(self.epoch)  # holds a consistent copy (maybe old) to serve
@@ -467,7 +469,7 @@ class Follower:
     def _advance(self, epoch: str, position: int) -> None:
         """Records the position reached, after the writes it stands for are durable."""
         durable.write_file(self._state_path, json.dumps({"epoch": epoch, "position": position,
-                                                         "primary": self.primary}), self.index.fsync)
+                                                         "primary": self.primary}), fsync=False)
         with self._applied:
             self.epoch, self.position = epoch, position
             self._applied.notify_all()
@@ -501,6 +503,19 @@ class Follower:
                           reason="FOLLOWER_BEHIND", retry_after_s=0.1,
                           metadata={"primary": self.primary, "applied_version": str(applied),
                                     "min_version": str(wanted)})
+
+
+def _read_state(path: pathlib.Path) -> dict:
+    """The recorded position ({} when there is none, or none readable: everything is copied again)."""
+    try:
+        state = json.loads(path.read_text())
+        int(state["position"]), str(state["epoch"])
+        return state
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is unreadable (%s): copying everything from the primary again", path, exc)
+        return {}
 
 
 def _item(message: pb.Item) -> ItemRecord:

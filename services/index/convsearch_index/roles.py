@@ -22,7 +22,7 @@ def _recorded(index: Index) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     if state.exists():  # a follower's, from before roles were recorded
-        return {"role": "follower", "primary": json.loads(state.read_text()).get("primary", "")}
+        return {"role": "follower", "primary": ""}
     return {"role": "primary"} if index.records.dataset_names() else {}
 
 
