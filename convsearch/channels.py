@@ -8,6 +8,10 @@ import json
 import grpc
 
 MIB = 1 << 20
+# A session's versions (see the gateway's sessions.py): the gateway's replies carry the first in
+# their trailing metadata, a client sends the highest it has seen as the second.
+VERSION_KEY = "convsearch-version"
+MIN_VERSION_KEY = "convsearch-min-version"
 
 # Balance over every resolved address; retry calls that found a backend UNAVAILABLE, with backoff.
 _SERVICE_CONFIG = json.dumps({

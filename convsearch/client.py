@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from convsearch.api_keys import ENV_API_KEY, with_api_key
-from convsearch.channels import create_channel
+from convsearch.channels import MIN_VERSION_KEY, VERSION_KEY, create_channel
 from convsearch.embedding import Configuration
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
 from convsearch.errors import ConvsearchError, Unavailable
@@ -213,12 +213,20 @@ def _dataset(message, collections=()) -> Dataset:
 
 
 class Client:
-    """A connection to the gateway at `address` (host:port)."""
+    """A connection to the gateway at `address` (host:port).
+
+    Its calls form a session: each reply's `convsearch-version` (trailing metadata) raises
+    `session_version`, which goes with every later call as `convsearch-min-version`, so this client
+    reads its own writes, and never older data than it has seen, through any gateway replica
+    serving from index followers. Give another client `session_version` to continue the session
+    there (another process, another gateway address)."""
 
     def __init__(self, address: str = "127.0.0.1:50051", timeout_s: float = 120.0, *, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, api_key: str | None = None):
+                 tls_cert: str | None = None, tls_key: str | None = None, api_key: str | None = None,
+                 session_version: int = 0):
         self.address = address
         self.timeout_s = timeout_s
+        self.session_version = session_version
         # TLS when a CA or client certificate is given (None: CONVSEARCH_TLS_CA/_CERT/_KEY); plaintext otherwise.
         self._channel = create_channel(address, credentials=client_credentials(tls_ca, tls_cert, tls_key))
         # Sent as `authorization: Bearer <key>` on every call (None: CONVSEARCH_API_KEY; empty: none).
@@ -242,17 +250,30 @@ class Client:
                                reason="GATEWAY_UNAVAILABLE", metadata={"address": self.address})
         return error_from_call(exc)
 
+    def _session(self) -> tuple[tuple[str, str], ...]:
+        return ((MIN_VERSION_KEY, str(self.session_version)),) if self.session_version else ()
+
+    def _reached(self, call) -> None:
+        for key, value in call.trailing_metadata() or ():
+            if key == VERSION_KEY:
+                self.session_version = max(self.session_version, int(value))
+
     def _call(self, method: str, request):
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout_s)
+            reply, call = getattr(self._stub, method).with_call(request, timeout=self.timeout_s,
+                                                                metadata=self._session())
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        self._reached(call)
+        return reply
 
-    def _stream(self, responses):
+    def _stream(self, method: str, request_or_requests):
+        responses = getattr(self._stub, method)(request_or_requests, timeout=None, metadata=self._session())
         try:
             yield from responses
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        self._reached(responses)
 
     def models(self, all_layers: bool = False) -> list[Model]:
         """Every model with its layers (featured only unless all_layers)."""
@@ -299,7 +320,7 @@ class Client:
             if chunk or first:
                 yield self._ingest_message(dataset, configurations, chunk, first)
 
-        for reply in self._stream(self._stub.Ingest(requests(), timeout=None)):
+        for reply in self._stream("Ingest", requests()):
             yield IngestResult(reply.id, _STATUS_NAMES.get(reply.status, "failed"), reply.error, reply.indexed)
 
     @staticmethod
@@ -313,7 +334,7 @@ class Client:
         `rebuild_damaged`, a damaged collection (DataLoss) is deleted and filled again from the items."""
         request = pb.IndexDatasetRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
                                          batch_size=batch_size, rebuild_damaged=rebuild_damaged)
-        for reply in self._stream(self._stub.IndexDataset(request, timeout=None)):
+        for reply in self._stream("IndexDataset", request):
             yield IndexProgress(reply.total, reply.done, reply.failed, reply.images_per_second,
                                 tuple(reply.collections), reply.finished, tuple(reply.errors))
 
@@ -346,7 +367,7 @@ class Client:
         request = pb.EvaluateRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
                                      models=models, metrics=[METRIC_ENUMS[m] for m in metrics], k=k,
                                      recompute=recompute)
-        for reply in self._stream(self._stub.Evaluate(request, timeout=None)):
+        for reply in self._stream("Evaluate", request):
             yield EvaluationProgress(reply.phase, reply.done, reply.total, reply.finished,
                                      tuple(_score(s) for s in reply.results))
 

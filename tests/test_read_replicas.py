@@ -3,10 +3,14 @@ answered by the follower, each right after this gateway's own writes (read-your-
 min_version); writes and image reads go to the primary; with the follower gone, reads fall back to
 the primary and nothing fails."""
 
+import types
 import urllib.request
 
+import grpc
 import pytest
 
+from convsearch.client import Client
+from convsearch.errors import NotFound
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
@@ -25,16 +29,19 @@ def reads(service, by: str) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    """(gateway service, gateway stub, a function that stops the follower, follower stub, follower service)."""
+    """A gateway over an index primary and a follower of it, in this process."""
     extractor, extractor_channel, extractor_address = serve_extractor()
     primary, primary_channel, primary_address = serve_index(tmp_path_factory.mktemp("primary"))
     follower, follower_channel, follower_address = serve_index(tmp_path_factory.mktemp("follower"),
                                                                follow=primary_address, max_lag_wait=5.0)
     stopped = []  # the follower, once a test has stopped it
     with running_gateway(extractor_address, primary_address, index_replicas=follower_address) as (service, channel,
-                                                                                                   _):
-        yield (service, gateway_pb2_grpc.GatewayServiceStub(channel), lambda: stopped.append(follower.stop(0.5)),
-               index_pb2_grpc.IndexServiceStub(follower_channel), follower)
+                                                                                                   address):
+        yield types.SimpleNamespace(
+            service=service, gateway=gateway_pb2_grpc.GatewayServiceStub(channel), address=address,
+            stop_follower=lambda: stopped.append(follower.stop(0.5)), follower_service=follower,
+            follower=index_pb2_grpc.IndexServiceStub(follower_channel), follower_address=follower_address,
+            extractor_address=extractor_address, primary_address=primary_address)
     running = [(primary, primary_channel), (extractor, extractor_channel)]
     for service, channel in running if stopped else [(follower, follower_channel), *running]:
         channel.close()
@@ -42,7 +49,7 @@ def stack(tmp_path_factory):
 
 
 def test_each_write_is_read_back_through_the_follower(stack, chelsea_jpeg, coffee_jpeg):
-    service, gateway, _, follower, _ = stack
+    service, gateway, follower = stack.service, stack.gateway, stack.follower
     gateway.CreateDataset(pb.CreateDatasetRequest(name="pets"))
     assert gateway.GetDataset(pb.GetDatasetRequest(name="pets")).dataset.name == "pets"
     before = reads(service, "follower")
@@ -64,7 +71,7 @@ def test_each_write_is_read_back_through_the_follower(stack, chelsea_jpeg, coffe
 
 
 def test_a_labeled_search_by_id_and_the_listing_come_from_the_follower(stack):
-    service, gateway, *_ = stack
+    service, gateway = stack.service, stack.gateway
     before = reads(service, "follower")
     reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
     assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
@@ -73,17 +80,36 @@ def test_a_labeled_search_by_id_and_the_listing_come_from_the_follower(stack):
 
 
 def test_a_collection_damaged_at_the_follower_is_read_from_the_primary(stack):
-    service, gateway, *_, follower_service = stack
-    damage_collection(follower_service, "pets", "efficientnet_lite0/_conv_head/avg/cosine")
+    service, gateway = stack.service, stack.gateway
+    damage_collection(stack.follower_service, "pets", "efficientnet_lite0/_conv_head/avg/cosine")
     before = reads(service, "primary")
     reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
     assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
     assert reads(service, "primary") > before
 
 
+def test_a_session_reads_its_own_writes_through_another_gateway(stack):
+    with running_gateway(stack.extractor_address, stack.primary_address,
+                         index_replicas=stack.follower_address) as (_, _, other):
+        stack.follower_service.follower.stop()  # it applies nothing more, serving what it has
+        with Client(stack.address) as writer:
+            writer.create_dataset("late")
+            assert writer.session_version > 0
+        with Client(other) as stranger, pytest.raises(NotFound):  # no session: the follower answers
+            stranger.dataset("late")
+        with Client(other, session_version=writer.session_version) as reader:
+            assert reader.dataset("late").name == "late"  # the follower is behind: from the primary
+            assert reader.session_version == writer.session_version
+            with pytest.raises(grpc.RpcError) as caught:
+                gateway_pb2_grpc.GatewayServiceStub(reader._channel).ListDatasets(
+                    pb.ListDatasetsRequest(), metadata=(("convsearch-min-version", "soon"),))
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "convsearch-min-version" in caught.value.details()
+
+
 def test_without_the_follower_reads_fall_back_to_the_primary(stack, chelsea_jpeg):
-    service, gateway, stop_follower, *_ = stack
-    stop_follower()
+    service, gateway = stack.service, stack.gateway
+    stack.stop_follower()
     before = reads(service, "primary")
     hits = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, image=chelsea_jpeg, k=2)).hits
     assert {hit.id for hit in hits} == {"pet0", "pet2"}

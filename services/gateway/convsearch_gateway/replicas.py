@@ -3,19 +3,24 @@
 The gateway's read-only paths (search, dataset listings, projections, evaluation queries) call
 `Backends.reads`; everything else, writes first of all, calls the primaries. A read goes to a
 follower with `min_version` set to the version the primary gave this gateway's latest write to
-that dataset (0 when it wrote none), so a client reads its own writes through the gateway it wrote
-through. A follower behind that version answers UNAVAILABLE after its --max-lag-wait, one that
+that dataset (0 when it wrote none), or the client's session version when higher (sessions.py),
+so a client reads its own writes through the gateway it wrote through, and through any other with
+its session. A follower behind that version answers UNAVAILABLE after its --max-lag-wait, one that
 cannot be reached at once, and one whose copy of a collection is damaged DATA_LOSS: the read then
 goes to the primary, with what is left of the caller's time, as every read does while no follower
 is SERVING or when it needs what followers do not keep (images).
 """
 
+import contextvars
 import threading
 import time
 
 import prometheus_client as prom
 
 from convsearch.errors import DataLoss, Unavailable
+
+SESSION_VERSION = contextvars.ContextVar("convsearch_session_version", default=0)
+"""The version the client of the call being served has seen (see sessions.py): its reads see no older data."""
 
 READS = frozenset({"Search", "GetItems", "ScanItems", "GetVectors", "ListCollections", "GetCollectionStats",
                    "GetDataset", "ListDatasets"})
@@ -68,7 +73,7 @@ class IndexReads:
             return self.primaries.call(method, request, remaining)
         pinned = type(request)()
         pinned.CopyFrom(request)
-        pinned.min_version = self.versions.of(dataset_of(method, request))
+        pinned.min_version = max(self.versions.of(dataset_of(method, request)), SESSION_VERSION.get())
         deadline = None if remaining is None else time.monotonic() + remaining
         try:
             reply = self.followers.call(method, pinned, remaining)

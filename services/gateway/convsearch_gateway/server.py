@@ -13,6 +13,7 @@ from convsearch_gateway.auth import Guard, KeysFile
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.config import GatewayConfig, load_config
 from convsearch_gateway.servicer import GatewayServicer
+from convsearch_gateway.sessions import Sessions
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].full_name
 # Health names for what the gateway can do: everything needs the index; embedding needs the extractor.
@@ -69,8 +70,9 @@ def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
                         backend_credentials, config.backend_tls_server_name, config.index_replicas)
     guard = Guard(SERVICE_NAME, _keys_file(config.api_keys), config.rate_limit_per_s, config.rate_burst,
                   config.stream_cap, config.max_streams_per_key, config.stream_idle_timeout_s)
+    # Observed first: refusals are counted too; the session's version is read last, for the servicer.
     server = create_server(config.max_concurrent_rpcs, config.max_message_mb,
-                           [RpcObserver("gateway", registry), guard])  # observed first: refusals are counted too
+                           [RpcObserver("gateway", registry), guard, Sessions(backends.index.versions, SERVICE_NAME)])
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size,
                                                                           max_pixels=config.max_pixels), server)
     health = add_health_and_reflection(server, [SERVICE_NAME], health_names=[INDEX_HEALTH, EXTRACTOR_HEALTH])
