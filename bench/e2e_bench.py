@@ -1,9 +1,12 @@
 """End to end through the gateway: ingest+index images/s, and search latency p50/p99 for image
 queries and id queries, against calling the extractor and the index directly in the same run
-(the gateway's overhead).
+(the gateway's overhead). Then IndexDataset of the stored images at the model's featured layers
+(index_img_s: fetch, embed, upsert into every collection) against the same images and layers
+embedded through the extractor's BulkEmbed directly (embed_img_s), and their quotient
+(index_ratio: 1.0 when the gateway's fetching and upserting cost the extractor no time).
 
 Last stdout line: one JSON object (ingest_img_s, search_p50_ms, search_p99_ms, direct_p50_ms,
-overhead_p50_ms, ...).
+overhead_p50_ms, ..., index_img_s, embed_img_s, index_ratio).
 """
 
 import argparse
@@ -21,8 +24,9 @@ from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.local import LocalStack
 
+MODEL = "efficientnet_lite0"
 LAYER = "_conv_head"
-COLLECTION = f"efficientnet_lite0/{LAYER}/avg/cosine"
+COLLECTION = f"{MODEL}/{LAYER}/avg/cosine"
 
 
 def latencies_ms(run, queries) -> np.ndarray:
@@ -33,6 +37,36 @@ def latencies_ms(run, queries) -> np.ndarray:
         run(query)
         out.append(1000 * (time.perf_counter() - started))
     return np.array(out)
+
+
+def embed_directly(extractor, images: list[bytes], layers: list[str], batch: int = 32) -> int:
+    """Streams the images through BulkEmbed at these layers; how many came back embedded."""
+    def requests():
+        yield extractor_pb2.BulkEmbedRequest(config=extractor_pb2.EmbedConfig(model=MODEL, layers=layers))
+        for start in range(0, len(images), batch):
+            yield extractor_pb2.BulkEmbedRequest(images=[extractor_pb2.ImageInput(id=str(n), data=images[n])
+                                                         for n in range(start, min(start + batch, len(images)))])
+    return sum(answer.WhichOneof("result") != "error" for answer in extractor.BulkEmbed(requests()))
+
+
+def index_against_embed(client: Client, extractor, items: list) -> dict:
+    """IndexDataset at the model's featured layers against BulkEmbed of the same images and layers."""
+    layers = [layer.name for model in client.models() if model.name == MODEL for layer in model.layers
+              if layer.featured]
+    client.create_dataset("layers")
+    list(client.ingest("layers", items))  # stored only: indexed below
+    images = [item[2] for item in items]
+    embed_directly(extractor, images[:8], layers)  # warm-up
+    started = time.perf_counter()
+    embedded = embed_directly(extractor, images, layers)
+    embed_img_s = embedded / (time.perf_counter() - started)
+    started = time.perf_counter()
+    *_, last = client.index("layers", [Configuration(MODEL, tuple(layers))])
+    index_img_s = (last.done - last.failed) / (time.perf_counter() - started)
+    print(f"{len(layers)} layers: IndexDataset {index_img_s:.1f} img/s, BulkEmbed directly {embed_img_s:.1f} "
+          f"img/s, ratio {index_img_s / embed_img_s:.3f}", flush=True)
+    return {"index_layers": len(layers), "index_img_s": round(index_img_s, 2), "embed_img_s": round(embed_img_s, 2),
+            "index_ratio": round(index_img_s / embed_img_s, 3)}
 
 
 def main() -> None:
@@ -80,6 +114,7 @@ def main() -> None:
             results[name] = latencies_ms(run, queries)
             print(f"{name:13} p50 {np.percentile(results[name], 50):7.2f} ms  "
                   f"p99 {np.percentile(results[name], 99):7.2f} ms", flush=True)
+        indexing = index_against_embed(client, extractor, items)
     p50 = {name: float(np.percentile(values, 50)) for name, values in results.items()}
     print(json.dumps({
         "ingest_img_s": round(ingest_img_s, 2),
@@ -89,6 +124,7 @@ def main() -> None:
         "direct_p50_ms": round(p50["direct_id"], 3), "direct_image_p50_ms": round(p50["direct_image"], 3),
         "overhead_p50_ms": round(p50["id"] - p50["direct_id"], 3),
         "image_overhead_p50_ms": round(p50["image"] - p50["direct_image"], 3),
+        **indexing,
     }))
 
 
