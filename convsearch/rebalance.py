@@ -5,13 +5,19 @@ moves data: after a primary is added, the datasets it wins stay where they are (
 still finds them there) until this moves them, talking to the primaries directly. A move of
 dataset D from primary S to its owner O:
 
-1. note D's state on S: its item count and each collection's count and version;
+1. fence D on S (FenceDataset: its writes answer UNAVAILABLE, DATASET_MOVING, so clients retry
+   them after the move; reads go on) and note its state: its item count and each collection's
+   count and version;
 2. snapshot D on S and stream the snapshot to O (ReadSnapshot into WriteSnapshot, SHA-256 checked);
-3. restore it on O as D and check the copy: the same item count, the same collections, each
-   with the same count;
-4. only if D on S is still as noted, delete it there; otherwise a write reached it during the
-   move, so the copy on O is deleted and D is skipped (run again);
+3. restore it on O as D, fenced from its creation (the gateway sends D's calls to O as soon as D
+   is there: no write may land on a copy that could still be thrown away), and check the copy:
+   the same item count, the same collections, each with the same count;
+4. only if D on S is still as noted (the fence expired mid-move, or S restarted and forgot it, and
+   a write came), delete it there and lift the fence on O; otherwise delete the copy on O, lift
+   the fence on S and skip D (run again);
 5. delete the snapshot on S and its copy on O.
+The fences hold for FENCE_S at most, so a move cut short (the command killed) holds no writes
+for longer; a copy that changed after all (O restarted mid-move) is never deleted.
 
 A dataset found on its owner as well as elsewhere is skipped, never overwritten: a person
 compares the two and deletes one. A restored dataset's description says which snapshot it was
@@ -32,6 +38,8 @@ from convsearch.snapshot_copy import SourceFailed, copy_snapshot
 
 CALL_TIMEOUT_S = 30.0
 """Deadline of the short calls; snapshots, copies and restores take as long as the data needs."""
+FENCE_S = 600.0
+"""How long a move may hold a dataset's writes (should it be cut short, they resume after this)."""
 
 
 @dataclasses.dataclass
@@ -132,12 +140,22 @@ def _has(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> bool:
     return True
 
 
+def _unchanged(stub: index_pb2_grpc.IndexServiceStub, dataset: str, restored: State) -> bool:
+    """Whether the copy is still as restored (False also when its primary cannot answer)."""
+    try:
+        return state(stub, dataset) == restored
+    except grpc.RpcError:
+        return False
+
+
 def move(primaries: Primaries, planned: Move) -> Move:
     """Moves one dataset (see the module's steps); fills in its status and returns it."""
     source, target = primaries.stubs[planned.source], primaries.stubs[planned.target]
     dataset = planned.dataset
-    snapshot, restored, step = "", False, planned.source
+    snapshot, restored, fenced, step = "", None, False, planned.source
     try:
+        source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=FENCE_S), timeout=CALL_TIMEOUT_S)
+        fenced = True
         before = state(source, dataset)
         taken = source.SnapshotDataset(pb.SnapshotDatasetRequest(dataset=dataset, skip_retention=True))
         snapshot = taken.snapshot
@@ -148,11 +166,10 @@ def move(primaries: Primaries, planned: Move) -> Move:
             step = planned.source
             raise exc.error from None
         try:
-            target.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snapshot, dataset=dataset))
-            restored = True
+            target.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snapshot, dataset=dataset, fence_ttl_s=FENCE_S))
         finally:
             left = _delete(lambda: target.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot)))
-        copy = state(target, dataset)
+        restored = copy = state(target, dataset)
         step = planned.source
         if not copy.same_content(before):
             planned.status, planned.reason = "skipped", (
@@ -163,8 +180,13 @@ def move(primaries: Primaries, planned: Move) -> Move:
                                                          "came); run again")
         else:
             source.DeleteDataset(pb.DeleteDatasetRequest(name=dataset))
-            restored = False  # the copy is the dataset now
+            restored, fenced = None, False  # the copy is the dataset now; the original's fence went with it
             planned.status, planned.items, planned.collections = "moved", copy.items, len(copy.collections)
+            held = _delete(lambda: target.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
+                                                       timeout=CALL_TIMEOUT_S))
+            if held:
+                planned.reason = (f"its writes on {planned.target} stay held until the fence expires (at most "
+                                  f"{FENCE_S:g}s): lifting it failed ({held})")
         if left:
             planned.reason = f"{planned.reason}; " if planned.reason else ""
             planned.reason += f"the snapshot copy {snapshot} on {planned.target} is left: {left}"
@@ -174,6 +196,9 @@ def move(primaries: Primaries, planned: Move) -> Move:
         if restored and not _has(source, dataset):  # never delete the copy unless the source surely has it
             planned.reason += (f"; {planned.source} does not answer that it still has {dataset}, so the copy on "
                                f"{planned.target} is kept: check both before deleting either")
+        elif restored and not _unchanged(target, dataset, restored):
+            planned.reason += (f"; the copy on {planned.target} changed after it was restored (a write reached it), "
+                               "so it is kept: compare the two, delete one, and run again")
         elif restored:  # a copy that did not become the dataset
             failed = _delete(lambda: target.DeleteDataset(pb.DeleteDatasetRequest(name=dataset),
                                                           timeout=CALL_TIMEOUT_S))
@@ -185,6 +210,12 @@ def move(primaries: Primaries, planned: Move) -> Move:
                                                            timeout=CALL_TIMEOUT_S))
             if failed:
                 planned.reason += f"; the snapshot {snapshot} on {planned.source} is left: {failed}"
+        if fenced:
+            failed = _delete(lambda: source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
+                                                         timeout=CALL_TIMEOUT_S))
+            if failed:
+                planned.reason += (f"; its writes on {planned.source} stay held until the fence expires (at most "
+                                   f"{FENCE_S:g}s): lifting it failed ({failed})")
     return planned
 
 

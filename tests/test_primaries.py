@@ -6,6 +6,7 @@ owners (skipping, and leaving nothing behind, when a write comes during a move).
 import hashlib
 import json
 import os
+import time
 from unittest import mock
 
 import grpc
@@ -17,6 +18,7 @@ from convsearch import placement, rebalance
 from convsearch.cli import main
 from convsearch.gateway.v1 import gateway_pb2 as gw
 from convsearch.gateway.v1 import gateway_pb2_grpc
+from convsearch.grpc_errors import error_from_call
 from convsearch.health import wait_until_serving
 from convsearch.index.v1 import index_pb2 as ix
 from convsearch.index.v1 import index_pb2_grpc
@@ -227,12 +229,14 @@ def test_datasets_made_before_a_primary_joined_stay_readable_and_rebalance_moves
     assert lines == [f"would move {name}: {sources[name]} -> {third}" for name in winners]
     assert all(holders(cluster, name) == [sources[name]] for name in winners)  # nothing moved
 
-    # A write that reaches a source during its move: that dataset is skipped and nothing is left.
+    # A write that reaches a source during its move, its fence gone (expired, or the source
+    # restarted): that dataset is skipped and nothing is left.
     late = winners[1]
 
     def copy_then_write(source, target, snapshot, timeout=None):
         copied = copy_snapshot(source, target, snapshot, timeout)
         if snapshot.startswith(f"{late}-"):
+            source.FenceDataset(ix.FenceDatasetRequest(dataset=late, ttl_s=0))
             source.PutItems(ix.PutItemsRequest(dataset=late, items=[ix.Item(id="late", image=image(7))]))
         return copied
 
@@ -301,22 +305,65 @@ def test_a_move_costs_no_kept_snapshot(kept_snapshots):
     assert stubs[addresses[1]].GetDataset(ix.GetDatasetRequest(name=dataset)).dataset.item_count == 1
 
 
-def test_a_write_that_changes_no_count_during_a_move_is_seen(kept_snapshots):
+def test_writes_during_a_move_are_held_never_lost(kept_snapshots):
     addresses, stubs, dataset, source = kept_snapshots
+    target = stubs[addresses[1]]
+    relabel = ix.PutItemsRequest(dataset=dataset, items=[ix.Item(id="one", label="b", image=image(1))])
+    refused = []
 
-    def copy_then_relabel(source_stub, target, snapshot, timeout=None):
-        copied = copy_snapshot(source_stub, target, snapshot, timeout)
-        source_stub.PutItems(ix.PutItemsRequest(dataset=dataset, items=[ix.Item(id="one", label="b", image=image(1))]))
-        return copied
+    def write(stub) -> None:
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PutItems(relabel)
+        error = error_from_call(caught.value)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE and error.reason == "DATASET_MOVING"
+        assert error.retry_after_s and "being moved" in caught.value.details()
+        refused.append(stub)
 
-    with mock.patch.object(rebalance, "copy_snapshot", copy_then_relabel), rebalance.Primaries(addresses) as primaries:
-        [done] = rebalance.rebalance(primaries)
-    assert done.status == "skipped" and "changed" in done.reason
-    [item] = source.GetItems(ix.GetItemsRequest(dataset=dataset, ids=["one"])).items
-    assert item.label == "b"  # the write is where the gateway finds the dataset, not lost with a copy
+    def copy_then_write(source_stub, target_stub, snapshot, timeout=None):
+        write(source_stub)  # the original, fenced before its snapshot
+        return copy_snapshot(source_stub, target_stub, snapshot, timeout)
+
+    real_state = rebalance.state
+    with rebalance.Primaries(addresses) as primaries:
+        moved_to = primaries.stubs[addresses[1]]
+
+        def state_after_a_write(stub, name):
+            if stub is moved_to and len(refused) == 1:
+                write(stub)  # the restored copy, which the gateway finds first, fenced from its creation
+            return real_state(stub, name)
+
+        with mock.patch.object(rebalance, "copy_snapshot", copy_then_write), \
+                mock.patch.object(rebalance, "state", state_after_a_write):
+            [done] = rebalance.rebalance(primaries)
+    assert done.status == "moved" and done.reason == "" and len(refused) == 2
+    target.PutItems(relabel)  # the move is over: writes go through, to the dataset's new home
+    [item] = target.GetItems(ix.GetItemsRequest(dataset=dataset, ids=["one"])).items
+    assert item.label == "b"
     with pytest.raises(grpc.RpcError) as missing:
-        stubs[addresses[1]].GetDataset(ix.GetDatasetRequest(name=dataset))
+        source.GetDataset(ix.GetDatasetRequest(name=dataset))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_fence_holds_writes_only_and_expires(pair):
+    (a, _), _ = pair
+    a.CreateDataset(ix.CreateDatasetRequest(name="held"))
+    a.PutItems(ix.PutItemsRequest(dataset="held", items=[ix.Item(id="one", image=image(1))]))
+    version = a.FenceDataset(ix.FenceDatasetRequest(dataset="held", ttl_s=0.5)).version
+    with pytest.raises(grpc.RpcError) as caught:
+        a.DeleteItems(ix.DeleteItemsRequest(dataset="held", ids=["one"]))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert a.GetDataset(ix.GetDatasetRequest(name="held")).dataset.version == version  # reads go on
+    a.SnapshotDataset(ix.SnapshotDatasetRequest(dataset="held"))
+    time.sleep(0.6)
+    a.DeleteItems(ix.DeleteItemsRequest(dataset="held", ids=["one"]))  # expired
+    for ttl in (-1.0, float("nan"), 1e9):
+        with pytest.raises(grpc.RpcError) as caught:
+            a.FenceDataset(ix.FenceDatasetRequest(dataset="held", ttl_s=ttl))
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ttl
+    a.FenceDataset(ix.FenceDatasetRequest(dataset="held", ttl_s=60))
+    a.DeleteDataset(ix.DeleteDatasetRequest(name="held"))  # deleting a fenced dataset is no write held
+    a.CreateDataset(ix.CreateDatasetRequest(name="held"))  # the same name again: no fence of the old one
+    a.PutItems(ix.PutItemsRequest(dataset="held", items=[ix.Item(id="two", image=image(2))]))
 
 
 def snapshot_of_noise(stub, dataset: str, megabytes: int) -> str:

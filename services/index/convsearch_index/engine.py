@@ -31,7 +31,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, shown
+from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from convsearch.naming import collection_name
 from convsearch_index import durable
 from convsearch_index.changes import ChangeLog, DatasetCopy
@@ -47,6 +47,7 @@ SNAPSHOT_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what a snapsh
 SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[0-9a-f]{6}")
 MAX_ID = 256
 COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
+MAX_FENCE_S = 24 * 3600.0  # longest a dataset's writes may be held (FenceDataset)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +153,7 @@ class Index:
         self.snapshot_retention = snapshot_retention  # snapshots kept per dataset; 0 keeps all
         self.changes = changes
         self._order_locks: dict[str, threading.RLock] = {}
+        self._fences: dict[str, float] = {}  # dataset -> time.monotonic() its fence ends at (FenceDataset)
         self._snapshot_lock = threading.Lock()  # deleting snapshot files vs. reading them
         self.limits = limits
         self.fsync = fsync
@@ -225,6 +227,28 @@ class Index:
         """The dataset's version: the change log position of its latest write (0 without a log)."""
         return self.changes.version(dataset) if self.changes is not None else 0
 
+    @_ordered("dataset")
+    def fence(self, dataset: str, ttl_s: float) -> None:
+        """Holds the dataset's writes for ttl_s seconds (0: lifts the fence). Taken in the
+        dataset's order, so no write is under way once it returns."""
+        self._require_dataset(dataset)
+        if not 0 <= ttl_s <= MAX_FENCE_S:
+            raise InvalidArgument(f"a fence holds for 0 (lifted) to {MAX_FENCE_S:g} seconds, not {ttl_s}",
+                                  field="ttl_s")
+        with self._meta:
+            if ttl_s:
+                self._fences[dataset] = time.monotonic() + ttl_s
+            else:
+                self._fences.pop(dataset, None)
+
+    def _check_fence(self, dataset: str) -> None:
+        left = self._fences.get(dataset, 0.0) - time.monotonic()
+        if left > 0:
+            raise Unavailable(f"dataset {shown(dataset)} is being moved to another index primary (convsearch "
+                              f"rebalance): its writes are held, for at most {left:.0f}s more; retry then",
+                              reason="DATASET_MOVING", retry_after_s=1.0, resource_type="dataset",
+                              resource_name=dataset)
+
     # ---- datasets ----------------------------------------------------------------------
 
     def _require_dataset(self, name: str) -> None:
@@ -263,6 +287,7 @@ class Index:
                 self._drop_collection(*key)
             self.records.delete_dataset(name)
             del self._labels[name]
+            self._fences.pop(name, None)
             self._record("delete_dataset", name)
 
     # ---- items -------------------------------------------------------------------------
@@ -275,6 +300,7 @@ class Index:
         never the new image with the old vectors. With `keep_digests` (a follower's copies,
         without images) each item's digest and image_size are kept as given."""
         self._require_dataset(dataset)
+        self._check_fence(dataset)
         if not items:
             raise InvalidArgument("no items given; send at least one")
         ids = [item.id for item in items]
@@ -327,6 +353,7 @@ class Index:
     def delete_items(self, dataset: str, ids: Sequence[str]) -> tuple[int, int]:
         """Deletes items from the dataset and every collection: (deleted, not found)."""
         self._require_dataset(dataset)
+        self._check_fence(dataset)
         with self._guard.read():
             for info in self._dataset_collections(dataset):
                 if info.vectors is not None:
@@ -352,6 +379,7 @@ class Index:
     def create_collection(self, dataset: str, key: CollectionKey, dimension: int, m: int = 16,
                           ef_construction: int = 200, ef: int = 64, weights: str = "") -> CollectionInfo:
         self._require_dataset(dataset)
+        self._check_fence(dataset)
         if not key.model or not key.layer:
             raise InvalidArgument("a collection needs a model and a layer")
         if key.pooling not in ("avg", "max", "flatten"):
@@ -408,6 +436,7 @@ class Index:
     @_ordered("dataset")
     def delete_collection(self, dataset: str, name: str) -> None:
         self.collection(dataset, name)
+        self._check_fence(dataset)
         with self._guard.read(), self._meta:
             self._drop_collection(dataset, name)
             self._record("delete_collection", dataset, name=name)
@@ -420,6 +449,7 @@ class Index:
         """(inserted, replaced, stale ids). With `digests` (the image digest each vector was made
         from), vectors of items whose image has changed since are not stored: those are stale."""
         collection = self.collection(dataset, name).healthy()
+        self._check_fence(dataset)
         labels = self._labels[dataset]
         unknown = [item_id for item_id in ids if item_id not in labels]
         if unknown:
@@ -583,10 +613,11 @@ class Index:
         return SnapshotInfo(name, dataset, stat.st_mtime, stat.st_size, stat.st_mtime_ns), deleted
 
     @_ordered("dataset")
-    def restore(self, snapshot: str, dataset: str) -> DatasetRecord:
+    def restore(self, snapshot: str, dataset: str, fence_ttl_s: float = 0.0) -> DatasetRecord:
         """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset, whole or not
         at all: a snapshot that cannot be read, or whose collections fail their checks, leaves no
-        dataset behind (DATA_LOSS)."""
+        dataset behind (DATA_LOSS). With fence_ttl_s, the dataset is fenced (see `fence`) from
+        its creation on."""
         check_name(dataset)
         path = self._snapshot_path(snapshot)
         with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
@@ -599,6 +630,7 @@ class Index:
                 raise self._unreadable(snapshot, exc) from None
             self.create_dataset(dataset, f"restored from {snapshot}")
             try:
+                self.fence(dataset, fence_ttl_s)
                 self._restore_contents(dataset, work, manifest)
             except BaseException as exc:
                 self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
@@ -637,6 +669,7 @@ class Index:
     def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
         """Stores a result derived from a collection, replacing one with the same key."""
         self.collection(dataset, collection).healthy()
+        self._check_fence(dataset)
         if not key:
             raise InvalidArgument("an attachment needs a key")
         self.records.put_attachment(dataset, collection, key, version, data)

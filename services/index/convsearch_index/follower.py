@@ -65,7 +65,7 @@ BACKOFF_S = (0.1, 5.0)  # first and longest wait between attempts to reach the p
 REFUSED = frozenset({"CreateDataset", "DeleteDataset", "PutItems", "PutItemsStream", "DeleteItems",
                      "CreateCollection", "DeleteCollection", "UpsertVectors", "PutAttachment", "SnapshotDataset",
                      "RestoreDataset", "ListSnapshots", "DeleteSnapshot", "ReadSnapshot", "WriteSnapshot",
-                     "Replicate"})
+                     "FenceDataset", "Replicate"})
 IMAGE_READS = frozenset({"GetItems", "ScanItems"})  # refused with include_images
 
 

@@ -210,9 +210,14 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def RestoreDataset(self, request, context):
-        record = self.index.restore(request.snapshot, request.dataset)
+        record = self.index.restore(request.snapshot, request.dataset, request.fence_ttl_s)
         version = self.index.version(request.dataset)
         return pb.RestoreDatasetResponse(dataset=_dataset(record, version), version=version)
+
+    @map_errors
+    def FenceDataset(self, request, context):
+        self.index.fence(request.dataset, request.ttl_s)
+        return pb.FenceDatasetResponse(version=self.index.version(request.dataset))
 
     @map_errors
     def PutAttachment(self, request, context):
