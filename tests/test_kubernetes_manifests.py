@@ -50,6 +50,7 @@ FOLLOWERS_SERVICE = "dns:///convsearch-index-read:50053"
 LIVENESS_NAME = "liveness"
 STARTUP_MINIMUM_S = {"extractor": 300, "index": 300, "index-read": 600}  # model load, log replay, first copy
 CONFIG_MAP = "convsearch-config"
+WEB = "convsearch-web"  # the web page: an HTTP client of the gateway, not one of the gRPC components
 DEFAULT_GRACE_S = 10.0
 
 
@@ -191,10 +192,11 @@ def validate(doc: dict) -> None:
 # --- helpers for the checks --------------------------------------------------------------------
 
 def workloads(docs: list[dict]) -> dict[str, dict]:
-    """Deployments and StatefulSets by component (app.kubernetes.io/component of the pod)."""
+    """The gRPC components' Deployments and StatefulSets by component (app.kubernetes.io/component
+    of the pod); the web page's is tested on its own."""
     found = {}
     for doc in docs:
-        if doc["kind"] in ("Deployment", "StatefulSet"):
+        if doc["kind"] in ("Deployment", "StatefulSet") and doc["metadata"]["name"] != WEB:
             component = doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"]
             assert component not in found, f"two workloads for {component}"
             found[component] = doc
@@ -347,6 +349,7 @@ def test_objects_are_the_expected_ones(folder):
             ("Deployment", name), ("HorizontalPodAutoscaler", name)]
         if component in ("gateway", "index-read"):  # at least 2 pods: one stays through a drain
             expected.append(("PodDisruptionBudget", name))
+    expected += [(kind, WEB) for kind in ("Deployment", "Service", "NetworkPolicy")]  # the web page, a client
     assert kinds == sorted(expected)
 
 
@@ -498,7 +501,7 @@ def test_disruption_budgets_leave_a_gateway_and_a_follower_up(component):
 def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
     docs = render(folder)
     found = workloads(docs)
-    policies = by_kind(docs, "NetworkPolicy")
+    policies = {name: policy for name, policy in by_kind(docs, "NetworkPolicy").items() if name != WEB}
     assert set(policies) == {f"convsearch-{component}" for component in found}
     labels = {component: workload["spec"]["template"]["metadata"]["labels"] for component, workload in found.items()}
     # Who may call each backend's gRPC port: the gateway; at the primary also its followers, which
@@ -529,6 +532,37 @@ def test_network_policies_let_only_the_gateway_reach_the_backends(folder):
         for peer in metrics_rule["from"]:
             assert peer.get("podSelector", {}).get("matchLabels"), f"{component}: metrics peers need a pod label"
             assert "ipBlock" not in peer
+
+
+@pytest.mark.parametrize("folder", RENDERINGS)
+def test_the_web_page_reaches_the_gateway_and_is_probed_over_http(folder):
+    docs = render(folder)
+    deployment = by_kind(docs, "Deployment")[WEB]
+    spec, container = pod_spec(deployment), only_container(deployment)
+    assert spec["enableServiceLinks"] is False  # CONVSEARCH_WEB_PORT=tcp://... would be read as --port
+    assert container["image"] == "convsearch/web:0.1.0"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["CONVSEARCH_WEB_GATEWAY"]["value"] == f"convsearch-gateway:{GRPC_PORT['gateway']}"
+    assert env["CONVSEARCH_WEB_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+    paths = {kind: container[kind]["httpGet"]["path"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    assert paths == {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}
+    assert all(container[kind]["httpGet"]["port"] == "http" for kind in paths)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert {m["mountPath"] for m in container["volumeMounts"]} - {"/etc/convsearch/gateway-ca"} == {"/tmp"}  # uploads
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    service = by_kind(docs, "Service")[WEB]
+    assert selects({"matchLabels": service["spec"]["selector"]}, labels)
+    assert service["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP"}]
+    policy = by_kind(docs, "NetworkPolicy")[WEB]
+    assert selects(policy["spec"]["podSelector"], labels)
+    assert policy["spec"]["ingress"] == [{"ports": [{"port": 8080, "protocol": "TCP"}]}]
+    if "mtls" in str(folder):  # TLS to the gateway's API, with the gateway's CA and nothing else of its Secret
+        assert env["CONVSEARCH_WEB_TLS_CA"]["value"] == "/etc/convsearch/gateway-ca/ca.crt"
+        [volume] = [v for v in spec["volumes"] if v["name"] == "gateway-ca"]
+        assert volume["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
+    else:
+        assert "CONVSEARCH_WEB_TLS_CA" not in env
 
 
 @pytest.mark.parametrize("folder", RENDERINGS)
@@ -736,7 +770,7 @@ def test_tls_overlay_changes_only_the_config_and_the_workloads_and_keeps_the_net
     changed = {_key(doc) for doc in docs if doc != plain[_key(doc)]}
     assert changed == {("ConfigMap", CONFIG_MAP), ("Deployment", "convsearch-gateway"),
                        ("Deployment", "convsearch-extractor"), ("StatefulSet", "convsearch-index"),
-                       ("Deployment", "convsearch-index-read")}
+                       ("Deployment", "convsearch-index-read"), ("Deployment", WEB)}
     for key, doc in ((k, d) for d in docs for k in [_key(d)] if k not in changed):
         assert doc == plain[key]
     # Only TLS settings (and the API keys file) were added to the ConfigMap; nothing was changed.

@@ -33,6 +33,7 @@ DISTS = {  # distribution name as in the wheel's file name -> source folder
     "convsearch_index": "services/index",
     "convsearch_gateway": "services/gateway",
     "convsearch_extractor": "services/extractor",
+    "convsearch_web": "services/web",
 }
 GENERATED = ("common", "extractor", "gateway", "index")
 SERVER_ONLY = ("matplotlib", "prometheus_client", "grpc_health", "grpc_reflection", "torch")
@@ -152,10 +153,12 @@ def test_every_wheel_ships_its_code_stubs_protos_and_type_marker(wheels):
         stem = f"convsearch/{service}/v1/{service}"
         assert {f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py", f"{stem}.proto"} <= full
     assert {"convsearch/py.typed", "convsearch/cli.py", "convsearch/serving.py", "convsearch/health.py"} <= full
-    for dist in ("convsearch_index", "convsearch_gateway", "convsearch_extractor"):
+    for dist in ("convsearch_index", "convsearch_gateway", "convsearch_extractor", "convsearch_web"):
         names = _names(wheels[dist])
         assert f"{dist}/py.typed" in names and f"{dist}/server.py" in names
         assert not any(name.startswith("convsearch/") for name in names)
+    assert {f"convsearch_web/static/{page}" for page in ("index.html", "app.js", "style.css")} <= _names(
+        wheels["convsearch_web"])  # the page, no build step
 
 
 def test_client_wheel_holds_the_client_modules_and_the_gateway_api_only(wheels):

@@ -1,0 +1,108 @@
+"""The web application: the JSON API under /api, the page's static files, and the chart library
+served from the installed plotly package (nothing is fetched from elsewhere at run time)."""
+
+import contextlib
+import importlib.util
+import pathlib
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from convsearch.channels import create_channel
+from convsearch.client import Client
+from convsearch.local import GATEWAY
+from convsearch.tls import client_credentials
+from convsearch_web import errors
+from convsearch_web.api import router
+from convsearch_web.config import WebConfig
+
+STATIC = pathlib.Path(__file__).resolve().parent / "static"
+UPLOAD_SLACK = 64 * 1024  # the multipart envelope and form fields around an uploaded image
+
+
+def plotly_js() -> pathlib.Path:
+    """plotly.min.js as the plotly package ships it (without importing plotly)."""
+    spec = importlib.util.find_spec("plotly")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the plotly package is not installed; pip install plotly (it ships plotly.min.js)")
+    path = pathlib.Path(next(iter(spec.submodule_search_locations))) / "package_data" / "plotly.min.js"
+    if not path.is_file():
+        raise RuntimeError(f"{path} is missing; reinstall plotly")
+    return path
+
+
+def _option(value: str) -> str | None:
+    """A config value for the client: empty leaves it to the client's environment variable."""
+    return value or None
+
+
+def create_app(config: WebConfig) -> FastAPI:
+    """The application, talking to the gateway at config.gateway."""
+    credentials = client_credentials(_option(config.tls_ca), _option(config.tls_cert), _option(config.tls_key))
+    gateway = Client(config.gateway, config.timeout_s, tls_ca=_option(config.tls_ca),
+                     tls_cert=_option(config.tls_cert), tls_key=_option(config.tls_key),
+                     api_key=_option(config.api_key))
+    health_channel = create_channel(config.gateway, credentials=credentials)
+    health_stub = health_pb2_grpc.HealthStub(health_channel)
+    chart_library = plotly_js()
+
+    def gateway_serving() -> bool:
+        try:
+            reply = health_stub.Check(health_pb2.HealthCheckRequest(service=GATEWAY), timeout=2.0)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        gateway.close()
+        health_channel.close()
+
+    app = FastAPI(title="ConvNet Search", description="The playground's JSON API over the gateway",
+                  lifespan=lifespan, docs_url=None, redoc_url=None,  # their pages load scripts from a CDN
+                  openapi_url="/api/openapi.json")
+    app.state.config = config
+    app.state.client = gateway
+    app.state.gateway_serving = gateway_serving
+    errors.install(app)
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        """413 on a declared body beyond the upload limit, before anything of it is read."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > config.max_upload_bytes + UPLOAD_SLACK:
+            return JSONResponse({"error": {"code": "RESOURCE_EXHAUSTED", "reason": "UPLOAD_TOO_LARGE",
+                                           "message": f"the upload is larger than {config.max_upload_mb:g} MiB; "
+                                                      "upload a smaller image", "metadata": {},
+                                           "field_violations": []}}, status_code=413)
+        return await call_next(request)
+
+    app.include_router(router)
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/vendor/plotly.min.js", include_in_schema=False)
+    def chart_js() -> FileResponse:
+        return FileResponse(chart_library, media_type="text/javascript",
+                            headers={"Cache-Control": "public, max-age=86400"})
+
+    @app.get("/healthz", include_in_schema=False)
+    def liveness() -> dict:
+        """Up while the process is (for liveness probes): the gateway's state does not matter."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    def readiness() -> JSONResponse:
+        """Ready when the gateway serves (for readiness probes)."""
+        serving = gateway_serving()
+        return JSONResponse({"status": "ok" if serving else "gateway not serving", "gateway": config.gateway},
+                            status_code=200 if serving else 503)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app

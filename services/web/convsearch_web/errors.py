@@ -1,0 +1,77 @@
+"""gRPC status codes (as the client's `convsearch.errors` exceptions) to HTTP answers: the
+gateway's message and details in a JSON body the page shows as it is."""
+
+import math
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from convsearch.errors import ConvsearchError
+
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "FAILED_PRECONDITION": 409,
+    "RESOURCE_EXHAUSTED": 413,
+    "DATA_LOSS": 500,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+RATE_LIMITED = 429
+
+
+class WebError(Exception):
+    """A refusal of the web service itself (before the gateway is asked): HTTP status and message."""
+
+    def __init__(self, status: int, code: str, message: str, reason: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.reason = reason or code
+
+
+def http_status(error: ConvsearchError) -> int:
+    """The HTTP status of a gateway error: RESOURCE_EXHAUSTED is 429 when it is the rate limiter
+    (it says when to retry), 413 otherwise (an image or a message too large)."""
+    if error.code == "RESOURCE_EXHAUSTED" and error.retry_after_s is not None:
+        return RATE_LIMITED
+    return HTTP_STATUS.get(error.code, 500)
+
+
+def error_body(error: ConvsearchError) -> dict:
+    """The JSON of a gateway error: code, reason, message and what the details name."""
+    return {"error": {"code": error.code, "reason": error.reason, "message": str(error),
+                      "metadata": error.metadata,
+                      "field_violations": [{"field": f, "description": d} for f, d in error.field_violations]}}
+
+
+def _gateway_error(_request: Request, error: ConvsearchError) -> JSONResponse:
+    headers = {}
+    if error.retry_after_s is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
+    return JSONResponse(error_body(error), status_code=http_status(error), headers=headers)
+
+
+def _web_error(_request: Request, error: WebError) -> JSONResponse:
+    return JSONResponse({"error": {"code": error.code, "reason": error.reason, "message": str(error),
+                                   "metadata": {}, "field_violations": []}}, status_code=error.status)
+
+
+def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+    violations = [{"field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]), "description": e["msg"]}
+                  for e in error.errors()]
+    message = "; ".join(f"{v['field']}: {v['description']}" for v in violations)
+    return JSONResponse({"error": {"code": "INVALID_ARGUMENT", "reason": "INVALID_ARGUMENT", "message": message,
+                                   "metadata": {}, "field_violations": violations}}, status_code=422)
+
+
+def install(app) -> None:
+    """Registers the handlers that turn every refusal into a readable JSON body."""
+    app.add_exception_handler(ConvsearchError, _gateway_error)
+    app.add_exception_handler(WebError, _web_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

@@ -1,0 +1,299 @@
+"""The web service's JSON API against a real gateway, extractor and index (in-process, on free
+ports): what the page asks for, and the HTTP answers to bad input and to the gateway's refusals."""
+
+import contextlib
+import json
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+from fastapi.testclient import TestClient
+
+from convsearch.api_keys import key_line, new_key
+from convsearch.channels import create_channel
+from convsearch.cli import main
+from convsearch.client import Client
+from convsearch.datasets import encode_png, fashion_mnist_sample
+from convsearch.embedding import Configuration
+from convsearch.health import wait_until_serving
+from convsearch.local import GATEWAY
+from convsearch.processes import free_port
+from convsearch.tls import channel_credentials
+from convsearch_gateway.config import GatewayConfig
+from convsearch_gateway.server import build_server as build_gateway
+from convsearch_web.app import create_app
+from convsearch_web.config import WebConfig
+from convsearch_web.server import listen
+from tests.conftest import running_backends, running_gateway
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DATASET = "shop"
+PIXELS = Configuration("pixels", ("8x8", "16x16"), metric="cosine")
+SEARCH = {"model": "pixels", "layer": "16x16", "pooling": "avg", "metric": "cosine"}
+PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def backends(tmp_path_factory):
+    with running_backends(tmp_path_factory.mktemp("web-index")) as addresses:
+        yield addresses
+
+
+@pytest.fixture(scope="module")
+def gateway(backends):
+    """A gateway over a labeled dataset of 30 Fashion-MNIST images, indexed and evaluated with pixels."""
+    with running_gateway(*backends) as (_, _, address):
+        with Client(address, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+            client.create_dataset(DATASET, "for the web API tests")
+            items = [(f"{label}/{image_id}", label, encode_png(pixels))
+                     for image_id, label, pixels in fashion_mnist_sample(per_class=PER_CLASS)]
+            assert all(r.status != "failed" for r in client.ingest(DATASET, items))
+            list(client.index(DATASET, [PIXELS]))
+            list(client.evaluate(DATASET, configurations=[PIXELS]))
+        yield address
+
+
+@pytest.fixture(scope="module")
+def web(gateway):
+    with TestClient(create_app(WebConfig(gateway=gateway, max_upload_mb=0.05))) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def png_bytes():
+    return encode_png(fashion_mnist_sample(per_class=1)[7][2])
+
+
+def error_of(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"], error
+    return error
+
+
+def test_the_page_its_scripts_and_the_chart_library_are_served(web):
+    page = web.get("/")
+    assert page.status_code == 200 and "ConvNet Search" in page.text
+    for path in ("/static/app.js", "/static/style.css"):
+        assert web.get(path).status_code == 200, path
+    plotly = web.get("/vendor/plotly.min.js")
+    assert plotly.status_code == 200 and len(plotly.content) > 1_000_000
+    assert plotly.headers["content-type"].startswith("text/javascript")
+    assert "//cdn" not in page.text and "https://" not in page.text  # nothing from elsewhere at run time
+    assert web.get("/healthz").json() == {"status": "ok"}
+    assert web.get("/readyz").status_code == 200
+    assert web.get("/api/health").json()["serving"] is True
+    assert "/api/datasets/{dataset}/search" in web.get("/api/openapi.json").json()["paths"]
+
+
+def test_models_and_datasets_with_their_collections(web):
+    models = {m["name"]: m for m in web.get("/api/models").json()}
+    assert [layer["name"] for layer in models["pixels"]["layers"]] == ["8x8", "16x16", "32x32", "64x64"]
+    listed = {d["name"]: d for d in web.get("/api/datasets").json()}
+    assert listed[DATASET]["item_count"] == 10 * PER_CLASS
+    found = web.get(f"/api/datasets/{DATASET}").json()
+    assert {(c["model"], c["layer"], c["pooling"], c["metric"]) for c in found["collections"]} == {
+        ("pixels", "8x8", "avg", "cosine"), ("pixels", "16x16", "avg", "cosine")}
+
+
+def test_the_items_page_through_by_id_and_by_class(web):
+    first = web.get(f"/api/datasets/{DATASET}/items", params={**SEARCH, "offset": 0, "limit": 12}).json()
+    assert first["total"] == 30 and len(first["items"]) == 12 and len(first["labels"]) == 10
+    rest = web.get(f"/api/datasets/{DATASET}/items", params={**SEARCH, "offset": 24, "limit": 12}).json()
+    assert len(rest["items"]) == 6
+    ids = [item["id"] for item in first["items"]]
+    assert ids == sorted(ids)
+    coats = web.get(f"/api/datasets/{DATASET}/items", params={**SEARCH, "label": "coat"}).json()
+    assert coats["total"] == PER_CLASS and {item["label"] for item in coats["items"]} == {"coat"}
+
+
+def test_thumbnails_come_with_their_type(web):
+    thumbnail = web.get(f"/api/datasets/{DATASET}/image", params={"id": "coat/t10k-00006", "size": 64})
+    assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"
+    assert thumbnail.content.startswith(b"\x89PNG")
+    error_of(web.get(f"/api/datasets/{DATASET}/image", params={"id": "coat/nothing"}), 404, "NOT_FOUND")
+    error_of(web.get(f"/api/datasets/{DATASET}/image", params={"id": "coat/t10k-00006", "size": -1}), 422,
+             "INVALID_ARGUMENT")
+
+
+def test_a_search_by_item_has_15_results_marks_and_a_score(web):
+    found = web.post(f"/api/datasets/{DATASET}/search", json={**SEARCH, "item_id": "trouser/t10k-00002"}).json()
+    assert len(found["hits"]) == 15 and found["query_label"] == "trouser"
+    assert all(hit["same"] == (hit["label"] == "trouser") for hit in found["hits"])
+    assert "trouser/t10k-00002" not in [hit["id"] for hit in found["hits"]]
+    assert 0 <= found["search_score"] <= 100 and found["same_label_count"] == sum(h["same"] for h in found["hits"])
+    assert found["collection"] == "pixels/16x16/avg/cosine" and found["layer"] == "16x16"
+
+
+def test_a_search_by_uploaded_image(web, png_bytes):
+    found = web.post(f"/api/datasets/{DATASET}/search/image", data={**SEARCH, "k": "5"},
+                     files={"file": ("query.png", png_bytes, "image/png")})
+    assert found.status_code == 200, found.text
+    body = found.json()
+    assert len(body["hits"]) == 5 and body["search_score"] is None and body["hits"][0]["same"] is None
+    assert body["hits"][0]["distance"] < 1e-4  # the image is in the dataset
+
+
+def test_bad_input_is_a_readable_4xx(web, png_bytes):
+    search = f"/api/datasets/{DATASET}/search"
+    error = error_of(web.post("/api/datasets/nowhere/search", json={**SEARCH, "item_id": "a"}), 404, "NOT_FOUND")
+    assert error["reason"] == "DATASET_NOT_FOUND"
+    error_of(web.post(search, json={**SEARCH, "item_id": "nobody"}), 404, "NOT_FOUND")
+    error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "layer": "nonsense"}), 400,
+             "INVALID_ARGUMENT")
+    error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "metric": "hamming"}), 422,
+             "INVALID_ARGUMENT")
+    error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "k": 0}), 422, "INVALID_ARGUMENT")
+    error_of(web.post(search, json={**SEARCH}), 422, "INVALID_ARGUMENT")
+    error_of(web.post("/api/datasets/Bad..Name/search", json={**SEARCH, "item_id": "a"}), 400, "INVALID_ARGUMENT")
+    upload = f"/api/datasets/{DATASET}/search/image"
+    not_image = web.post(upload, data=SEARCH, files={"file": ("notes.png", b"not an image at all", "image/png")})
+    assert "image" in error_of(not_image, 400, "INVALID_ARGUMENT")["message"]
+    error_of(web.post(upload, data=SEARCH, files={"file": ("empty.png", b"", "image/png")}), 400, "INVALID_ARGUMENT")
+    big = png_bytes + b"\0" * 60_000  # over this service's 0.05 MiB limit
+    too_large = error_of(web.post(upload, data=SEARCH, files={"file": ("big.png", big, "image/png")}), 413,
+                         "RESOURCE_EXHAUSTED")
+    assert "MiB" in too_large["message"]
+    huge = png_bytes + b"\0" * 200_000  # refused on its declared length, before it is read
+    error_of(web.post(upload, data=SEARCH, files={"file": ("huge.png", huge, "image/png")}), 413, "RESOURCE_EXHAUSTED")
+    error_of(web.post("/api/datasets/nowhere/search/image", data=SEARCH,
+                      files={"file": ("query.png", png_bytes, "image/png")}), 404, "NOT_FOUND")
+    error_of(web.post(upload, data=SEARCH), 422, "INVALID_ARGUMENT")  # no file
+
+
+def test_compare_ranks_configurations_and_scores_one_item_under_each(web):
+    found = web.get(f"/api/datasets/{DATASET}/compare").json()
+    assert {(s["model"], s["layer"]) for s in found["ranked"]} == {("pixels", "8x8"), ("pixels", "16x16")}
+    assert all(s["baseline"] and s["queries"] == 30 for s in found["ranked"])
+    assert found["best_layer_per_model"]["pixels"]["mean_score"] == found["best"]["mean_score"]
+    item = web.get(f"/api/datasets/{DATASET}/compare", params={"item_id": "coat/t10k-00006"}).json()
+    assert set(item["item_scores"]) == {"pixels/8x8/avg/cosine", "pixels/16x16/avg/cosine"}
+    error_of(web.get("/api/datasets/nowhere/compare"), 404, "NOT_FOUND")
+
+
+def test_the_projection_has_a_point_per_item(web):
+    found = web.get(f"/api/datasets/{DATASET}/projection", params={**SEARCH, "method": "pca"}).json()
+    assert len(found["points"]) == 30 and not found["sampled"]
+    assert {p["label"] for p in found["points"]} == set(
+        web.get(f"/api/datasets/{DATASET}/items", params=SEARCH).json()["labels"])
+    error_of(web.get(f"/api/datasets/{DATASET}/projection", params={**SEARCH, "method": "tsne"}), 422,
+             "INVALID_ARGUMENT")
+    missing = web.get(f"/api/datasets/{DATASET}/projection", params={**SEARCH, "layer": "64x64", "method": "pca"})
+    error_of(missing, 404, "NOT_FOUND")
+
+
+def test_activation_maps_of_a_stored_item_and_of_an_upload(web, png_bytes):
+    params = {"id": "bag/t10k-00018", "model": "efficientnet_lite0", "layer": "_blocks.2._project_conv", "top": 3}
+    found = web.get(f"/api/datasets/{DATASET}/inspect", params=params)
+    assert found.status_code == 200, found.text
+    channels = found.json()["channels"]
+    assert len(channels) == 3 and all(c["png"].startswith("data:image/png;base64,") for c in channels)
+    uploaded = web.post("/api/inspect", data={"model": "efficientnet_lite0", "layer": "_blocks.2._project_conv",
+                                              "top": "2"}, files={"file": ("q.png", png_bytes, "image/png")})
+    assert uploaded.status_code == 200 and len(uploaded.json()["channels"]) == 2
+    error_of(web.get(f"/api/datasets/{DATASET}/inspect", params={**params, "layer": "nonsense"}), 400,
+             "INVALID_ARGUMENT")
+
+
+def events(response) -> list[tuple[str, dict]]:
+    """The server-sent events of a response: (event name, data)."""
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    found = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        found.append((lines["event"], json.loads(lines["data"])))
+    return found
+
+
+def test_indexing_and_evaluation_stream_their_progress(web):
+    indexed = events(web.get(f"/api/datasets/{DATASET}/index/events",
+                             params={"model": "pixels", "layers": "32x32", "metric": "euclidean"}))
+    assert [name for name, _ in indexed][-1] == "done" and {name for name, _ in indexed} == {"progress", "done"}
+    last = indexed[-1][1]
+    assert last["finished"] and last["total"] == 30 and last["collections"] == ["pixels/32x32/avg/euclidean"]
+    evaluated = events(web.get(f"/api/datasets/{DATASET}/evaluate/events",
+                               params={"models": "pixels", "metrics": "euclidean"}))
+    assert evaluated[-1][0] == "done" and {p["phase"] for _, p in evaluated} <= {"indexing", "evaluating"}
+    assert {s["layer"] for s in evaluated[-1][1]["results"]} == {"8x8", "16x16", "32x32", "64x64"}
+    error_of(web.get("/api/datasets/nowhere/index/events", params={"model": "pixels"}), 404, "NOT_FOUND")
+    error_of(web.get("/api/datasets/nowhere/evaluate/events"), 404, "NOT_FOUND")
+    error_of(web.get(f"/api/datasets/{DATASET}/evaluate/events", params={"metrics": "cosine,hamming"}), 422,
+             "INVALID_ARGUMENT")
+
+
+def test_a_failure_during_a_job_is_an_event_with_the_error(web):
+    failed = events(web.get(f"/api/datasets/{DATASET}/index/events", params={"model": "pixels", "layers": "9x9"}))
+    assert failed[-1][0] == "failure"
+    assert failed[-1][1]["status"] == 400 and failed[-1][1]["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def test_an_unreachable_gateway_is_503(tmp_path):
+    with TestClient(create_app(WebConfig(gateway=f"127.0.0.1:{free_port()}", timeout_s=2.0))) as web:
+        assert web.get("/healthz").status_code == 200
+        assert web.get("/readyz").status_code == 503
+        error_of(web.get("/api/datasets"), 503, "UNAVAILABLE")
+        error_of(web.get("/api/health"), 503, "UNAVAILABLE")
+
+
+def test_the_api_key_is_sent_and_a_missing_one_is_401(gateway, backends, tmp_path):
+    key = new_key()
+    keys = tmp_path / "keys.txt"
+    keys.write_text(key_line(key, "read") + "\n")
+    with running_gateway(*backends, api_keys=str(keys)) as (_, _, address):
+        with TestClient(create_app(WebConfig(gateway=address, api_key=key))) as web:
+            assert DATASET in [d["name"] for d in web.get("/api/datasets").json()]
+            # a read key may not index: the gateway's PERMISSION_DENIED ends the stream as a 403 failure
+            refused = events(web.get(f"/api/datasets/{DATASET}/index/events", params={"model": "pixels"}))
+            assert refused[-1][0] == "failure" and refused[-1][1]["status"] == 403
+        with TestClient(create_app(WebConfig(gateway=address, api_key=""))) as web:
+            error_of(web.get("/api/datasets"), 401, "UNAUTHENTICATED")
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_a_busy_port_stops_the_web_service_and_up_before_anything_starts(busy_port, tmp_path, capsys):
+    with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{busy_port}"):
+        listen("127.0.0.1", busy_port)
+    assert main(["up", "--data-dir", str(tmp_path), "--port", "0", "--extractor-port", "0", "--index-port", "0",
+                 "--web-port", str(busy_port)]) == 2
+    err = capsys.readouterr().err
+    assert f"port {busy_port}" in err and "--web-port" in err and "starting" not in err
+
+
+@contextlib.contextmanager
+def tls_gateway(backends, certs: pathlib.Path):
+    """An in-process gateway serving TLS with dev_certs.py's gateway certificate (it names 127.0.0.1)."""
+    config = GatewayConfig(host="127.0.0.1", port=0, metrics_port=-1, extractor=backends[0], index=backends[1],
+                           health_interval_s=0.2, tls_cert=str(certs / "gateway.crt"),
+                           tls_key=str(certs / "gateway.key"))
+    service, port = build_gateway(config)
+    service.start()
+    address = f"127.0.0.1:{port}"
+    channel = create_channel(address, credentials=channel_credentials(str(certs / "ca.crt")))
+    try:
+        wait_until_serving(channel, GATEWAY, timeout_s=30)
+        yield address
+    finally:
+        channel.close()
+        service.stop(0.5)
+
+
+def test_the_web_service_reaches_a_tls_gateway_with_its_ca(gateway, backends, tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "dev_certs.py"), "--out", str(certs)], check=True,
+                   capture_output=True)
+    with tls_gateway(backends, certs) as address:
+        with TestClient(create_app(WebConfig(gateway=address, tls_ca=str(certs / "ca.crt")))) as web:
+            assert DATASET in [d["name"] for d in web.get("/api/datasets").json()]
+            assert web.get("/readyz").status_code == 200
+        with TestClient(create_app(WebConfig(gateway=address, timeout_s=2.0))) as web:  # plaintext to TLS
+            error_of(web.get("/api/datasets"), 503, "UNAVAILABLE")

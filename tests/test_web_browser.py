@@ -1,0 +1,177 @@
+"""The web page in a real browser (headless Chromium from Debian, driven by Selenium) against the
+whole local stack as processes, as `convsearch up` runs it: pick a dataset and a configuration,
+index it from the page, click an image and get 15 results and a score, search with an uploaded
+image, evaluate and draw the chart, draw the map and search from it, look at activation maps, and
+read an error. Screenshots go to test-output/web/."""
+
+import os
+import pathlib
+import shutil
+
+import pytest
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from convsearch.client import Client
+from convsearch.datasets import encode_png, fashion_mnist_sample
+from convsearch.local import LocalStack
+
+pytestmark = pytest.mark.slow
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-output" / "web"
+CHROMIUM = os.environ.get("CONVSEARCH_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("CONVSEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")
+DATASET = "closet"
+PER_CLASS = 4
+WAIT_S = 90
+
+
+def browser_paths() -> tuple[str, str]:
+    """Chromium and its driver; a failure (never a skip) naming the packages when either is missing."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not shutil.which(path)]
+    assert not missing, (f"{', '.join(missing)} not found: install Debian's chromium and chromium-driver "
+                         "(scripts/setup.sh does as root)")
+    return CHROMIUM, CHROMEDRIVER
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """The local stack with the web page, and a labeled dataset of 40 images, not yet indexed."""
+    with LocalStack(tmp_path_factory.mktemp("data"), web=True) as running:
+        with Client(running.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+            client.create_dataset(DATASET, "for the browser test")
+            items = [(f"{label}/{image_id}", label, encode_png(pixels))
+                     for image_id, label, pixels in fashion_mnist_sample(per_class=PER_CLASS)]
+            assert all(r.status != "failed" for r in client.ingest(DATASET, items))
+        yield running
+
+
+@pytest.fixture(scope="module")
+def browser():
+    chromium, chromedriver = browser_paths()
+    options = Options()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600",
+                     "--disable-gpu"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
+    driver.set_page_load_timeout(WAIT_S)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, what: str, timeout: float = WAIT_S):
+    """Waits until condition(driver) is truthy; on a timeout fails with the page's error banner."""
+    try:
+        return WebDriverWait(driver, timeout, poll_frequency=0.2).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(SHOTS / "failure.png"))
+        banner = driver.find_element(By.ID, "error-text").text
+        pytest.fail(f"waited {timeout:.0f} s for {what}; error shown: {banner or '(none)'}")
+
+
+def shoot(driver, name: str, element_id: str = "") -> None:
+    """A screenshot of the window, or of one section, under test-output/web/."""
+    path = str(SHOTS / f"{name}.png")
+    if element_id:
+        element = driver.find_element(By.ID, element_id)
+        driver.execute_script("arguments[0].scrollIntoView(true)", element)
+        element.screenshot(path)
+    else:
+        driver.execute_script("window.scrollTo(0, 0)")
+        driver.save_screenshot(path)
+
+
+def tiles(driver, container: str):
+    return driver.find_elements(By.CSS_SELECTOR, f"#{container} .tile")
+
+
+def choose(driver, select_id: str, value: str) -> None:
+    Select(driver.find_element(By.ID, select_id)).select_by_value(value)
+
+
+def no_error(driver) -> None:
+    assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error-text").text
+
+
+def test_the_playground_in_a_browser(stack, browser, tmp_path):
+    driver = browser
+    driver.get(stack.web_url)
+    wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "the page to load")
+    no_error(driver)
+
+    # A dataset and a configuration not indexed yet: the page says so, and indexes it with a progress bar.
+    choose(driver, "dataset", DATASET)
+    wait_for(driver, lambda d: "Index" in d.find_element(By.ID, "grid-note").text, "the not-indexed note")
+    choose(driver, "model", "pixels")
+    choose(driver, "metric", "cosine")
+    driver.find_element(By.ID, "index-button").click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs .job progress"), "a progress bar")
+    wait_for(driver, lambda d: len(tiles(d, "grid")) == 10 * PER_CLASS, "the dataset's images after indexing")
+    assert "✓" in Select(driver.find_element(By.ID, "layer")).first_selected_option.text
+    choose(driver, "layer", "16x16")
+    wait_for(driver, lambda d: d.find_element(By.ID, "grid").get_attribute("data-collection")
+             == "pixels/16x16/avg/cosine", "the grid at 16x16")
+    assert len(tiles(driver, "grid")) == 10 * PER_CLASS
+    shoot(driver, "1-dataset")
+
+    # Click an image: its 15 nearest, marked, and its search score.
+    driver.find_element(By.CSS_SELECTOR, "#grid .tile[data-id^='coat/']").click()
+    wait_for(driver, lambda d: len(tiles(d, "results")) == 15, "15 results")
+    wait_for(driver, lambda d: "Search score" in d.find_element(By.ID, "score").text, "the search score")
+    score = driver.find_element(By.ID, "score").text
+    assert "/ 15 results in the same category (coat)" in score
+    marked = driver.find_elements(By.CSS_SELECTOR, "#results .result.same, #results .result.other")
+    assert len(marked) == 15
+    shoot(driver, "2-search", "search")
+
+    # Upload an image to search with it (no class, so no score).
+    query = tmp_path / "query.png"
+    query.write_bytes(encode_png(fashion_mnist_sample(per_class=PER_CLASS + 1)[PER_CLASS][2]))
+    driver.find_element(By.ID, "upload").send_keys(str(query))
+    wait_for(driver, lambda d: "uploaded image" in d.find_element(By.ID, "score").text, "the upload's results")
+    assert len(tiles(driver, "results")) == 15
+    shoot(driver, "3-upload", "search")
+
+    # Evaluate from the page: the per-layer chart of the mean search score.
+    driver.find_element(By.ID, "evaluate-button").click()
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#chart-layers .bars .point")) >= 4,
+             "the chart's bars")
+    assert "Best: pixels" in driver.find_element(By.ID, "compare-note").text
+    shoot(driver, "4-compare", "compare")
+
+    # The map, coloured by class; hovering shows the image, clicking searches with it.
+    driver.find_element(By.ID, "map-button").click()
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map .scatterlayer .point")) == 10 * PER_CLASS,
+             "the map's points")
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#map .legend .traces")) == 10
+    point = driver.find_elements(By.CSS_SELECTOR, "#map .scatterlayer .point")[0]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", point)
+    ActionChains(driver).move_to_element(point).perform()
+    wait_for(driver, lambda d: d.find_element(By.ID, "hover-thumb").is_displayed(), "the hover thumbnail", 15)
+    shoot(driver, "5-map", "map-section")
+    ActionChains(driver).move_to_element(point).click().perform()
+    wait_for(driver, lambda d: "Search score" in d.find_element(By.ID, "score").text, "a search from the map")
+
+    # Activation maps of the query at a layer of a CNN.
+    choose(driver, "model", "efficientnet_lite0")
+    choose(driver, "layer", "_blocks.4._project_conv")
+    driver.find_element(By.ID, "inspect-button").click()
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#maps figure img")) == 8, "activation maps")
+    shoot(driver, "6-inspect", "inspect")
+
+    # An error is a readable message: a map of a configuration that is not indexed.
+    driver.find_element(By.ID, "map-button").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "error").is_displayed(), "the error banner")
+    assert "HTTP 404" in driver.find_element(By.ID, "error-text").text
+    shoot(driver, "7-error")
+    severe = [entry for entry in driver.get_log("browser")
+              if entry["level"] == "SEVERE" and "status of 404" not in entry["message"]]
+    assert not severe, severe
