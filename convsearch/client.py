@@ -215,9 +215,9 @@ def _dataset(message, collections=()) -> Dataset:
 class Client:
     """A connection to the gateway at `address` (host:port).
 
-    Its calls form a session: each reply's `convsearch-version` (trailing metadata) raises
-    `session_version`, which goes with every later call as `convsearch-min-version`, so this client
-    reads its own writes, and never older data than it has seen, through any gateway replica
+    Its calls form a session: each reply's `convsearch-version` (trailing metadata, on failed
+    calls too) raises `session_version`, which goes with every later call as
+    `convsearch-min-version`, so this client reads its own writes through any gateway replica
     serving from index followers. Give another client `session_version` to continue the session
     there (another process, another gateway address)."""
 
@@ -226,6 +226,8 @@ class Client:
                  session_version: int = 0):
         self.address = address
         self.timeout_s = timeout_s
+        if session_version < 0:
+            raise ValueError(f"session_version is a version a reply gave (0 or more), not {session_version}")
         self.session_version = session_version
         # TLS when a CA or client certificate is given (None: CONVSEARCH_TLS_CA/_CERT/_KEY); plaintext otherwise.
         self._channel = create_channel(address, credentials=client_credentials(tls_ca, tls_cert, tls_key))
@@ -254,8 +256,10 @@ class Client:
         return ((MIN_VERSION_KEY, str(self.session_version)),) if self.session_version else ()
 
     def _reached(self, call) -> None:
-        for key, value in call.trailing_metadata() or ():
-            if key == VERSION_KEY:
+        """Raises session_version to the call's `convsearch-version` (a failed call's too)."""
+        trailing = call.trailing_metadata() if isinstance(call, grpc.Call) else None
+        for key, value in trailing or ():
+            if key == VERSION_KEY and value.isdigit():
                 self.session_version = max(self.session_version, int(value))
 
     def _call(self, method: str, request):
@@ -263,6 +267,7 @@ class Client:
             reply, call = getattr(self._stub, method).with_call(request, timeout=self.timeout_s,
                                                                 metadata=self._session())
         except grpc.RpcError as exc:
+            self._reached(exc)
             raise self._error(exc) from None
         self._reached(call)
         return reply
@@ -272,6 +277,7 @@ class Client:
         try:
             yield from responses
         except grpc.RpcError as exc:
+            self._reached(exc)
             raise self._error(exc) from None
         self._reached(responses)
 

@@ -394,11 +394,18 @@ def damage_the_items(folder):
     (folder / "records.sqlite").write_bytes(b"not a database" * 100)
 
 
-@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items])
+def damage_the_items_midway(folder):
+    path = folder / "records.sqlite"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 8192] = b"\xa5" * 8192
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items, damage_the_items_midway])
 def test_a_snapshot_that_fails_its_checks_restores_nothing_not_even_for_followers(tmp_path, damage):
     index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
     index.create_dataset("shoes")
-    index.put_items("shoes", [ItemRecord(i, "a", image=i.encode()) for i in ids_of(20)])
+    index.put_items("shoes", [ItemRecord(i, "a", image=i.encode() * 300) for i in ids_of(2000)])
     index.create_collection("shoes", CollectionKey("m", "l"), DIM)
     index.upsert_vectors("shoes", "m/l/avg/cosine", ids_of(20), clustered_vectors(20, DIM, 2, 1))
     good = index.snapshot("shoes")[0].name
@@ -412,7 +419,8 @@ def test_a_snapshot_that_fails_its_checks_restores_nothing_not_even_for_follower
     assert {p.name for p in (tmp_path / "collections").iterdir()} == before
     logged = [(c.kind, c.dataset) for c in index.changes.after(position, 1 << 20, 0)]
     assert logged in ([], [("create_dataset", "copy"), ("delete_dataset", "copy")])  # a follower ends without it
-    assert index.restore(good, "copy").item_count == 20  # the name is free, the good snapshot restores
+    assert index.restore(good, "copy").item_count == 2000  # the name is free, the good snapshot restores
+    index.create_dataset("more")  # the index still takes writes
     index.close()
 
 

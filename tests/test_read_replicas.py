@@ -100,11 +100,16 @@ def test_a_session_reads_its_own_writes_through_another_gateway(stack):
         with Client(other, session_version=writer.session_version) as reader:
             assert reader.dataset("late").name == "late"  # the follower is behind: from the primary
             assert reader.session_version == writer.session_version
-            with pytest.raises(grpc.RpcError) as caught:
-                gateway_pb2_grpc.GatewayServiceStub(reader._channel).ListDatasets(
-                    pb.ListDatasetsRequest(), metadata=(("convsearch-min-version", "soon"),))
-            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "convsearch-min-version" in caught.value.details()
+            for bad in ("soon", "-1", " +1_0 ", str(1 << 63)):
+                with pytest.raises(grpc.RpcError) as caught:
+                    gateway_pb2_grpc.GatewayServiceStub(reader._channel).ListDatasets(
+                        pb.ListDatasetsRequest(), metadata=(("convsearch-min-version", bad),))
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
+                assert "convsearch-min-version" in caught.value.details()
+        with Client(stack.address) as failing:  # a failed call carries the version too
+            with pytest.raises(NotFound):
+                failing.delete_collection("late", "no/such/avg/cosine")
+            assert failing.session_version == writer.session_version
 
 
 def test_without_the_follower_reads_fall_back_to_the_primary(stack, chelsea_jpeg):

@@ -557,6 +557,11 @@ def test_a_data_dir_is_never_started_as_the_other_role_by_mistake(tmp_path):
     # The follower's copy without --follow: refused, then promoted on purpose.
     with pytest.raises(SystemExit, match=rf"is a follower's copy of {address}.*--follow {address}.*--promote"):
         serve_index(tmp_path / "f", fsync=False)
+    state = (tmp_path / "f" / "follower.json").read_bytes()
+    (tmp_path / "f" / "follower.json").unlink()  # as a whole copy under way leaves it
+    with pytest.raises(SystemExit, match="incomplete copy .* cannot become a primary"):
+        serve_index(tmp_path / "f", fsync=False, promote=True)
+    (tmp_path / "f" / "follower.json").write_bytes(state)
     promoted, channel, _ = serve_index(tmp_path / "f", fsync=False, promote=True)
     try:
         stub = _stub(channel)
@@ -571,3 +576,36 @@ def test_a_data_dir_is_never_started_as_the_other_role_by_mistake(tmp_path):
     finally:
         channel.close()
         restarted.stop(0.5)
+
+
+def test_a_collection_damaged_at_the_primary_leaves_its_followers_serving_the_rest(tmp_path):
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    stub = _stub(primary_channel)
+    stub.CreateDataset(pb.CreateDatasetRequest(name="d"))
+    stub.PutItems(pb.PutItemsRequest(dataset="d", items=[pb.Item(id=f"i{n}") for n in range(50)]))
+    vectors = np.random.default_rng(2).normal(size=(50, DIM)).astype(np.float32)
+    for metric, name in ((common_pb2.METRIC_COSINE, COSINE), (common_pb2.METRIC_EUCLIDEAN, EUCLID)):
+        stub.CreateCollection(pb.CreateCollectionRequest(dataset="d", spec=_spec(metric)))
+        stub.UpsertVectors(pb.UpsertVectorsRequest(dataset="d", collection=name, ids=[f"i{n}" for n in range(50)],
+                                                   vectors=to_tensor(vectors)))
+        stub.PutAttachment(pb.PutAttachmentRequest(dataset="d", collection=name, key="eval", data=b"scores"))
+    directory = primary.index.collection("d", COSINE).directory
+    primary_channel.close()
+    primary.stop(0.5)
+    graph = directory / json.loads((directory / "CURRENT").read_text())["checkpoint"] / "graph.bin"
+    graph.write_bytes(b"\0" * graph.stat().st_size)
+    primary, primary_channel, _ = serve_index(tmp_path / "p", fsync=False, port=int(address.rsplit(":", 1)[1]))
+    follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False)  # SERVING: its copy is done
+    try:
+        reader = _stub(channel)
+        assert [c.name for c in reader.ListCollections(pb.ListCollectionsRequest(dataset="d")).collections] == [
+            EUCLID]
+        assert reader.GetAttachment(pb.GetAttachmentRequest(dataset="d", collection=EUCLID, key="eval")).data == \
+            b"scores"
+        hits = reader.Search(pb.SearchRequest(dataset="d", collection=EUCLID, k=1, exact=True,
+                                              queries=to_tensor(vectors[7:8])))
+        assert list(hits.results[0].ids) == ["i7"]
+    finally:
+        for service, open_channel in ((follower, channel), (primary, primary_channel)):
+            open_channel.close()
+            service.stop(0.5)

@@ -1,15 +1,18 @@
 """Read-your-writes through any gateway: a client's session version.
 
-Every reply of the gateway carries the trailing metadata `convsearch-version`: the index version
-the call's dataset had reached here (that of this gateway's latest write to it, or the version a
-read was made at; for calls about no dataset, the highest of all). A client that sends the highest
-one it has seen as `convsearch-min-version` on its next calls reads its own writes, and never
-older data than it has seen, through any gateway replica, also one it never wrote through: a
-follower that has not applied that version waits (`--max-lag-wait` of the index), then the read
-goes to the primary. The Python client does this by itself (`Client.session_version`).
+Every reply of the gateway, a failed one too (a stream may have written before it failed),
+carries the trailing metadata `convsearch-version`: the highest of the version the call asked for
+and the index version of the latest write this gateway made to the call's dataset (for calls about
+no dataset, of any). A client that sends the highest one it has seen as `convsearch-min-version`
+on its next calls reads its own writes through any gateway replica, also one it never wrote
+through: a follower that has not applied that version waits (`--max-lag-wait` of the index, at
+most half the call's time left), then the read goes to the primary. The Python client does this by
+itself (`Client.session_version`). It is a version of writes: a read answered by an up-to-date
+follower does not raise it.
 """
 
 import contextvars
+import re
 
 import grpc
 
@@ -19,18 +22,17 @@ from convsearch.grpc_errors import abort
 from convsearch.observability import behavior_of, with_behavior
 from convsearch_gateway.replicas import SESSION_VERSION, Versions, dataset_of
 
+_VERSION = re.compile(r"\d{1,19}")
+MAX_VERSION = (1 << 63) - 1
+
 
 def _min_version(context) -> int:
     for key, value in context.invocation_metadata() or ():
         if key == MIN_VERSION_KEY:
-            try:
-                version = int(value)
-            except ValueError:
-                version = -1
-            if version < 0:
+            if not _VERSION.fullmatch(value) or int(value) > MAX_VERSION:
                 raise InvalidArgument(f"metadata {MIN_VERSION_KEY} must be a version a reply's {VERSION_KEY} gave "
-                                      f"(a whole number, 0 or more), got {value!r}", field=MIN_VERSION_KEY)
-            return version
+                                      f"(digits, 0 to {MAX_VERSION}), got {value[:40]!r}", field=MIN_VERSION_KEY)
+            return int(value)
     return 0
 
 
@@ -69,21 +71,27 @@ class Sessions(grpc.ServerInterceptor):
             call = contextvars.copy_context()
             call.run(SESSION_VERSION.set, wanted)
             if not streaming:
-                reply = call.run(behavior, request_or_requests, context)
-                self._answer(context, datasets, wanted)
-                return reply
+                try:
+                    return call.run(behavior, request_or_requests, context)
+                finally:  # a failed call too: it may have written first (the status is sent after this)
+                    self._answer(context, datasets, wanted)
             return self._streamed(call, call.run(behavior, request_or_requests, context), context, datasets, wanted)
 
         return with_behavior(handler, serve)
 
     def _streamed(self, call: contextvars.Context, replies, context, datasets: set[str], wanted: int):
-        while True:
-            try:
-                reply = call.run(next, replies)
-            except StopIteration:
-                break
-            yield reply
-        self._answer(context, datasets, wanted)
+        try:
+            while True:
+                try:
+                    reply = call.run(next, replies)
+                except StopIteration:
+                    break
+                yield reply
+        finally:  # ended, failed or cancelled: the handler's own clean-up runs now, in its context
+            close = getattr(replies, "close", None)
+            if close is not None:
+                call.run(close)
+            self._answer(context, datasets, wanted)
 
     def _answer(self, context, datasets: set[str], wanted: int) -> None:
         reached = max([wanted, *(self.versions.of(dataset) for dataset in datasets or {""})])
@@ -92,5 +100,7 @@ class Sessions(grpc.ServerInterceptor):
 
 def _noting(requests, method: str, datasets: set[str]):
     for request in requests:
-        datasets.add(dataset_of(method, request))
+        dataset = dataset_of(method, request)
+        if dataset:  # a stream's later messages may leave it out
+            datasets.add(dataset)
         yield request

@@ -10,6 +10,7 @@ dataset from a snapshot.
 
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import functools
 import inspect
@@ -31,7 +32,17 @@ from typing import BinaryIO
 
 import numpy as np
 
-from convsearch.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
+from convsearch.errors import (
+    AlreadyExists,
+    ConvsearchError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    shown,
+)
 from convsearch.naming import collection_name
 from convsearch_index import durable
 from convsearch_index.changes import ChangeLog, DatasetCopy
@@ -108,6 +119,22 @@ class CollectionInfo:
 def _without(ids: list[str], distances: np.ndarray, dropped: set[str], k: int) -> tuple[list[str], np.ndarray]:
     keep = [position for position, i in enumerate(ids) if i not in dropped][:k]
     return [ids[p] for p in keep], distances[keep]
+
+
+def _restore_error(snapshot: str, exc: Exception) -> Exception:
+    """What a failed restore answers: DATA_LOSS for a snapshot that cannot be read or fails its
+    checks, RESOURCE_EXHAUSTED for a full disk, the error itself for anything else."""
+    if isinstance(exc, ConvsearchError):
+        return exc
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"no room on the index's disk to restore snapshot {shown(snapshot)} ({exc}); "
+                                 "nothing was restored: free space and restore again", reason="DISK_FULL")
+    damaged = (tarfile.TarError, KeyError, TypeError, ValueError, FileNotFoundError, sqlite3.DatabaseError)
+    if isinstance(exc, damaged) and not isinstance(exc, sqlite3.OperationalError):
+        return DataLoss(f"snapshot {shown(snapshot)} cannot be restored: {type(exc).__name__}: {exc}. Nothing was "
+                        "restored; restore another snapshot of the dataset", reason="SNAPSHOT_DAMAGED",
+                        resource_type="snapshot", resource_name=snapshot)
+    return exc
 
 
 def check_name(name: str) -> None:
@@ -626,25 +653,20 @@ class Index:
                 with self._snapshot_lock, tarfile.open(path) as archive:
                     archive.extractall(work, filter="data")
                 manifest = json.loads((work / "manifest.json").read_text())
-            except (tarfile.TarError, OSError, ValueError) as exc:
-                raise self._unreadable(snapshot, exc) from None
+            except Exception as exc:
+                raise _restore_error(snapshot, exc) from exc
             self.create_dataset(dataset, f"restored from {snapshot}")
             try:
                 self.fence(dataset, fence_ttl_s)
                 self._restore_contents(dataset, work, manifest)
-            except BaseException as exc:
-                self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
-                if isinstance(exc, (sqlite3.Error, OSError, KeyError, TypeError, ValueError)):
-                    raise self._unreadable(snapshot, exc) from None
-                raise
+            except Exception as exc:
+                try:
+                    self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
+                except Exception:  # noqa: BLE001 - logged; the restore's own error is the one to report
+                    log.exception("could not remove the partly restored dataset %s", dataset)
+                raise _restore_error(snapshot, exc) from exc
         self._record("copy_dataset", dataset)  # followers copy it whole
         return self.dataset(dataset)
-
-    @staticmethod
-    def _unreadable(snapshot: str, exc: BaseException) -> DataLoss:
-        return DataLoss(f"snapshot {shown(snapshot)} cannot be restored: {type(exc).__name__}: {exc}. Nothing was "
-                        "restored; restore another snapshot of the dataset", reason="SNAPSHOT_DAMAGED",
-                        resource_type="snapshot", resource_name=snapshot)
 
     def _restore_contents(self, dataset: str, work: pathlib.Path, manifest: dict) -> None:
         """Fills a restored dataset from an extracted snapshot; raises when any of it fails."""
@@ -699,9 +721,11 @@ class Index:
                         "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}
                 collections.append((spec, folder, info.vectors.link_files(folder)))
             items = self.records.item_snapshot(dataset)
+            copied = {info.key.name for info in self.collections(dataset) if info.vectors is not None}
+            attachments = [a for a in self.records.attachments(dataset) if a[0] in copied]  # a[0]: its collection
             try:
                 return DatasetCopy(self.records.dataset(dataset), self.changes.last if self.changes else 0, items,
-                                   self.records.attachments(dataset), collections)
+                                   attachments, collections)
             except BaseException:
                 items.close()
                 raise

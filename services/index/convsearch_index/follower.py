@@ -8,9 +8,13 @@ writes it stands for, without an fsync of its own: after a power cut it may be o
 writes, never newer). A restart resumes from there: the primary sends what came after, or, when
 that is no longer in its change log (or the primary restarted: another epoch; or the file is
 unreadable), whole copies. Changes are idempotent, so applying again what a crash left
-unrecorded changes nothing. A change
-that cannot be applied (a collection damaged here, a disk error) is never skipped: the follower
-copies everything again, as it does when it starts with a damaged collection.
+unrecorded changes nothing (a change finding its item, collection or dataset already there or
+gone is such a repeat). Any other failure to apply a change is never skipped: the follower
+reconnects and tries it again, and when a collection here is damaged, or the same change fails
+APPLY_ATTEMPTS times, it copies everything again, as it does when it starts with a damaged
+collection. A collection whose copy arrives damaged (its files at the primary fail their checks)
+is kept as damaged and answers DATA_LOSS (the gateway then reads from the primary); changes to it
+are skipped, never copied again and again.
 
 A dataset copy goes in fast without giving up a check: its items go straight into SQLite (the
 dataset is new, so there is nothing to replace) on a thread of their own while the files
@@ -47,7 +51,15 @@ import grpc
 import prometheus_client as prom
 
 from convsearch.channels import create_channel
-from convsearch.errors import AlreadyExists, ConvsearchError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from convsearch.errors import (
+    AlreadyExists,
+    ConvsearchError,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from convsearch.grpc_errors import abort
 from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
@@ -56,11 +68,12 @@ from convsearch.tensors import from_tensor
 from convsearch_index import durable
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.records import ItemRecord
-from convsearch_index.replication import spec_dict, spec_name
+from convsearch_index.replication import PROTOCOL, spec_dict, spec_name
 
 log = logging.getLogger("convsearch.index.follower")
 STATE_FILE = "follower.json"
 BACKOFF_S = (0.1, 5.0)  # first and longest wait between attempts to reach the primary
+APPLY_ATTEMPTS = 3  # a change failing this many times in a row makes the follower copy everything again
 # RPCs a follower refuses: writes, and what holds or moves images and snapshots (they stay on the primary).
 REFUSED = frozenset({"CreateDataset", "DeleteDataset", "PutItems", "PutItemsStream", "DeleteItems",
                      "CreateCollection", "DeleteCollection", "UpsertVectors", "PutAttachment", "SnapshotDataset",
@@ -216,7 +229,11 @@ class _Copy:
 
 
 class _Diverged(Exception):
-    """A change this follower could not apply: it copies everything again."""
+    """A change this follower could not apply, at `position`; `damaged`: a collection here is."""
+
+    def __init__(self, message: str, position: int, damaged: bool):
+        super().__init__(message)
+        self.position, self.damaged = position, damaged
 
 
 class Follower:
@@ -234,7 +251,7 @@ class Follower:
         self._on_syncing = on_syncing  # a whole copy starts again: NOT_SERVING until on_ready
         self._state_path = index.data_dir / STATE_FILE
         self._incoming = index.data_dir / "replication" / "incoming"  # emptied at each start (server.py)
-        state = _read_state(self._state_path)
+        state = read_state(self._state_path)
         self.epoch: str = state.get("epoch", "")
         self.position: int = state.get("position", 0)
         self.ready = bool(self.epoch)  # holds a consistent copy (maybe old) to serve
@@ -242,6 +259,8 @@ class Follower:
         if damaged:
             log.error("collections damaged here (%s): copying everything from the primary again", ", ".join(damaged))
         self._copy_again = bool(damaged)  # the next stream asks for whole copies, whatever its position
+        self._failed_at, self._failures = 0, 0  # the change that failed last, and how often in a row
+        self._damaged_copies: set[tuple[str, str]] = set()  # (dataset, collection) that arrived damaged
         self._stream_epoch = ""
         self._skip: dict[str, int] = {}  # dataset -> position its copy holds every change up to
         self._copied: set[str] = set()  # datasets copied since the last full-sync start
@@ -268,8 +287,11 @@ class Follower:
         self._connected = prom.Gauge("convsearch_index_follower_connected",
                                      "1 while the stream from the primary is open", registry=registry)
         self._diverged = prom.Counter("convsearch_index_follower_diverged",
-                                      "Changes this follower could not apply (each makes it copy everything again)",
-                                      registry=registry)
+                                      "Changes this follower could not apply, whose failure made it copy everything "
+                                      "again", registry=registry)
+        self._damaged_copy = prom.Counter("convsearch_index_follower_damaged_copies",
+                                          "Collections whose copy from the primary failed its checks (rebuild them "
+                                          "at the primary)", registry=registry)
         self._version.set(self.position)
 
     # ---- lifecycle ---------------------------------------------------------------------
@@ -291,9 +313,15 @@ class Follower:
             try:
                 self._follow()
             except _Diverged as exc:
-                log.error("%s; copying everything from the primary again", exc)
-                self._diverged.inc()
-                self._copy_again = True
+                self._failures = self._failures + 1 if exc.position == self._failed_at else 1
+                self._failed_at = exc.position
+                if exc.damaged or self._failures >= APPLY_ATTEMPTS:
+                    log.error("%s; copying everything from the primary again", exc)
+                    self._diverged.inc()
+                    self._copy_again = True
+                else:
+                    log.warning("%s; trying it again (attempt %d of %d before copying everything)", exc,
+                                self._failures + 1, APPLY_ATTEMPTS)
             except grpc.RpcError as exc:
                 if self._stopping.is_set():
                     return
@@ -317,7 +345,7 @@ class Follower:
         with create_channel(primary, max_message_mb, credentials, server_name) as channel:
             self._call = index_pb2_grpc.IndexServiceStub(channel).Replicate(pb.ReplicateRequest(
                 epoch="" if self._copy_again else self.epoch, position=self.position,
-                follower=socket.gethostname()))
+                follower=socket.gethostname(), protocol=PROTOCOL))
             if self._stopping.is_set():
                 self._call.cancel()
             for message in self._call:
@@ -346,6 +374,9 @@ class Follower:
             self._apply(message.changes)
 
     def _start(self, start: pb.ReplicationStart) -> None:
+        if start.protocol != PROTOCOL:
+            raise FailedPrecondition(f"the primary {self.primary} speaks replication protocol {start.protocol}, this "
+                                     f"follower {PROTOCOL}: run the same release on both")
         self._stream_epoch = start.epoch
         if not start.full_sync:
             log.info("following %s: resumed after version %d (epoch %s)", self.primary, self.position, start.epoch)
@@ -361,7 +392,10 @@ class Follower:
         if was_ready:
             self._on_syncing()
         self._state_path.unlink(missing_ok=True)
+        if self.index.fsync:
+            durable.fsync_path(self._state_path.parent)  # never back after a power cut, over half-replaced data
         self._copy_again = False
+        self._damaged_copies = set()
         self._full_syncs.inc()
         if self._restarted_sync:  # the primary copies again mid-stream: timed from here
             self._sync_started = time.monotonic()
@@ -388,8 +422,16 @@ class Follower:
             if self.index.fsync:
                 durable.fsync_tree(folder)
             # Verified against the checkpoint's manifest with the digests taken as the bytes came.
-            self.index.install_collection(copy.dataset, spec, folder, sha256=digests[name])
+            installed = self.index.install_collection(copy.dataset, spec, folder, sha256=digests[name])
+            if installed.damage:
+                log.error("the copy of %s from the primary %s fails its checks: %s. It answers DATA_LOSS here "
+                          "(reads go to the primary) and takes none of the primary's changes until it is "
+                          "rebuilt there", name, self.primary, installed.damage)
+                self._damaged_copies.add((copy.dataset, name))
+                self._damaged_copy.inc()
         for attachment in copy.attachments:
+            if (copy.dataset, attachment.collection) in self._damaged_copies:
+                continue
             self.index.put_attachment(copy.dataset, attachment.collection, attachment.key, attachment.version,
                                       attachment.data)
         self._skip[copy.dataset] = copy.position
@@ -419,9 +461,17 @@ class Follower:
             if change.position > self._skip.get(dataset, 0):
                 try:
                     self._apply_change(change)
+                except DataLoss as exc:
+                    write = change.WhichOneof("write")
+                    if (dataset, getattr(getattr(change, write), "collection", "")) not in self._damaged_copies:
+                        raise _Diverged(f"change {change.position} ({write}) of dataset {dataset} could not be "
+                                        f"applied: {exc}", change.position, damaged=True) from exc
+                    log.warning("change %d (%s) of dataset %s skipped: its collection arrived damaged from the "
+                                "primary", change.position, write, dataset)
                 except Exception as exc:  # noqa: BLE001 - raised as what it means for this follower
                     raise _Diverged(f"change {change.position} ({change.WhichOneof('write')}) of dataset "
-                                    f"{dataset} could not be applied: {type(exc).__name__}: {exc}") from exc
+                                    f"{dataset} could not be applied: {type(exc).__name__}: {exc}", change.position,
+                                    damaged=False) from exc
             applied = change.position
         if applied is not None:
             self._advance(self._stream_epoch, applied)
@@ -482,9 +532,10 @@ class Follower:
             f"this index follows {self.primary} and is read-only; send writes (and image and snapshot reads) "
             f"there ({method} refused)", reason="READ_ONLY_FOLLOWER", metadata={"primary": self.primary})
 
-    def admit(self, method: str, request) -> None:
+    def admit(self, method: str, request, remaining_s: float | None = None) -> None:
         """Raises unless this follower may answer the read: images are at the primary; a
-        `min_version` not applied within max_lag_wait_s is UNAVAILABLE (read from the primary)."""
+        `min_version` not applied within max_lag_wait_s (or half the call's `remaining_s`, so the
+        caller has time left for the primary) is UNAVAILABLE (read from the primary)."""
         if method in IMAGE_READS and request.include_images:
             raise self.read_only(method)
         if not self.ready:
@@ -494,18 +545,19 @@ class Follower:
         wanted = getattr(request, "min_version", 0)
         if wanted <= self.position:
             return
+        wait_s = self.max_lag_wait_s if remaining_s is None else min(self.max_lag_wait_s, remaining_s / 2)
         with self._applied:
-            if self._applied.wait_for(lambda: self.position >= wanted, self.max_lag_wait_s):
+            if self._applied.wait_for(lambda: self.position >= wanted, wait_s):
                 return
             applied = self.position
         raise Unavailable(f"this follower has applied version {applied}, older than min_version {wanted}, after "
-                          f"waiting {self.max_lag_wait_s:g}s; read from the primary {self.primary}",
+                          f"waiting {wait_s:.3g}s; read from the primary {self.primary}",
                           reason="FOLLOWER_BEHIND", retry_after_s=0.1,
                           metadata={"primary": self.primary, "applied_version": str(applied),
                                     "min_version": str(wanted)})
 
 
-def _read_state(path: pathlib.Path) -> dict:
+def read_state(path: pathlib.Path) -> dict:
     """The recorded position ({} when there is none, or none readable: everything is copied again)."""
     try:
         state = json.loads(path.read_text())
@@ -557,7 +609,7 @@ class FollowerGate(grpc.ServerInterceptor):
 
         def admitted(request, context):
             try:
-                follower.admit(method, request)
+                follower.admit(method, request, context.time_remaining())
             except ConvsearchError as exc:
                 abort(context, exc)
             return behavior(request, context)

@@ -260,16 +260,25 @@ class Records:
                 self._db.execute("DETACH DATABASE snapshot")
 
     def import_items(self, path: pathlib.Path, source: str, target: str) -> None:
-        """Copies items of dataset `source` from a snapshot file into dataset `target`."""
+        """Copies items of dataset `source` from a snapshot file into dataset `target`, all or
+        none: a snapshot file that fails SQLite's check, or its reading, adds nothing."""
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
             try:
+                problems = [row[0] for row in self._db.execute("PRAGMA snapshot.quick_check")]
+                if problems != ["ok"]:
+                    found = "; ".join(problems[:3]).replace("\n", "; ")
+                    raise sqlite3.DatabaseError(f"its items fail SQLite's check: {found}")
                 columns = [row[1] for row in self._db.execute("PRAGMA snapshot.table_info(items)")]
                 digest = "digest" if "digest" in columns else "''"  # snapshots from before digests
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO main.items (dataset, id, label, metadata, image, digest) "
-                                 f"SELECT ?, id, label, metadata, image, {digest} "
-                                 "FROM snapshot.items WHERE dataset = ?", (target, source))
+                try:
+                    self._db.execute("INSERT INTO main.items (dataset, id, label, metadata, image, digest) "
+                                     f"SELECT ?, id, label, metadata, image, {digest} "
+                                     "FROM snapshot.items WHERE dataset = ?", (target, source))
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
                 self._db.execute("COMMIT")
             finally:
                 self._db.execute("DETACH DATABASE snapshot")

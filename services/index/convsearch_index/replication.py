@@ -38,6 +38,9 @@ FILE_CHUNK = 2 << 20  # bytes of a collection file per message
 ITEMS_PER_MESSAGE = 5000  # items of a dataset copy per message (no images: ~100 bytes each)
 BATCH_BYTES = 4 << 20  # changes per message, about
 HEARTBEAT_S = 1.0
+PROTOCOL = 2
+"""The stream's format: 2 sends a copy's attachments one a message. A primary and its followers
+speak the same (a mismatch is refused at the start, never half understood)."""
 
 
 def spec_message(spec: dict) -> pb.CollectionSpec:
@@ -161,7 +164,7 @@ def _file_chunks(copy: DatasetCopy) -> Iterator[pb.ReplicateResponse]:
 
 def _full_copy(index: Index, position: int) -> Iterator[pb.ReplicateResponse]:
     yield pb.ReplicateResponse(start=pb.ReplicationStart(epoch=index.changes.epoch, position=position,
-                                                         full_sync=True))
+                                                         full_sync=True, protocol=PROTOCOL))
     for dataset in index.records.dataset_names():
         yield from _copy(index, dataset)
     yield pb.ReplicateResponse(sync_done=pb.SyncDone(position=position))
@@ -174,6 +177,11 @@ def replicate(index: Index, request: pb.ReplicateRequest, context) -> Iterator[p
         raise FailedPrecondition("this index keeps no change log, so it cannot be followed",
                                  reason="NOT_A_PRIMARY")
     who = request.follower or context.peer()
+    if request.protocol != PROTOCOL:
+        raise FailedPrecondition(f"follower {who} speaks replication protocol {request.protocol}, this primary "
+                                 f"{PROTOCOL}: run the same release on both", reason="REPLICATION_PROTOCOL_MISMATCH",
+                                 metadata={"primary_protocol": str(PROTOCOL),
+                                           "follower_protocol": str(request.protocol)})
     position = request.position
     full = request.epoch != changes.epoch or not changes.holds(position)
     if full:
@@ -183,7 +191,8 @@ def replicate(index: Index, request: pb.ReplicateRequest, context) -> Iterator[p
         yield from _full_copy(index, position)
     else:
         log.info("follower %s: resuming after position %d", who, position)
-        yield pb.ReplicateResponse(start=pb.ReplicationStart(epoch=changes.epoch, position=position))
+        yield pb.ReplicateResponse(start=pb.ReplicationStart(epoch=changes.epoch, position=position,
+                                                             protocol=PROTOCOL))
     while context.is_active():
         try:
             batch = changes.after(position, BATCH_BYTES, HEARTBEAT_S)

@@ -3,7 +3,9 @@ recorded in DATA_DIR/role.json, so that a data dir is never started as the other
 primary's datasets started with --follow would be replaced by copies of another index; a
 follower's copy started without --follow would take writes its primary never sees, and the two
 would part ways. `--promote` makes a follower's copy a primary on purpose (its primary is gone for
-good; the other followers then follow it and copy it whole)."""
+good; the other followers then follow it and copy it whole): only a complete copy, one whose
+position is recorded, never one a whole copy was under way in. A data dir from before roles were
+recorded is a follower's if it has a follower.json, else whatever this start makes it."""
 
 import json
 import logging
@@ -11,7 +13,7 @@ import logging
 from convsearch.errors import FailedPrecondition
 from convsearch_index import durable
 from convsearch_index.engine import Index
-from convsearch_index.follower import STATE_FILE
+from convsearch_index.follower import STATE_FILE, read_state
 
 log = logging.getLogger("convsearch.index")
 ROLE_FILE = "role.json"
@@ -20,10 +22,17 @@ ROLE_FILE = "role.json"
 def _recorded(index: Index) -> dict:
     path, state = index.data_dir / ROLE_FILE, index.data_dir / STATE_FILE
     if path.exists():
-        return json.loads(path.read_text())
+        try:
+            recorded = json.loads(path.read_text())
+        except ValueError as exc:
+            raise FailedPrecondition(f"{path} is unreadable ({exc}); write {{\"role\": \"primary\"}} or "
+                                     "{\"role\": \"follower\"} into it, whichever this data dir is") from None
+        if not isinstance(recorded, dict) or recorded.get("role") not in ("primary", "follower"):
+            raise FailedPrecondition(f"{path} names no role (primary or follower): {recorded!r}")
+        return recorded
     if state.exists():  # a follower's, from before roles were recorded
         return {"role": "follower", "primary": ""}
-    return {"role": "primary"} if index.records.dataset_names() else {}
+    return {}
 
 
 def claim_role(index: Index, follow: str, promote: bool = False) -> None:
@@ -43,8 +52,14 @@ def claim_role(index: Index, follow: str, promote: bool = False) -> None:
                 f"data dir {index.data_dir} is a follower's copy of {primary}: started without --follow it would take "
                 f"writes {primary} never sees. Start it with --follow {primary}, or with --promote to make it a "
                 "primary for good (then point the followers at it)")
+        position = read_state(index.data_dir / STATE_FILE).get("position")
+        if position is None:
+            raise FailedPrecondition(
+                f"data dir {index.data_dir} holds an incomplete copy of {primary} (a whole copy was under way, or its "
+                "recorded position is unreadable): it cannot become a primary. Start it with --follow to copy again")
         (index.data_dir / STATE_FILE).unlink(missing_ok=True)
-        log.warning("data dir %s, a follower's copy of %s, is promoted: it is a primary now", index.data_dir, primary)
+        log.warning("data dir %s, a follower's copy of %s at version %d, is promoted: it is a primary now",
+                    index.data_dir, primary, position)
     role = {"role": "follower", "primary": follow} if follow else {"role": "primary"}
     if role != recorded:
         durable.write_file(index.data_dir / ROLE_FILE, json.dumps(role), index.fsync)
