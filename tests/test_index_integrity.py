@@ -438,3 +438,23 @@ def test_a_snapshot_and_a_restored_collection_are_on_disk_before_they_are_named(
     restored = index.collection("copy", "m/l/avg/cosine").directory
     assert {str(restored), str(restored / "ckpt-000001"), str(restored / "ckpt-000001" / "graph.bin")} <= set(synced)
     index.close()
+
+
+def test_a_restore_cut_short_by_a_crash_is_gone_after_the_restart(tmp_path, monkeypatch):
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    snapshot = index.snapshot("shoes")[0].name
+    real_open = Index._open_collection
+
+    def crash_after_the_items(self, *args, **kwargs):
+        raise SystemExit("killed during the restore")
+
+    monkeypatch.setattr(Index, "_open_collection", crash_after_the_items)
+    with pytest.raises(SystemExit):
+        index.restore(snapshot, "copy")
+    assert "copy" in [d.name for d in index.datasets()]  # its items are in: it looks whole
+    index.close()
+    monkeypatch.setattr(Index, "_open_collection", real_open)
+    index = Index(tmp_path, fsync=False)
+    assert [d.name for d in index.datasets()] == ["shoes"]
+    assert index.restore(snapshot, "copy").collection_count == 2
+    index.close()

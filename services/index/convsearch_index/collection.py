@@ -574,7 +574,8 @@ def install_checkpoint(source: pathlib.Path, directory: pathlib.Path, fsync: boo
     shutil.copytree(source, directory / "ckpt-000001")
     if fsync:
         durable.fsync_tree(directory)
+        durable.fsync_path(directory.parent)
     manifest = directory / "ckpt-000001" / "MANIFEST.json"
     pointer = json.dumps({"checkpoint": "ckpt-000001", "manifest_sha256": _sha256(manifest)}) \
         if manifest.exists() else "ckpt-000001"  # a checkpoint from before checksums
-    durable.write_file(directory / "CURRENT", pointer)
+    durable.write_file(directory / "CURRENT", pointer, fsync)

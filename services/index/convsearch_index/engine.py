@@ -59,6 +59,7 @@ SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[
 MAX_ID = 256
 COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
 MAX_FENCE_S = 24 * 3600.0  # longest a dataset's writes may be held (FenceDataset)
+RESTORING = "restoring"  # DATA_DIR/restoring/<dataset>: a restore under way (its snapshot's name inside)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +213,12 @@ class Index:
                 relative = pathlib.Path("collections") / relative.name
                 self.records.move_collection(dataset, name, str(relative))
             self._open_collection(dataset, spec, relative)
+        for marker in sorted((data_dir / RESTORING).glob("*")):  # restores a crash cut short
+            if marker.name in self._labels:
+                log.warning("dataset %s was being restored from snapshot %s when the index stopped: deleting "
+                            "what of it was restored; restore it again", marker.name, marker.read_text())
+                self.delete_dataset(marker.name)
+            marker.unlink()
         damaged = [info for info in self._collections.values() if info.damage]
         for info in damaged:
             log.error("%s", info.damage)
@@ -655,6 +662,9 @@ class Index:
                 manifest = json.loads((work / "manifest.json").read_text())
             except Exception as exc:
                 raise _restore_error(snapshot, exc) from exc
+            marker = self.data_dir / RESTORING / dataset  # a crash before the end: deleted at the next start
+            marker.parent.mkdir(exist_ok=True)
+            durable.write_file(marker, snapshot, self.fsync)
             self.create_dataset(dataset, f"restored from {snapshot}")
             try:
                 self.fence(dataset, fence_ttl_s)
@@ -662,9 +672,13 @@ class Index:
             except Exception as exc:
                 try:
                     self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
+                    marker.unlink()
                 except Exception:  # noqa: BLE001 - logged; the restore's own error is the one to report
                     log.exception("could not remove the partly restored dataset %s", dataset)
                 raise _restore_error(snapshot, exc) from exc
+            marker.unlink()
+            if self.fsync:
+                durable.fsync_path(marker.parent)
         self._record("copy_dataset", dataset)  # followers copy it whole
         return self.dataset(dataset)
 
@@ -672,20 +686,19 @@ class Index:
         """Fills a restored dataset from an extracted snapshot; raises when any of it fails."""
         self.records.import_items(work / "records.sqlite", manifest["dataset"], dataset)
         self._labels[dataset] = self.records.labels(dataset)
-        with self._guard.read(), self._meta:
-            for entry in manifest["collections"]:
-                relative = pathlib.Path("collections") / uuid.uuid4().hex
-                try:
-                    install_checkpoint(work / entry["folder"], self.data_dir / relative, self.fsync)
-                except BaseException:
-                    shutil.rmtree(self.data_dir / relative, ignore_errors=True)
-                    raise
-                key = CollectionKey(**{k: entry["spec"][k] for k in
-                                       ("model", "layer", "pooling", "metric", "minkowski_p")})
+        for entry in manifest["collections"]:
+            relative = pathlib.Path("collections") / uuid.uuid4().hex
+            try:  # the copy outside the index's locks: other datasets' calls go on meanwhile
+                install_checkpoint(work / entry["folder"], self.data_dir / relative, self.fsync)
+            except BaseException:
+                shutil.rmtree(self.data_dir / relative, ignore_errors=True)
+                raise
+            key = CollectionKey(**{k: entry["spec"][k] for k in ("model", "layer", "pooling", "metric", "minkowski_p")})
+            with self._guard.read(), self._meta:
                 self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
                 info = self._open_collection(dataset, entry["spec"], relative)
-                if info.damage:
-                    raise ValueError(f"its collection {key.name} fails its checks")
+            if info.damage:
+                raise ValueError(f"its collection {key.name} fails its checks")
 
     @_ordered("dataset")
     def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
