@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import socket
 import types
 
 import numpy as np
@@ -128,3 +129,12 @@ def damage_collection(service, dataset: str, name: str) -> None:
     info = service.index.collection(dataset, name)
     info.vectors.close(checkpoint=False)
     info.vectors, info.damage = None, f"collection {name} of dataset {dataset} is damaged"
+
+
+@pytest.fixture
+def busy_port():
+    """A port a socket on 127.0.0.1 listens on for the test's length."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]

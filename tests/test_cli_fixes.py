@@ -3,7 +3,6 @@ subcommand, `up` on a busy port, missing files, the datasets listing's JSON, ref
 
 import datetime
 import json
-import socket
 import types
 
 import grpc
@@ -59,14 +58,6 @@ def test_api_key_json_after_the_subcommand(capsys):
 
 
 # ---- 3. `up` with a port that is taken -------------------------------------------------------
-
-@pytest.fixture
-def busy_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
-
 
 @pytest.mark.parametrize("option", ["--port", "--extractor-port", "--index-port"])
 def test_up_refuses_a_busy_port_before_starting_anything(option, busy_port, tmp_path, capsys):

@@ -4,7 +4,6 @@ ports): what the page asks for, and the HTTP answers to bad input and to the gat
 import contextlib
 import json
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -250,14 +249,6 @@ def test_the_api_key_is_sent_and_a_missing_one_is_401(gateway, backends, tmp_pat
             assert refused[-1][0] == "failure" and refused[-1][1]["status"] == 403
         with TestClient(create_app(WebConfig(gateway=address, api_key=""))) as web:
             error_of(web.get("/api/datasets"), 401, "UNAUTHENTICATED")
-
-
-@pytest.fixture
-def busy_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen()
-        yield sock.getsockname()[1]
 
 
 def test_a_busy_port_stops_the_web_service_and_up_before_anything_starts(busy_port, tmp_path, capsys):
