@@ -9,6 +9,7 @@ them changed on disk, so a rotated certificate is served without a restart. Conn
 open keep the certificate they were made with.
 """
 
+import dataclasses
 import logging
 import os
 import ssl
@@ -52,6 +53,29 @@ def check_client_options(ca: str, cert: str, key: str, what: str = "tls") -> Non
     """Raises ValueError unless the client TLS options make sense together."""
     if bool(cert) != bool(key):
         raise ValueError(f"{what}_cert and {what}_key go together (a client certificate for mutual TLS)")
+
+
+def peer_tls_options(prefix: str, peer: str, peers: str, address: str) -> type:
+    """The TLS options of a service's calls to a peer service (the gateway's to its backends, a
+    follower's to its primary) as a dataclass its configuration inherits: {prefix}_tls_ca,
+    _cert, _key and _server_name, checked together by `check_{prefix}_tls()`. `peer` names the
+    peer ("the primary"), `peers` its possessive ("the primary's"), `address` where its address
+    is given."""
+    ca, cert, key, name = (f"{prefix}_tls_{part}" for part in ("ca", "cert", "key", "server_name"))
+
+    def check(self) -> None:
+        check_client_options(getattr(self, ca), getattr(self, cert), getattr(self, key), f"{prefix}_tls")
+        if (getattr(self, cert) or getattr(self, name)) and not getattr(self, ca):
+            raise ValueError(f"{cert} and {name} need {ca} ({peers} CA)")
+
+    return dataclasses.make_dataclass(f"{prefix.title()}TLSOptions", [
+        (ca, str, option("", f"PEM CA certificate(s) {peers} certificates are verified against; TLS to {peer} "
+                             "when set; empty: plaintext")),
+        (cert, str, option("", f"PEM client certificate shown to {peer} (for mutual TLS)")),
+        (key, str, option("", f"PEM private key of {cert}")),
+        (name, str, option("", f"host name {peers} certificates are checked for instead of the one in {address} "
+                               "(e.g. for an address by IP)")),
+    ], namespace={f"check_{prefix}_tls": check}, frozen=True)
 
 
 def _read(path: str, what: str) -> bytes:

@@ -6,11 +6,12 @@ from convsearch.config import check_address, check_port, check_positive, option,
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.placement import parse_primaries
-from convsearch.tls import ServerTLSOptions, check_client_options, check_server_options
+from convsearch.tls import ServerTLSOptions, check_server_options, peer_tls_options
 
 
 @dataclasses.dataclass(frozen=True)
-class GatewayConfig(ServerTLSOptions):
+class GatewayConfig(ServerTLSOptions, peer_tls_options("backend", "the extractor and index",
+                                                     "the extractor's and index's", "their addresses")):
     """Everything the gateway process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -36,13 +37,6 @@ class GatewayConfig(ServerTLSOptions):
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels, checked on its header before "
                                                  "any decode (decompression bombs); match the extractor's --max-pixels")
-    backend_tls_ca: str = option("", "PEM CA certificate(s) the extractor's and index's certificates are verified "
-                                     "against; TLS to the backends when set; empty: plaintext")
-    backend_tls_cert: str = option("", "PEM client certificate the gateway shows the backends (their mutual TLS)")
-    backend_tls_key: str = option("", "PEM private key of backend_tls_cert")
-    backend_tls_server_name: str = option("", "host name the backends' certificates are checked for instead of the "
-                                              "one in their addresses (e.g. when addressed by IP)")
-
     api_keys: str = option("", "file of API keys (one `sha256:<hex> <role> [datasets]` a line; see the README), "
                                "re-read when it changes; empty: no authentication, anyone may do anything")
     rate_limit_per_s: float = option(0.0, "requests a second per API key (per client address without keys); "
@@ -78,9 +72,7 @@ class GatewayConfig(ServerTLSOptions):
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
-        check_client_options(self.backend_tls_ca, self.backend_tls_cert, self.backend_tls_key, "backend_tls")
-        if (self.backend_tls_cert or self.backend_tls_server_name) and not self.backend_tls_ca:
-            raise ValueError("backend_tls_cert and backend_tls_server_name need backend_tls_ca (the backends' CA)")
+        self.check_backend_tls()
         check_positive(self.stream_idle_timeout_s, "stream_idle_timeout_s")
         for name in ("rate_limit_per_s", "rate_burst", "max_streams_per_key", "max_concurrent_streams"):
             if getattr(self, name) < 0:

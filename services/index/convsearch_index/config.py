@@ -5,11 +5,12 @@ import dataclasses
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.serving import ConnectionAgeOptions
-from convsearch.tls import ServerTLSOptions, check_client_options, check_server_options
+from convsearch.tls import ServerTLSOptions, check_server_options, peer_tls_options
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
+class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
+                  peer_tls_options("follow", "the primary", "the primary's", "--follow")):
     """Everything the index process can be told. The connection age limit matters for followers:
     gateways reading through dns:/// reconnect and reach followers the autoscaler added."""
 
@@ -32,12 +33,6 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
                                           "further behind (or new) copies everything")
     follow: str = option("", "run as a read-only follower of the primary index at this host:port: copy its data, "
                              "apply its changes, serve reads; empty: a primary")
-    follow_tls_ca: str = option("", "PEM CA certificate(s) the primary's certificate is verified against; TLS to "
-                                    "the primary when set; empty: plaintext")
-    follow_tls_cert: str = option("", "PEM client certificate shown to the primary (its mutual TLS)")
-    follow_tls_key: str = option("", "PEM private key of follow_tls_cert")
-    follow_tls_server_name: str = option("", "host name the primary's certificate is checked for instead of the "
-                                             "one in --follow (for an address by IP)")
     promote: bool = option(False, "start a follower's data dir as a primary for good (its primary is gone); "
                                   "without it a follower's copy refuses to start without --follow")
     max_lag_wait: float = option(2.0, "seconds a follower's read with a min_version it has not applied waits "
@@ -56,9 +51,7 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions):
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
         if self.follow:
             check_address(self.follow, "follow")
-        check_client_options(self.follow_tls_ca, self.follow_tls_cert, self.follow_tls_key, "follow_tls")
-        if (self.follow_tls_cert or self.follow_tls_server_name) and not self.follow_tls_ca:
-            raise ValueError("follow_tls_cert and follow_tls_server_name need follow_tls_ca (the primary's CA)")
+        self.check_follow_tls()
         if self.promote and self.follow:
             raise ValueError("promote makes a follower's copy a primary: it cannot go with follow")
         if self.max_lag_wait < 0:
