@@ -6,16 +6,29 @@ identity model in Triton) streamed through BulkEmbed at its four layers, as inde
 (pipeline_img_s), against the same decoder run in-process on the same number of workers
 (decode_img_s); pipeline_ratio = pipeline_img_s / decode_img_s.
 
+Under contention, as on a busy machine or a pod beside noisy neighbours: with a process burning
+one CPU (pinned there) beside them, two services side by side, one with its defaults (every pool
+sized from the CPU budget) and one with its CPU pools forced to 1 (--cpu-workers,
+--torch-threads, --interop-threads and --decode-workers 1; the RPC pool keeps its size, or
+concurrent clients could not be batched), measured in alternating rounds: 32 concurrent
+single-image clients (contended_img_s, forced1_contended_img_s) and the median latency of one
+client's single-image requests (contended_p50_ms, forced1_contended_p50_ms);
+contended_ratio = contended_img_s / forced1_contended_img_s.
+
 Last stdout line: one JSON object (service_img_s, inprocess_img_s, ratio, concurrent_img_s,
-pipeline_img_s, decode_img_s, pipeline_ratio, ...).
+pipeline_img_s, decode_img_s, pipeline_ratio, contended_img_s, contended_p50_ms,
+forced1_contended_img_s, forced1_contended_p50_ms, contended_ratio, cpu_budget, ...).
 """
 
 import argparse
+import functools
 import io
 import json
 import os
 import pathlib
 import resource
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +39,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from convsearch.channels import create_channel
+from convsearch.cpu_budget import cpu_budget
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.processes import start_service, stop_service
@@ -35,6 +49,10 @@ from convsearch_extractor.engine import make_decoder
 from convsearch_extractor.imaging import decode
 from convsearch_extractor.runtime import EmbedSpec, LoadedModel
 from convsearch_extractor.server import SERVICE_NAME
+from convsearch_extractor.sizing import MAX_DECODERS
+
+# The CPU pools forced to one thread each: the setting the defaults must hold up against.
+FORCED_TO_ONE = ("--cpu-workers", "1", "--torch-threads", "1", "--interop-threads", "1", "--decode-workers", "1")
 
 
 def photos(count: int) -> list[bytes]:
@@ -97,8 +115,9 @@ def images_per_s(run_once, batches: int, batch: int) -> float:
 
 def decode_workers(device: torch.device) -> tuple[int, int]:
     """(threads, processes) the service decodes with by default on this machine: the extractor's
-    own defaults (--decode-workers, and --decode-processes -1: processes on CUDA, threads on CPU)."""
-    threads = min(16, os.cpu_count() or 1)
+    own defaults (--decode-workers, and --decode-processes -1: processes on CUDA, threads on CPU,
+    one per CPU of the budget, up to 16)."""
+    threads = min(MAX_DECODERS, cpu_budget().cpus)
     return threads, threads if device.type == "cuda" else 0
 
 
@@ -131,14 +150,15 @@ def bulk_runner(stub, images: list[bytes], message_size: int):
     return run
 
 
-def concurrent_clients(stub, config, image: bytes, clients: int, seconds: float) -> float:
+def throughput(make_call, clients: int, seconds: float) -> float:
+    """Calls/s of `clients` threads, each calling its own `make_call()` result in a loop."""
     done = [0] * clients
+    calls = [make_call() for _ in range(clients)]
     stop = time.perf_counter() + seconds
-    request = pb.EmbedRequest(config=config, images=[image])
 
     def client(slot: int) -> None:
         while time.perf_counter() < stop:
-            stub.Embed(request)
+            calls[slot]()
             done[slot] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -148,6 +168,61 @@ def concurrent_clients(stub, config, image: bytes, clients: int, seconds: float)
     for thread in threads:
         thread.join()
     return sum(done) / (time.perf_counter() - started)
+
+
+def p50_ms(call, seconds: float) -> float:
+    """Median latency, in ms, of `call()` made one after another."""
+    stop, latencies = time.perf_counter() + seconds, []
+    while time.perf_counter() < stop:
+        started = time.perf_counter()
+        call()
+        latencies.append((time.perf_counter() - started) * 1000)
+    return float(np.median(latencies))
+
+
+def single_image_embed(stub, config, image: bytes):
+    """A call embedding one image, as a single-image client makes it."""
+    return functools.partial(stub.Embed, pb.EmbedRequest(config=config, images=[image]))
+
+
+def start_burner() -> subprocess.Popen:
+    """A process spinning on one CPU (the last this process may use), pinned there."""
+    cpu = max(os.sched_getaffinity(0))
+    return subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"])
+
+
+def contended(args, device: torch.device, image: bytes) -> dict[str, float]:
+    """The contended figures: the service with its defaults and with its CPU pools forced to 1,
+    side by side beside a CPU burner, in alternating rounds (medians)."""
+    common = ("--metrics-port", "-1", "--device", str(device), "--default-model", args.model)
+    settings = {"": (), "forced1_": FORCED_TO_ONE}
+    services = {}
+    burner = start_burner()
+    try:
+        for prefix, extra in settings.items():
+            services[prefix] = start_service("convsearch-extractor", *common, *extra, service=SERVICE_NAME)
+        config = pb.EmbedConfig(model=args.model, layers=[args.layer])
+        stubs = {prefix: extractor_pb2_grpc.ExtractorServiceStub(create_channel(address))
+                 for prefix, (_, address) in services.items()}
+        runs: dict[str, list[float]] = {f"{prefix}{name}": [] for prefix in settings
+                                        for name in ("contended_img_s", "contended_p50_ms")}
+        for round_ in range(args.contended_rounds):
+            for prefix, stub in stubs.items():
+                stub.Embed(pb.EmbedRequest(config=config, images=[image]))
+                runs[f"{prefix}contended_img_s"].append(
+                    throughput(functools.partial(single_image_embed, stub, config, image), args.clients,
+                               args.contended_seconds))
+                runs[f"{prefix}contended_p50_ms"].append(p50_ms(single_image_embed(stub, config, image),
+                                                                args.contended_seconds / 2))
+                print(f"contended round {round_ + 1}, {'defaults' if not prefix else 'CPU pools forced to 1'}: "
+                      f"{runs[f'{prefix}contended_img_s'][-1]:.1f} img/s ({args.clients} clients), "
+                      f"p50 {runs[f'{prefix}contended_p50_ms'][-1]:.0f} ms (1 client)", flush=True)
+    finally:
+        for process, _ in services.values():
+            stop_service(process)
+        burner.kill()
+        burner.wait()
+    return {name: float(np.median(values)) for name, values in runs.items()}
 
 
 def main() -> None:
@@ -164,6 +239,9 @@ def main() -> None:
                         help="the service's decoding processes (-1 auto, 0 threads)")
     parser.add_argument("--pipeline-images", type=int, default=512,
                         help="JPEGs per BulkEmbed stream (and per in-process decode) of the pipeline measure")
+    parser.add_argument("--contended-seconds", type=float, default=10.0,
+                        help="seconds of each contended throughput measure (half that for the p50)")
+    parser.add_argument("--contended-rounds", type=int, default=2, help="alternating rounds under contention")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
@@ -194,7 +272,8 @@ def main() -> None:
                   f"service {service_runs[-1]:.1f} img/s (batch {args.batch})", flush=True)
         inprocess_img_s = float(np.median(inprocess_runs))
         service_img_s = float(np.median(service_runs))
-        concurrent_img_s = concurrent_clients(stub, config, images[0], args.clients, args.seconds)
+        concurrent_img_s = throughput(functools.partial(single_image_embed, stub, config, images[0]), args.clients,
+                                      args.seconds)
         print(f"service, {args.clients} concurrent single-image clients: {concurrent_img_s:.1f} img/s",
               flush=True)
         run_pipeline = bulk_runner(stub, many, args.batch)
@@ -215,6 +294,7 @@ def main() -> None:
     finally:
         stop_service(process)
         decoder.shutdown()
+    under_contention = contended(args, device, images[0])
     print(json.dumps({
         "model": args.model, "layer": args.layer, "batch": args.batch, "device": device_name(device),
         "decode_processes": args.decode_processes,
@@ -230,6 +310,9 @@ def main() -> None:
         # misses their CPU).
         "decode_cpu_ms": round(decode_cpu_ms, 3), "pipeline_service_cpu_ms": round(service_cpu_ms, 3),
         "pipeline_client_cpu_ms": round(client_cpu_ms, 3),
+        "cpu_budget": cpu_budget().cpus,
+        **{name: round(value, 2) for name, value in under_contention.items()},
+        "contended_ratio": round(under_contention["contended_img_s"] / under_contention["forced1_contended_img_s"], 3),
     }))
 
 

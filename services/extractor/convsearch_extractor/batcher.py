@@ -1,12 +1,18 @@
 """A dynamic batcher in the manner of Triton's: requests with the same key that arrive within
 `max_delay_s` of the oldest waiting one are run together, up to `max_batch` images.
 
-One worker thread owns the device; requests larger than `max_batch` are split into chunks
-that queue like any other, and their results are joined again.
+`workers` threads take batches from the one queue and run them in parallel (one on a GPU, one
+per CPU of the budget on CPU: see convsearch_extractor.sizing); each batch is formed when a
+worker is free to run it, so a busy worker never holds requests back. With several workers a
+batch holds at most `max_batch / workers` images (rounded up): `max_batch` is what the workers
+take at once together, so a burst of requests, or one large request, spreads over all of them
+instead of filling one worker's batch while the others idle. Requests larger than a batch are
+split into chunks that queue like any other, and their results are joined again.
 """
 
 import collections
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -51,25 +57,36 @@ def gather(parts: list[Future]) -> Future:
 
 
 class DynamicBatcher:
-    """Coalesces concurrent submissions into batches run by one worker thread."""
+    """Coalesces concurrent submissions into batches run by `workers` worker threads (and one
+    thread that gathers them)."""
 
     def __init__(self, run_batch: RunBatch, max_batch: int, max_delay_s: float,
-                 on_batch: Callable[[int, float], None] = lambda size, wait_s: None):
+                 on_batch: Callable[[int, float], None] = lambda size, wait_s: None, workers: int = 1):
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
+        self.workers = workers
+        self.batch_images = -(-max_batch // workers)
         self._on_batch = on_batch
         self._queue: collections.deque[_Entry] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._worker = threading.Thread(target=self._loop, name="batcher", daemon=True)
-        self._worker.start()
+        # A batch is gathered only when a worker is free to run it, by one thread, so two workers
+        # never wait on the same oldest request and split it into two small batches. Free workers
+        # wait last in, first out: under a light load the same worker, its core's caches warm
+        # with the model's weights, runs every batch.
+        self._free_workers: queue.LifoQueue[queue.SimpleQueue] = queue.LifoQueue()
+        self._threads = [threading.Thread(target=self._work, args=(queue.SimpleQueue(),),
+                                          name=f"model-worker-{i}", daemon=True) for i in range(workers)]
+        self._threads.append(threading.Thread(target=self._dispatch, name="batcher", daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, key: Hashable, pixels: np.ndarray) -> Future:
         """Queues (N, H, W, 3) pixels; the future gives {layer: (N, D)} or the batch's error."""
         now = time.monotonic()
-        entries = [_Entry(key, pixels[i:i + self.max_batch], Future(), now)
-                   for i in range(0, len(pixels), self.max_batch)]
+        entries = [_Entry(key, pixels[i:i + self.batch_images], Future(), now)
+                   for i in range(0, len(pixels), self.batch_images)]
         with self._cond:
             if self._closed:
                 raise RuntimeError("batcher is closed")
@@ -78,11 +95,12 @@ class DynamicBatcher:
         return gather([entry.future for entry in entries])
 
     def close(self) -> None:
-        """Finishes what is queued, then stops the worker."""
+        """Finishes what is queued, then stops the workers."""
         with self._cond:
             self._closed = True
-            self._cond.notify()
-        self._worker.join()
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join()
 
     def _queued_images(self, key: Hashable) -> int:
         return sum(len(e.pixels) for e in self._queue if e.key == key)
@@ -95,34 +113,54 @@ class DynamicBatcher:
                 self._cond.wait()
             oldest = self._queue[0]
             deadline = oldest.arrived + self.max_delay_s
-            while (not self._closed and self._queued_images(oldest.key) < self.max_batch
+            while (not self._closed and self._queued_images(oldest.key) < self.batch_images
                    and (remaining := deadline - time.monotonic()) > 0):
                 self._cond.wait(remaining)
             batch, size = [], 0
             for entry in list(self._queue):
-                if entry.key == oldest.key and size + len(entry.pixels) <= self.max_batch:
+                if entry.key == oldest.key and size + len(entry.pixels) <= self.batch_images:
                     batch.append(entry)
                     size += len(entry.pixels)
             for entry in batch:
                 self._queue.remove(entry)
             return batch
 
-    def _loop(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            live = [e for e in batch if e.future.set_running_or_notify_cancel()]
-            if not live:
-                continue
-            started = time.monotonic()
-            try:
-                pixels = live[0].pixels if len(live) == 1 else np.concatenate([e.pixels for e in live])
-                outputs = self._run_batch(live[0].key, pixels)
-            except Exception as exc:  # noqa: BLE001 - the error belongs to the requests
-                for entry in live:
-                    entry.future.set_exception(exc)
-                continue
-            self._on_batch(len(pixels), started - min(e.arrived for e in live))
-            offset = 0
+    def _dispatch(self) -> None:
+        """Waits for a free worker, gathers a batch, hands it to the worker freed last; at the end,
+        stops each worker."""
+        while True:
+            self._free_workers.put(self._free_workers.get())  # until one is free
+            batch = self._next_batch()
+            worker = self._free_workers.get()  # one freed while the batch gathered comes first
+            worker.put(batch)
+            if batch is None:
+                break
+        for _ in range(self.workers - 1):
+            self._free_workers.get().put(None)
+
+    def _work(self, inbox: queue.SimpleQueue) -> None:
+        while True:
+            self._free_workers.put(inbox)
+            batch = inbox.get()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _run(self, batch: list[_Entry]) -> None:
+        live = [e for e in batch if e.future.set_running_or_notify_cancel()]
+        if not live:
+            return
+        started = time.monotonic()
+        try:
+            pixels = live[0].pixels if len(live) == 1 else np.concatenate([e.pixels for e in live])
+            outputs = self._run_batch(live[0].key, pixels)
+        except Exception as exc:  # noqa: BLE001 - the error belongs to the requests
             for entry in live:
-                rows = slice(offset, offset + len(entry.pixels))
-                entry.future.set_result({name: out[rows] for name, out in outputs.items()})
-                offset += len(entry.pixels)
+                entry.future.set_exception(exc)
+            return
+        self._on_batch(len(pixels), started - min(e.arrived for e in live))
+        offset = 0
+        for entry in live:
+            rows = slice(offset, offset + len(entry.pixels))
+            entry.future.set_result({name: out[rows] for name, out in outputs.items()})
+            offset += len(entry.pixels)

@@ -1,7 +1,6 @@
 """The extractor's configuration, from flags and CONVSEARCH_EXTRACTOR_* environment variables."""
 
 import dataclasses
-import os
 import pathlib
 
 import torch
@@ -24,7 +23,9 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
     log_format: str = option("text", f"log lines as {' or '.join(LOG_FORMATS)} (JSON: one object a line)")
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     default_model: str = option(DEFAULT_MODEL, "model used when a request names none; loaded at start")
-    max_batch: int = option(32, "most images in one forward pass")
+    max_batch: int = option(-1, "most images the model workers take at once (one forward pass on one "
+                                "worker; divided among them when there are several); -1: 32 on CUDA, "
+                                "8 per model worker on CPU, where larger batches run slower")
     max_queue_delay_ms: float = option(5.0, "longest wait for more requests to fill a batch")
     max_images: int = option(256, "most images in one Embed request or stream message")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (decompression bombs); "
@@ -36,18 +37,29 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
                               "torchvision weights are looked for in WEIGHTS_DIR/checkpoints/")
     allow_random_weights: bool = option(False, "build models without weights files with random "
                                                "weights (development and tests; responses say so)")
-    decode_workers: int = option(min(16, os.cpu_count() or 1), "threads decoding images")
+    cpu_workers: int = option(0, "model workers on CPU, each running batches from the dynamic batcher "
+                                 "in parallel; 0: one per CPU of the budget (one on CUDA always)")
+    torch_threads: int = option(0, "torch intra-op threads (shared by the model workers); 0: the CPU "
+                                   "budget divided among the model workers")
+    interop_threads: int = option(0, "torch inter-op threads; 0: 1 (the model workers are the parallelism)")
+    decode_workers: int = option(0, "threads decoding images; 0: one per CPU of the budget (up to 16)")
     decode_processes: int = option(-1, "processes decoding images instead of threads; -1: one per "
-                                       "core (up to 16) on CUDA, where decoding is the bottleneck, "
-                                       "and threads on CPU")
-    rpc_workers: int = option(64, "threads serving RPCs")
+                                       "CPU of the budget (up to 16) on CUDA, where decoding is the "
+                                       "bottleneck, and threads on CPU")
+    rpc_workers: int = option(0, "threads serving RPCs; 0: enough waiting requests to fill a batch for "
+                                 "every model worker and one more (max batch x (workers + 1))")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
 
     def validate(self) -> None:
         """Raises ValueError for values the service cannot run with."""
-        for name in ("max_batch", "max_images", "max_pixels", "max_flatten", "max_message_mb",
-                     "memory_budget_mb", "decode_workers", "rpc_workers"):
+        if self.max_batch != -1:
+            check_positive(self.max_batch, "max_batch")
+        for name in ("max_images", "max_pixels", "max_flatten", "max_message_mb",
+                     "memory_budget_mb"):
             check_positive(getattr(self, name), name)
+        for name in ("cpu_workers", "torch_threads", "interop_threads", "decode_workers", "rpc_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 (sized from the CPU budget) or more, got {getattr(self, name)}")
         check_port(self.port, "port")
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
@@ -61,12 +73,6 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
             raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
-
-    def decoder_processes(self) -> int:
-        """How many decoding processes to fork (0: decode in threads)."""
-        if self.decode_processes >= 0:
-            return self.decode_processes
-        return min(16, os.cpu_count() or 1) if self.torch_device().type == "cuda" else 0
 
     def torch_device(self) -> torch.device:
         """The device models run on."""

@@ -42,6 +42,12 @@ class Metrics:
             "convsearch_extractor_images", "Images embedded", registry=self.registry)
         self.image_errors = prom.Counter(
             "convsearch_extractor_image_errors", "Images refused as unusable", registry=self.registry)
+        self.cpu_budget = prom.Gauge(
+            "convsearch_extractor_cpu_budget", "Whole CPUs the process may use (cgroup quota and "
+            "affinity, whichever is smaller), which its pools are sized from", registry=self.registry)
+        self.pool_size = prom.Gauge(
+            "convsearch_extractor_pool_size", "Size of each pool: model_workers, torch_threads, "
+            "interop_threads, decode_workers, decode_processes, rpc_workers", ["pool"], registry=self.registry)
 
     def record_batch(self, size: int, wait_s: float) -> None:
         self.batch_size.observe(size)
@@ -66,10 +72,11 @@ def make_decoder(processes: int, threads: int) -> Executor:
 
 
 class Extractor:
-    """Embeds images: validation, decoding pool, dynamic batching, one forward per batch."""
+    """Embeds images: validation, decoding pool, dynamic batching, one forward per batch, run by
+    `model_workers` threads in parallel."""
 
     def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
-                 decode_workers: int, default_model: str, decode_processes: int = 0):
+                 decode_workers: int, default_model: str, decode_processes: int = 0, model_workers: int = 1):
         self.pool = pool
         self.limits = limits
         self.default_model = default_model
@@ -78,7 +85,7 @@ class Extractor:
         # Stream jobs wait on decodes, so they get threads of their own.
         self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
         self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,
-                                       self.metrics.record_batch)
+                                       self.metrics.record_batch, model_workers)
 
     def _run_batch(self, spec: EmbedSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
         return self.pool.acquire(spec.model).embed(pixels, spec)

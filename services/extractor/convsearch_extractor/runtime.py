@@ -16,16 +16,19 @@ from torchvision.models.feature_extraction import create_feature_extractor
 
 from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from convsearch.naming import check_model_name
+from convsearch.rwlock import RWLock
 from convsearch.weights import NONE, RANDOM, UNKNOWN, fingerprint
 from convsearch_extractor.catalog import ModelSpec
 from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
 
 log = logging.getLogger("convsearch.extractor.runtime")
 POOLINGS = ("avg", "max", "flatten")
-# torch.fx patches nn.Module.__call__ process-wide while it traces, so no forward pass may run
-# during a trace: both take this lock.
-FX_LOCK = threading.RLock()
 _EXTRACTORS_PER_MODEL = 16
+
+
+# torch.fx patches nn.Module.__call__ process-wide while it traces, so no forward pass may run
+# during a trace; forward passes (the model workers') run together: `read()` to run, `write()` to trace.
+FX_LOCK = RWLock()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +61,8 @@ def padded_size(count: int) -> int:
 
 
 class LoadedModel:
-    """One model on a device, with its feature extractors. Used by one batch thread at a time.
+    """One model on a device, with its feature extractors. Several model workers may run it at
+    once: a forward pass in eval mode changes nothing in the module.
 
     With `pad_batches` (the default on CUDA) batches are padded to a power of two, so the GPU
     sees few distinct shapes and its kernels are chosen once per shape, at warm-up. `weights` is
@@ -79,20 +83,33 @@ class LoadedModel:
         self._mean = torch.tensor(spec.preprocess.mean, device=device).view(shape) * 255.0
         self._std = torch.tensor(spec.preprocess.std, device=device).view(shape) * 255.0
         self._extractors: collections.OrderedDict[tuple[str, ...], nn.Module] = collections.OrderedDict()
+        self._extractors_lock = threading.Lock()
+
+    def _cached_extractor(self, key: tuple[str, ...]) -> nn.Module | None:
+        with self._extractors_lock:
+            extractor = self._extractors.get(key)
+            if extractor is not None:
+                self._extractors.move_to_end(key)
+            return extractor
 
     def _extractor(self, layers: tuple[str, ...]) -> nn.Module:
         key = tuple(sorted(set(layers)))
-        extractor = self._extractors.get(key)
-        if extractor is None:
+        extractor = self._cached_extractor(key)
+        if extractor is not None:
+            return extractor
+        with FX_LOCK.write():
+            extractor = self._cached_extractor(key)
+            if extractor is not None:  # traced by another worker meanwhile
+                return extractor
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 extractor = create_feature_extractor(
                     self.module, return_nodes=list(key),
                     tracer_kwargs=tracer_kwargs(self.spec.tracer_leaf_modules)).eval()
+        with self._extractors_lock:
             self._extractors[key] = extractor
             if len(self._extractors) > _EXTRACTORS_PER_MODEL:
                 self._extractors.popitem(last=False)
-        self._extractors.move_to_end(key)
         return extractor
 
     def _forward(self, pixels: np.ndarray, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
@@ -100,8 +117,8 @@ class LoadedModel:
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
         batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
         batch = batch.contiguous(memory_format=torch.channels_last)
-        with FX_LOCK:
-            extractor = self._extractor(layers)
+        extractor = self._extractor(layers)
+        with FX_LOCK.read():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 return extractor(batch)
 
@@ -153,7 +170,7 @@ class ModelPool:
             graph = self._graphs.get(name)
         if graph is None:
             spec = self.spec(name)
-            with FX_LOCK, torch.device("meta"), warnings.catch_warnings():
+            with FX_LOCK.write(), torch.device("meta"), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 graph = describe(spec.build(False), spec.preprocess.crop_size, spec.tracer_leaf_modules,
                                  spec.featured_layers)

@@ -4,6 +4,7 @@ import logging
 import pathlib
 import threading
 
+from convsearch.cpu_budget import cpu_budget
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.logs import setup_logging
 from convsearch.observability import RpcObserver, metrics_registry
@@ -21,6 +22,7 @@ from convsearch_extractor.config import ExtractorConfig, load_config
 from convsearch_extractor.engine import Extractor, Limits
 from convsearch_extractor.runtime import ModelPool
 from convsearch_extractor.servicer import ExtractorServicer
+from convsearch_extractor.sizing import apply_torch_threads, pool_sizes
 
 SERVICE_NAME = extractor_pb2.DESCRIPTOR.services_by_name["ExtractorService"].full_name
 log = logging.getLogger("convsearch.extractor")
@@ -37,13 +39,19 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     if config.default_model not in catalog:
         raise SystemExit(f"default model {config.default_model!r} is unknown; "
                          f"known models: {', '.join(catalog)}")
+    sizes = pool_sizes(config, cpu_budget(), config.torch_device())
+    apply_torch_threads(sizes)
+    log.info("%s", sizes.describe())
     pool = ModelPool(catalog, config.torch_device(), config.memory_budget_mb * MIB, config.allow_random_weights)
     limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
-    extractor = Extractor(pool, limits, config.max_batch, config.max_queue_delay_ms / 1000.0,
-                          config.decode_workers, config.default_model, config.decoder_processes())
+    extractor = Extractor(pool, limits, sizes.max_batch, config.max_queue_delay_ms / 1000.0,
+                          sizes.decode_workers, config.default_model, sizes.decode_processes, sizes.model_workers)
+    extractor.metrics.cpu_budget.set(sizes.budget.cpus)
+    for name, size in sizes.gauges().items():
+        extractor.metrics.pool_size.labels(name).set(size)
     registry = metrics_registry(extractor.metrics.registry)
-    server = create_server(config.rpc_workers, config.max_message_mb, [RpcObserver("extractor", registry)],
+    server = create_server(sizes.rpc_workers, config.max_message_mb, [RpcObserver("extractor", registry)],
                            config.server_options())
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
@@ -99,12 +107,10 @@ def main(argv=None) -> None:
     setup_logging("convsearch.extractor", config.log_format)
     service, port = build_server(config)
     service.start()
-    decoders = config.decoder_processes()
-    log.info("extractor listening on %s:%d%s (device %s, max batch %d, queue delay %.1f ms, decoding in %s, "
+    log.info("extractor listening on %s:%d%s (device %s, queue delay %.1f ms, "
              "metrics port %d, max connection age %gs)", config.host, port,
-             tls_note(config.tls_cert, config.tls_client_ca), config.torch_device(), config.max_batch,
-             config.max_queue_delay_ms, f"{decoders} processes" if decoders else
-             f"{config.decode_workers} threads", service.metrics_port, config.max_connection_age_s)
+             tls_note(config.tls_cert, config.tls_client_ca), config.torch_device(),
+             config.max_queue_delay_ms, service.metrics_port, config.max_connection_age_s)
     service.run_until_signalled(config.grace_s)
 
 

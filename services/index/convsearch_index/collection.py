@@ -32,9 +32,9 @@ import hnswlib
 import numpy as np
 
 from convsearch.errors import DataLoss, InvalidArgument
+from convsearch.rwlock import RWLock
 from convsearch_index import durable, wal
 from convsearch_index.distances import HNSW_SPACES, exact_knn, from_hnsw
-from convsearch_index.rwlock import RWLock
 
 log = logging.getLogger("convsearch.index")
 _INITIAL_CAPACITY = 1024

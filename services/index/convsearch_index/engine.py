@@ -44,12 +44,12 @@ from convsearch.errors import (
     shown,
 )
 from convsearch.naming import collection_name
+from convsearch.rwlock import RWLock
 from convsearch_index import durable
 from convsearch_index.changes import ChangeLog, DatasetCopy
 from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
 from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_digest
-from convsearch_index.rwlock import RWLock
 from convsearch_index.snapshot_files import receive
 
 log = logging.getLogger("convsearch.index")

@@ -5,7 +5,9 @@ import threading
 
 
 class RWLock:
-    """hnswlib's rule: add_items must not overlap knn_query, while queries may run together."""
+    """`read()` shared, `write()` alone; a waiting writer goes before new readers. The index keeps
+    hnswlib's rule with it (add_items never overlaps knn_query, queries run together); the
+    extractor keeps torch.fx's (no forward pass while a model is traced)."""
 
     def __init__(self):
         self._cond = threading.Condition()
