@@ -578,7 +578,7 @@ def test_a_data_dir_is_never_started_as_the_other_role_by_mistake(tmp_path):
         restarted.stop(0.5)
 
 
-def test_a_collection_damaged_at_the_primary_leaves_its_followers_serving_the_rest(tmp_path):
+def test_a_collection_damaged_at_the_primary_is_damaged_at_its_followers_and_the_rest_serves(tmp_path):
     primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
     stub = _stub(primary_channel)
     stub.CreateDataset(pb.CreateDatasetRequest(name="d"))
@@ -596,10 +596,20 @@ def test_a_collection_damaged_at_the_primary_leaves_its_followers_serving_the_re
     graph.write_bytes(b"\0" * graph.stat().st_size)
     primary, primary_channel, _ = serve_index(tmp_path / "p", fsync=False, port=int(address.rsplit(":", 1)[1]))
     follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False)  # SERVING: its copy is done
+    for restart in (False, True):  # damaged after a restart too: its folder points to no checkpoint
+        if restart:
+            channel.close()
+            follower.stop(0.5)
+            follower, channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False)
+        assert "damaged at the primary" in {c.name: c.damage for c in _stub(channel).ListCollections(
+            pb.ListCollectionsRequest(dataset="d")).collections}[COSINE]
     try:
         reader = _stub(channel)
-        assert [c.name for c in reader.ListCollections(pb.ListCollectionsRequest(dataset="d")).collections] == [
-            EUCLID]
+        listed = {c.name: c.damage for c in reader.ListCollections(pb.ListCollectionsRequest(dataset="d")).collections}
+        assert set(listed) == {COSINE, EUCLID} and listed[EUCLID] == "" and "damaged at the primary" in listed[COSINE]
+        with pytest.raises(grpc.RpcError) as caught:  # as at the primary: the gateway reads it there
+            reader.Search(pb.SearchRequest(dataset="d", collection=COSINE, k=1, queries=to_tensor(vectors[:1])))
+        assert caught.value.code() == grpc.StatusCode.DATA_LOSS
         assert reader.GetAttachment(pb.GetAttachmentRequest(dataset="d", collection=EUCLID, key="eval")).data == \
             b"scores"
         hits = reader.Search(pb.SearchRequest(dataset="d", collection=EUCLID, k=1, exact=True,

@@ -55,6 +55,7 @@ class DatasetCopy:
     items: ItemSnapshot  # read after the copy is made; close it
     attachments: list[tuple[str, str, int, bytes]]  # (collection, key, version, data)
     collections: list[tuple[dict, pathlib.Path, list[str]]]  # (spec, folder, file paths relative to it)
+    damaged: list[tuple[dict, str]]  # (spec, what is wrong) of the collections damaged here: no files
 
 
 def _size(fields: dict) -> int:

@@ -724,21 +724,22 @@ class Index:
                 info.vectors.checkpoint()  # else every follower re-inserts the whole log into its graph
         with self._order_lock(dataset):
             self._require_dataset(dataset)
-            collections = []
+            collections, damaged = [], []
             for number, info in enumerate(self.collections(dataset)):
-                if info.vectors is None:
-                    log.warning("collection %s of %s is damaged: not copied to a follower", info.key.name, dataset)
-                    continue
-                folder = target / f"collection-{number}"
                 spec = {**dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
                         "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}
+                if info.vectors is None:
+                    log.warning("collection %s of %s is damaged: a follower gets it as damaged", info.key.name, dataset)
+                    damaged.append((spec, info.damage))
+                    continue
+                folder = target / f"collection-{number}"
                 collections.append((spec, folder, info.vectors.link_files(folder)))
             items = self.records.item_snapshot(dataset)
             copied = {info.key.name for info in self.collections(dataset) if info.vectors is not None}
             attachments = [a for a in self.records.attachments(dataset) if a[0] in copied]  # a[0]: its collection
             try:
                 return DatasetCopy(self.records.dataset(dataset), self.changes.last if self.changes else 0, items,
-                                   attachments, collections)
+                                   attachments, collections, damaged)
             except BaseException:
                 items.close()
                 raise

@@ -177,6 +177,7 @@ class _Copy:
         self.started = time.monotonic()
         self.collections: dict[str, tuple[dict, pathlib.Path]] = {}
         self.files: dict[tuple[str, str], _IncomingFile] = {}  # (collection, path) -> its file
+        self.damage_at_primary: dict[str, str] = {}  # collection -> what is wrong with it at the primary
         self._index = index
         self._background = _Background()
         try:
@@ -186,6 +187,9 @@ class _Copy:
                 shutil.rmtree(folder, ignore_errors=True)
                 folder.mkdir(parents=True)
                 name = spec_name(spec)
+                if collection.damage:  # no files: a pointer to no checkpoint, so it opens as damaged here too
+                    (folder / "CURRENT").write_text(f"damaged at the primary: {collection.damage}")
+                    self.damage_at_primary[name] = collection.damage
                 for copied in collection.files:  # every file, the empty ones too
                     path = (folder / copied.path).resolve()
                     if not path.is_relative_to(folder.resolve()):
@@ -423,7 +427,12 @@ class Follower:
                 durable.fsync_tree(folder)
             # Verified against the checkpoint's manifest with the digests taken as the bytes came.
             installed = self.index.install_collection(copy.dataset, spec, folder, sha256=digests[name])
-            if installed.damage:
+            if name in copy.damage_at_primary:
+                log.error("collection %s of %s is damaged at the primary %s (%s): so it is here, answering "
+                          "DATA_LOSS, until it is rebuilt there", name, copy.dataset, self.primary,
+                          copy.damage_at_primary[name])
+                self._damaged_copies.add((copy.dataset, name))
+            elif installed.damage:
                 log.error("the copy of %s from the primary %s fails its checks: %s. It answers DATA_LOSS here "
                           "(reads go to the primary) and takes none of the primary's changes until it is "
                           "rebuilt there", name, self.primary, installed.damage)

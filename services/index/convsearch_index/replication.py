@@ -137,9 +137,10 @@ def _copy_messages(dataset: str, copy: DatasetCopy) -> Iterator[pb.ReplicateResp
         dataset=pb.Dataset(name=dataset, description=record.description, create_time=_timestamp(record.created_at),
                            item_count=record.item_count, collection_count=record.collection_count),
         position=copy.position,
-        collections=[pb.CollectionCopy(spec=spec_message(spec), files=[
+        collections=[*(pb.CollectionCopy(spec=spec_message(spec), files=[
             pb.CopiedFile(path=path, size_bytes=(files / path).stat().st_size) for path in paths])
-            for spec, files, paths in copy.collections]))
+            for spec, files, paths in copy.collections),
+            *(pb.CollectionCopy(spec=spec_message(spec), damage=damage) for spec, damage in copy.damaged)]))
     for collection, key, version, data in copy.attachments:
         yield pb.ReplicateResponse(attachment=pb.PutAttachmentRequest(dataset=dataset, collection=collection,
                                                                       key=key, version=version, data=data))
