@@ -398,6 +398,12 @@ def _write_in_background(stub, seed: int, stop: threading.Event, acknowledged: l
     return thread
 
 
+def _until_acknowledged(acknowledged: list, count: int) -> None:
+    """Waits until the background writer has had `count` writes acknowledged."""
+    while len(acknowledged) < count:
+        time.sleep(0.05)
+
+
 def _converge_live(primary_stub, follower_stubs, acknowledged: list) -> None:
     """Every follower answers what the primary does; every acknowledged item and vector is
     there once."""
@@ -423,16 +429,13 @@ def test_kill_9_of_a_follower_mid_stream_resumes_from_its_position(tmp_path):
     stop, acknowledged = threading.Event(), []
     writer = _write_in_background(stub, 1, stop, acknowledged)
     try:
-        while len(acknowledged) < 300:
-            time.sleep(0.05)
+        _until_acknowledged(acknowledged, 300)
         process.send_signal(signal.SIGKILL)
         process.wait()
-        while len(acknowledged) < 600:  # writes go on while it is down
-            time.sleep(0.05)
+        _until_acknowledged(acknowledged, 600)  # writes go on while it is down
         process, follower_address = start_service("convsearch-index", "--data-dir", data_dir, "--follow", address,
                                                   service=SERVICE_NAME)
-        while len(acknowledged) < 900:
-            time.sleep(0.05)
+        _until_acknowledged(acknowledged, 900)
         stop.set()
         writer.join()
         follower_channel = create_channel(follower_address)
@@ -458,8 +461,7 @@ def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_pa
     stop, acknowledged = threading.Event(), []
     writer = _write_in_background(stub, 2, stop, acknowledged)
     try:
-        while len(acknowledged) < 300:
-            time.sleep(0.05)
+        _until_acknowledged(acknowledged, 300)
         process.send_signal(signal.SIGKILL)
         writer.join()
         process.wait()
@@ -469,8 +471,7 @@ def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_pa
         process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
         stop = threading.Event()
         writer = _write_in_background(stub, 3, stop, acknowledged)
-        while len(acknowledged) < 500:
-            time.sleep(0.05)
+        _until_acknowledged(acknowledged, 500)
         stop.set()
         writer.join()
         for service, _, _ in followers:

@@ -109,6 +109,11 @@ class CollectionInfo:
     weights: str = ""  # fingerprint of the weights that made the vectors; "" when unknown
     damage: str = ""  # what is wrong with its files, and the way back; "" when healthy
 
+    def spec_dict(self) -> dict:
+        """Its key and parameters as snapshots and followers' copies record them."""
+        return {**dataclasses.asdict(self.key), "dimension": self.spec.dimension, "m": self.spec.m,
+                "ef_construction": self.spec.ef_construction, "ef": self.spec.ef, "weights": self.weights}
+
     def healthy(self) -> VectorCollection:
         """The vectors; DATA_LOSS when the collection is damaged."""
         if self.vectors is None:
@@ -623,9 +628,7 @@ class Index:
             manifest = {"dataset": dataset, "collections": []}
             for index, info in enumerate(self._dataset_collections(dataset)):
                 info.healthy().export_checkpoint(work / f"collection-{index}")
-                manifest["collections"].append({"folder": f"collection-{index}", "spec": {
-                    **dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
-                    "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}})
+                manifest["collections"].append({"folder": f"collection-{index}", "spec": info.spec_dict()})
             (work / "manifest.json").write_text(json.dumps(manifest))
             partial = target.with_suffix(".tar.tmp")
             with tarfile.open(partial, "w") as archive:
@@ -724,18 +727,16 @@ class Index:
                 info.vectors.checkpoint()  # else every follower re-inserts the whole log into its graph
         with self._order_lock(dataset):
             self._require_dataset(dataset)
-            collections, damaged = [], []
+            collections, damaged, copied = [], [], set()
             for number, info in enumerate(self.collections(dataset)):
-                spec = {**dataclasses.asdict(info.key), "dimension": info.spec.dimension, "m": info.spec.m,
-                        "ef_construction": info.spec.ef_construction, "ef": info.spec.ef, "weights": info.weights}
                 if info.vectors is None:
                     log.warning("collection %s of %s is damaged: a follower gets it as damaged", info.key.name, dataset)
-                    damaged.append((spec, info.damage))
+                    damaged.append((info.spec_dict(), info.damage))
                     continue
                 folder = target / f"collection-{number}"
-                collections.append((spec, folder, info.vectors.link_files(folder)))
+                collections.append((info.spec_dict(), folder, info.vectors.link_files(folder)))
+                copied.add(info.key.name)
             items = self.records.item_snapshot(dataset)
-            copied = {info.key.name for info in self.collections(dataset) if info.vectors is not None}
             attachments = [a for a in self.records.attachments(dataset) if a[0] in copied]  # a[0]: its collection
             try:
                 return DatasetCopy(self.records.dataset(dataset), self.changes.last if self.changes else 0, items,
