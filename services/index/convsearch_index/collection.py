@@ -2,13 +2,19 @@
 write-ahead log and checkpoints. All of hnswlib's rules live here:
 
 - add_items never overlaps knn_query (reader-writer lock); searches run in parallel;
-- labels are ints: each item id gets a slot, never given to another id, so deleted items never
-  come back; a re-upserted live id is updated in place, and only new slots reuse the memory of
-  deleted ones (replace_deleted), so an id never has two nodes;
+- labels are ints: each vector gets a slot, never given to another, so deleted items never come
+  back; a graph node is never changed: a re-upserted id gets a new slot and its old node is
+  marked deleted (hnswlib's in-place update, or reuse of a deleted node, costs ~7x an insert),
+  so an id has one live node; searches skip deleted nodes, and compaction drops them;
 - capacity grows (by a quarter) before it runs out;
 - ef is not saved with the graph: it is kept in the checkpoint's metadata and set after load;
 - knn_query raises when fewer than k results survive: k is capped and exact search answers;
 - no file reaches hnswlib before its checksum is verified.
+
+Compaction (once deleted slots are COMPACT_SHARE of all; the service checks every second, and
+before each checkpoint) goes on beside reads and writes: the live vectors are copied out, a new
+graph is built from them without a lock, the writes applied meanwhile are replayed into it, and
+it replaces the old one under a brief lock.
 
 The graph is the only copy of the vectors of an approximate collection (a cosine one also keeps
 each vector's norm, since hnswlib stores them normalised); the exact-only metrics keep a numpy
@@ -40,8 +46,13 @@ log = logging.getLogger("convsearch.index")
 _INITIAL_CAPACITY = 1024
 _GROWTH = 1.25
 CHECKPOINT_FORMAT = 2
-# A checkpoint rewrites the collection without its deleted slots once they are this share of all.
+# A collection is rewritten without its deleted slots once they are this share of all.
 COMPACT_SHARE = 0.3
+# Compaction replays the writes made while it built its graph in rounds, outside the locks, until
+# one round holds at most this many batches; that last round is replayed with writes held.
+_SWAP_BATCHES = 2
+_REPLAY_ROUNDS = 10
+_COPY_CHUNK = 256  # rows compaction copies out of a graph per hold of the read lock
 _ID_MAP_BYTES = 120  # estimated bytes per slot of the Python id <-> slot maps
 
 
@@ -93,7 +104,6 @@ class _State:
     graph: hnswlib.Index | None = None  # approximate metrics: the vectors and their graph
     norms: np.ndarray | None = None  # cosine: each slot's norm (the graph keeps unit vectors)
     vectors: np.ndarray | None = None  # exact-only metrics
-    free_deleted: int = 0  # graph nodes marked deleted and not reused yet
 
 
 class VectorCollection:
@@ -114,6 +124,8 @@ class VectorCollection:
         self.timings = timings
         self.lock = RWLock()
         self._writer = threading.Lock()  # one writer (or checkpoint) at a time
+        self._checkpointing = threading.Lock()  # one checkpoint (and compaction) at a time
+        self._pending: list | None = None  # writes applied while a compaction builds its graph
         directory.mkdir(parents=True, exist_ok=True)
         self._s = self._empty_state()
         self.version = 0  # applied batches since creation; replay recounts the logged ones
@@ -170,43 +182,51 @@ class VectorCollection:
         rows = np.asarray(s.graph.get_items(slots), np.float32).reshape(len(slots), self.spec.dimension)
         return rows * s.norms[slots, None] if s.norms is not None else rows
 
-    def _apply_upsert(self, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
+    def _apply(self, op: int, ids: Sequence[str], vectors: np.ndarray | None = None) -> tuple[int, int] | int:
+        """Applies one logged batch: (inserted, replaced) for an upsert, deleted for a delete."""
         self.version += 1
-        s = self._s
-        fresh = [i for i, item_id in enumerate(ids) if item_id not in s.slot]
-        existing = [i for i, item_id in enumerate(ids) if item_id in s.slot]
+        if self._pending is not None:
+            self._pending.append((op, ids, vectors))
+        return self._into(self._s, op, ids, vectors)
+
+    def _into(self, s: _State, op: int, ids: Sequence[str], vectors: np.ndarray | None):
+        if op == wal.UPSERT:
+            return self._upsert_into(s, ids, vectors)
+        if op == wal.DELETE:
+            return self._delete_from(s, ids)
+        raise wal.CorruptLog(f"a record holds unknown operation {op}")
+
+    def _upsert_into(self, s: _State, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
+        replaced = [item_id for item_id in ids if item_id in s.slot]
+        if s.graph is not None:
+            self._delete_from(s, replaced)  # a new node for each: cheaper than updating one
+        fresh = [item_id for item_id in ids if item_id not in s.slot]
         needed = len(s.ids) + len(fresh)
         s.alive = _grown(s.alive, needed)
         if s.vectors is not None:
             s.vectors = _grown(s.vectors, needed)
         if s.norms is not None:
             s.norms = _grown(s.norms, needed)
-        for i in fresh:
-            s.slot[ids[i]] = len(s.ids)
-            s.ids.append(ids[i])
+        for item_id in fresh:
+            s.slot[item_id] = len(s.ids)
+            s.ids.append(item_id)
         slots = np.array([s.slot[item_id] for item_id in ids], np.int64)
         s.alive[slots] = True
         if s.vectors is not None:
             s.vectors[slots] = vectors
-            return len(fresh), len(existing)
+            return len(ids) - len(replaced), len(replaced)
         if s.norms is not None:
             norms = np.linalg.norm(vectors, axis=1)
             s.norms[slots] = norms
             vectors = vectors / np.maximum(norms, 1e-30)[:, None]
-        new_nodes = max(0, len(fresh) - s.free_deleted)
-        if s.graph.get_current_count() + new_nodes > s.graph.get_max_elements():
-            s.graph.resize_index(max(s.graph.get_current_count() + new_nodes,
+        if s.graph.get_current_count() + len(ids) > s.graph.get_max_elements():
+            s.graph.resize_index(max(s.graph.get_current_count() + len(ids),
                                      int(s.graph.get_max_elements() * _GROWTH)))
-        if existing:  # live nodes: updated in place
-            s.graph.add_items(vectors[existing], slots[existing], replace_deleted=False)
-        if fresh:  # new slots: may take the memory of deleted nodes
-            s.graph.add_items(vectors[fresh], slots[fresh], replace_deleted=True)
-            s.free_deleted -= min(len(fresh), s.free_deleted)
-        return len(fresh), len(existing)
+        s.graph.add_items(vectors, slots)
+        return len(ids) - len(replaced), len(replaced)
 
-    def _apply_delete(self, ids: Sequence[str]) -> int:
-        self.version += 1
-        s = self._s
+    @staticmethod
+    def _delete_from(s: _State, ids: Sequence[str]) -> int:
         deleted = 0
         for item_id in ids:
             slot = s.slot.pop(item_id, None)
@@ -216,7 +236,6 @@ class VectorCollection:
             s.alive[slot] = False
             if s.graph is not None:
                 s.graph.mark_deleted(slot)
-                s.free_deleted += 1
             deleted += 1
         return deleted
 
@@ -259,7 +278,7 @@ class VectorCollection:
             labels = set(graph.get_ids_list())
             if not labels.issuperset(s.slot.values()):
                 raise DataLoss(f"{checkpoint.name}/graph.bin lacks items its metadata lists")
-            s.graph, s.free_deleted = graph, graph.get_current_count() - len(s.slot)
+            s.graph = graph
             if self.spec.metric == "cosine":
                 s.norms = self._array(checkpoint / "norms.npy", (len(s.ids),))
         else:
@@ -296,59 +315,109 @@ class VectorCollection:
         loaded = self._state_from_ids(meta["ids"])
         vectors = self._array(checkpoint / "vectors.npy", (len(loaded.ids), self.spec.dimension))
         live = sorted(loaded.slot.items(), key=lambda pair: pair[1])
-        self._apply_upsert([item_id for item_id, _ in live], vectors[[n for _, n in live]])
-        self.version = meta["version"]
+        self._upsert_into(self._s, [item_id for item_id, _ in live], vectors[[n for _, n in live]])
 
     def _replay(self) -> None:
         for payload in wal.replay(self.directory / "wal.log"):
-            op, ids, vectors = wal.decode(payload, self.spec.dimension)
-            if op == wal.UPSERT:
-                self._apply_upsert(ids, vectors)
-            elif op == wal.DELETE:
-                self._apply_delete(ids)
+            self._apply(*wal.decode(payload, self.spec.dimension))
+
+    @staticmethod
+    def _renumbered(ids: list[str]) -> _State:
+        """A state of these live ids in slots 0..n-1."""
+        return _State(ids, {item_id: n for n, item_id in enumerate(ids)}, np.ones(len(ids), bool))
+
+    def _copied_rows(self, live: np.ndarray, names: list[str]) -> tuple[_State, np.ndarray]:
+        """A graph's live slots (`live`, of items `names`) renumbered in their order, and their
+        stored rows to build the new graph from. Copied in chunks, each under the read lock only
+        (hnswlib's get_items is slow: writes would wait for all of it). A slot's row never
+        changes (a replaced vector gets a new slot); one deleted meanwhile is left out, as its
+        write, replayed from `_pending`, would leave it."""
+        kept, rows, norms = [], [], []
+        for start in range(0, len(live), _COPY_CHUNK):
+            with self.lock.read():
+                s = self._s
+                chunk = np.flatnonzero(s.alive[live[start:start + _COPY_CHUNK]]) + start
+                if len(chunk):
+                    rows.append(np.asarray(s.graph.get_items(live[chunk]), np.float32))
+                    if s.norms is not None:
+                        norms.append(s.norms[live[chunk]])
+            kept.extend(chunk.tolist())
+        state = self._renumbered([names[n] for n in kept])
+        if self.spec.metric == "cosine":
+            state.norms = np.concatenate(norms) if norms else np.zeros(0, np.float32)
+        return state, np.concatenate(rows).reshape(len(kept), self.spec.dimension) if rows \
+            else np.zeros((0, self.spec.dimension), np.float32)
+
+    def _build_rows(self, state: _State, rows: np.ndarray | None) -> None:
+        """Builds `state`'s graph from the rows `_copied_rows` gave (none: no graph to build),
+        on half the CPUs: it goes on beside the service's own work."""
+        if rows is None:
+            return
+        # Room for the deleted nodes that make the next compaction due, so it comes before a resize.
+        state.graph = self._new_graph(max(int(len(rows) / (1 - COMPACT_SHARE)) + 1, _INITIAL_CAPACITY))
+        for start in range(0, len(rows), 4096):
+            state.graph.add_items(rows[start:start + 4096], np.arange(start, min(start + 4096, len(rows))),
+                                  num_threads=max(1, (os.cpu_count() or 2) // 2))
+
+    def _compact(self) -> None:
+        """Rewrites the collection without its deleted slots; reads and writes go on meanwhile."""
+        started, before = time.monotonic(), len(self._s.ids)
+        with self._writer:  # the slots listed here are those the writes recorded from now on start from
+            with self.lock.read():
+                s = self._s
+                live = np.flatnonzero(s.alive[:len(s.ids)])
+                names = [s.ids[n] for n in live]
+                vectors = s.vectors[live].copy() if s.graph is None else None
+            self._pending = []
+        try:
+            if vectors is not None:
+                state, rows = self._renumbered(names), None
+                state.vectors = vectors
             else:
-                raise wal.CorruptLog(f"a record holds unknown operation {op}")
+                state, rows = self._copied_rows(live, names)
+            self._build_rows(state, rows)
+            del rows
+            for round_ in range(_REPLAY_ROUNDS + 1):
+                with self._writer:
+                    pending, self._pending = self._pending, []
+                    if len(pending) <= _SWAP_BATCHES or round_ == _REPLAY_ROUNDS:
+                        with self.lock.write():
+                            for write in pending:
+                                self._into(state, *write)
+                            self._s = state
+                        break
+                for write in pending:
+                    self._into(state, *write)
+        finally:
+            self._pending = None
+        log.info("collection %s: compacted %d slots to %d in %.2fs", self.name, before, len(state.ids),
+                 time.monotonic() - started)
 
-    def _compacted(self) -> _State:
-        """The live slots renumbered 0..n-1 in their order, without the deleted ones."""
-        s = self._s
-        live = np.flatnonzero(s.alive[:len(s.ids)])
-        state = _State([s.ids[n] for n in live], {}, np.ones(len(live), bool))
-        state.slot = {item_id: n for n, item_id in enumerate(state.ids)}
-        if s.graph is None:
-            state.vectors = s.vectors[live].copy()
-            return state
-        state.graph = self._new_graph(max(len(live), _INITIAL_CAPACITY))
-        for start in range(0, len(live), 4096):
-            chunk = live[start:start + 4096]
-            state.graph.add_items(s.graph.get_items(chunk), np.arange(start, start + len(chunk)))
-        if s.norms is not None:
-            state.norms = s.norms[live].copy()
-        return state
-
-    def _needs_compaction(self) -> bool:
+    def needs_compaction(self) -> bool:
+        """True once deleted slots are COMPACT_SHARE of all (`compact` or a checkpoint then compacts)."""
         dead = len(self._s.ids) - len(self._s.slot)
         return dead > 0 and dead >= COMPACT_SHARE * len(self._s.ids)
 
+    def compact(self) -> None:
+        """Compacts, in memory, if deleted slots reached their share (see needs_compaction)."""
+        with self._checkpointing:
+            if self.needs_compaction():
+                self._compact()
+
     def checkpoint(self) -> None:
         """Writes a new checkpoint (compacting first when many slots are dead), switches CURRENT
-        to it, then empties the log. Searches go on meanwhile; writes wait."""
-        with self._writer:
-            if not self._wal.has_records() and (self.directory / "CURRENT").exists() \
-                    and not self._needs_compaction():
-                return
-            if self._needs_compaction():
-                started, before = time.monotonic(), len(self._s.ids)
+        to it, then empties the log. Searches go on meanwhile; writes wait while it is written."""
+        with self._checkpointing:
+            compacted = self.needs_compaction()
+            if compacted:
+                self._compact()
+            with self._writer:
+                if not compacted and not self._wal.has_records() and (self.directory / "CURRENT").exists():
+                    return
+                started = time.perf_counter()
                 with self.lock.read():
-                    compacted = self._compacted()
-                with self.lock.write():
-                    self._s = compacted
-                log.info("collection %s: compacted %d slots to %d in %.2fs", self.name, before,
-                         len(compacted.ids), time.monotonic() - started)
-            started = time.perf_counter()
-            with self.lock.read():
-                self._write_checkpoint()
-            self.timings.checkpoint(time.perf_counter() - started)
+                    self._write_checkpoint()
+                self.timings.checkpoint(time.perf_counter() - started)
 
     def _write_checkpoint(self) -> None:
         s = self._s
@@ -459,7 +528,7 @@ class VectorCollection:
         with self._writing():
             self._log(wal.encode(wal.UPSERT, list(ids), vectors))
             logged()
-            return self._apply_upsert(ids, vectors)
+            return self._apply(wal.UPSERT, list(ids), vectors)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Deletes the vectors of these items (those that have one); durable when it returns."""
@@ -467,7 +536,7 @@ class VectorCollection:
             present = [item_id for item_id in ids if item_id in self._s.slot]
             if present:
                 self._log(wal.encode(wal.DELETE, present))
-            return self._apply_delete(present)
+            return self._apply(wal.DELETE, present) if present else 0
 
     def has(self, ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """(ids with a vector, ids without)."""
@@ -483,19 +552,15 @@ class VectorCollection:
             vectors = self._rows(np.array([slot[item_id] for item_id in found], np.int64))
             return found, vectors.reshape(len(found), self.spec.dimension), [i for i in ids if i not in slot]
 
-    def slot_ids(self) -> list[str | None]:
-        """Item id of each slot (None where deleted); positions are the `allowed` mask's."""
-        with self.lock.read():
-            return list(self._s.ids)
-
     def __len__(self) -> int:
         return len(self._s.slot)
 
-    def search(self, queries: np.ndarray, k: int, ef: int = 0, allowed: np.ndarray | None = None,
+    def search(self, queries: np.ndarray, k: int, ef: int = 0, keep: Callable[[str], bool] | None = None,
                exact: bool = False, exact_below: int = 2000) -> tuple[list[tuple[list[str], np.ndarray]], bool]:
         """k nearest live items per query, nearest first: ([(ids, distances)] per query, exact?).
 
-        `allowed` is a boolean mask over slots (see `slot_ids`); when it leaves fewer than
+        `keep` tells which item ids may be found (asked under the lock, so writes and compaction
+        cannot move the slots under it); when it leaves fewer than
         `exact_below` candidates (or fewer than 5% of the items), exact search answers, since a
         graph walk would have to skip most of what it visits. Exact search ranks by float64
         distances, ties broken by item id; the graph ranks by float32 distances.
@@ -511,15 +576,15 @@ class VectorCollection:
         with lock:
             s = self._s
             live = s.alive[:len(s.ids)]
-            if allowed is not None:
-                live = live & allowed[:len(live)]
-            candidates = len(s.slot) if allowed is None else int(live.sum())
+            if keep is not None:
+                live = np.fromiter((item_id is not None and keep(item_id) for item_id in s.ids), bool, len(s.ids))
+            candidates = len(s.slot) if keep is None else int(live.sum())
             if candidates == 0:
                 return [([], np.zeros(0, np.float32)) for _ in queries], True
             use_exact = exact or s.graph is None or (
-                allowed is not None and (candidates < exact_below or candidates < 0.05 * len(s.slot)))
+                keep is not None and (candidates < exact_below or candidates < 0.05 * len(s.slot)))
             if not use_exact:
-                found = self._graph_search(queries, min(k, candidates), ef, live if allowed is not None else None)
+                found = self._graph_search(queries, min(k, candidates), ef, live if keep is not None else None)
                 if found is not None:
                     return found, False
             slots, distances = exact_knn(queries, self._rows, np.flatnonzero(live), k, self.spec.metric,

@@ -537,17 +537,17 @@ class Index:
                                metadata={"dataset": dataset, "collection": name, "item": missing[0]})
         labels = self._labels[dataset]
         skip = set(exclude_ids)
-        allowed = None
+        keep = None
         if include_labels or exclude_labels:
-            include, exclude = set(include_labels), set(exclude_labels)
-            allowed = np.array([item_id is not None and item_id not in skip
-                                and (not include or labels.get(item_id) in include)
-                                and labels.get(item_id) not in exclude
-                                for item_id in collection.slot_ids()], bool)
+            include, exclude, excluded = set(include_labels), set(exclude_labels), skip
+
+            def keep(item_id: str) -> bool:
+                label = labels.get(item_id)
+                return item_id not in excluded and (not include or label in include) and label not in exclude
             skip = set()
         # Excluded ids (and each query item) are dropped after a search for that many more.
         extra = len(skip) + (1 if query_ids else 0)
-        hits, was_exact = collection.search(queries, k + extra, ef, allowed, exact, self.limits.exact_below)
+        hits, was_exact = collection.search(queries, k + extra, ef, keep, exact, self.limits.exact_below)
         if extra:
             hits = [_without(ids, distances, skip | ({query_ids[q]} if query_ids else set()), k)
                     for q, (ids, distances) in enumerate(hits)]
@@ -556,12 +556,20 @@ class Index:
 
     # ---- durability --------------------------------------------------------------------
 
+    def _open_collections(self) -> list[VectorCollection]:
+        with self._meta:
+            return [info.vectors for info in self._collections.values() if info.vectors is not None]
+
     def checkpoint(self) -> None:
         """Checkpoints every collection whose log holds something."""
-        with self._meta:
-            infos = [info for info in self._collections.values() if info.vectors is not None]
-        for info in infos:
-            info.vectors.checkpoint()
+        for collection in self._open_collections():
+            collection.checkpoint()
+
+    def compact(self) -> None:
+        """Compacts the collections whose deleted slots reached their share (in memory; their
+        next checkpoint writes them compacted)."""
+        for collection in self._open_collections():
+            collection.compact()
 
     def _snapshot_path(self, name: str) -> pathlib.Path:
         """The file of a kept snapshot; INVALID_ARGUMENT for a malformed name, NOT_FOUND (without

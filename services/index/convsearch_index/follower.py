@@ -482,6 +482,7 @@ class Follower:
                                     f"{dataset} could not be applied: {type(exc).__name__}: {exc}", change.position,
                                     damaged=False) from exc
             applied = change.position
+            self._reach(self._stream_epoch, applied)  # readable now, not after the rest of the batch
         if applied is not None:
             self._advance(self._stream_epoch, applied)
         self._behind.set(max(0, batch.primary_position - self.position))
@@ -529,6 +530,11 @@ class Follower:
         """Records the position reached, after the writes it stands for are durable."""
         durable.write_file(self._state_path, json.dumps({"epoch": epoch, "position": position,
                                                          "primary": self.primary}), fsync=False)
+        self._reach(epoch, position)
+
+    def _reach(self, epoch: str, position: int) -> None:
+        """Lets reads waiting for `position` go on (its writes are applied and durable); the
+        position file may be older than this, never newer (a restart applies changes again)."""
         with self._applied:
             self.epoch, self.position = epoch, position
             self._applied.notify_all()

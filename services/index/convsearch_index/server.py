@@ -4,6 +4,7 @@ import logging
 import pathlib
 import shutil
 import threading
+import time
 
 from convsearch.errors import FailedPrecondition
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
@@ -19,6 +20,7 @@ from convsearch_index.metrics import CollectionsCollector, durability_timings
 from convsearch_index.roles import claim_role
 from convsearch_index.servicer import IndexServicer
 
+COMPACTION_CHECK_S = 1.0  # how often collections are checked for deleted slots to drop, between checkpoints
 SERVICE_NAME = index_pb2.DESCRIPTOR.services_by_name["IndexService"].full_name
 log = logging.getLogger("convsearch.index")
 
@@ -46,9 +48,16 @@ class _IndexService(RunningService):
         self.follower.start()  # after: a whole copy it starts turns it NOT_SERVING until done
 
     def _checkpoint_every(self, interval_s: float) -> None:
-        while not self._stopping.wait(interval_s):
+        """Checkpoints every `interval_s`; in between, every COMPACTION_CHECK_S, compacts the
+        collections whose deleted slots reached their share."""
+        due = time.monotonic() + interval_s
+        while not self._stopping.wait(min(COMPACTION_CHECK_S, max(0.0, due - time.monotonic()))):
             try:
-                self.index.checkpoint()
+                if time.monotonic() >= due:
+                    due = time.monotonic() + interval_s
+                    self.index.checkpoint()
+                else:
+                    self.index.compact()
             except Exception:  # noqa: BLE001 - logged; the log still holds every write
                 log.exception("periodic checkpoint failed")
 
