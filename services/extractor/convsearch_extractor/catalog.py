@@ -123,6 +123,7 @@ def _pixels_spec() -> ModelSpec:
         build=pixels.build,
         weightless=True,
         featured_layers=pixels.LAYERS,
+        tracer_leaf_modules=(pixels.Halve,),
     )
 
 

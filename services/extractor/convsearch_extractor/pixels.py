@@ -24,6 +24,15 @@ LAYERS = tuple(f"{size}x{size}" for size in SIZES)
 PREPROCESS = Preprocess(resize_size=SIZES[-1], crop_size=SIZES[-1], mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
 
 
+class Halve(nn.Module):
+    """The mean of each 2x2 block: (N, C, H, W) -> (N, C, H/2, W/2), as AvgPool2d(2), but as
+    two strided additions, which run several times faster on CPU."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        columns = image[..., 0::2] + image[..., 1::2]
+        return (columns[..., 0::2, :] + columns[..., 1::2, :]) * 0.25
+
+
 class Pixels(nn.Module):
     """(N, 3, 64, 64) images in [0, 1] -> one (N, 3*S*S) output per size S, smallest first.
 
@@ -33,7 +42,7 @@ class Pixels(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.halve = nn.AvgPool2d(2)
+        self.halve = Halve()
         for layer in LAYERS:
             self.add_module(layer, nn.Flatten())
 

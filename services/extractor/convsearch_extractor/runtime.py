@@ -80,8 +80,11 @@ class LoadedModel:
         self.bytes = sum(t.numel() * t.element_size()
                          for t in [*module.parameters(), *module.buffers()])
         shape = (1, 3, 1, 1)
-        self._mean = torch.tensor(spec.preprocess.mean, device=device).view(shape) * 255.0
-        self._std = torch.tensor(spec.preprocess.std, device=device).view(shape) * 255.0
+        # (pixel / 255 - mean) / std as one multiply-add from the uint8 pixels: scale and shift.
+        std = torch.tensor(spec.preprocess.std, dtype=torch.float64).view(shape) * 255.0
+        self._scale = (1.0 / std).to(device, torch.float32)
+        self._shift = (-torch.tensor(spec.preprocess.mean, dtype=torch.float64).view(shape) * 255.0 / std
+                       ).to(device, torch.float32)
         self._extractors: collections.OrderedDict[tuple[str, ...], nn.Module] = collections.OrderedDict()
         self._extractors_lock = threading.Lock()
 
@@ -115,7 +118,7 @@ class LoadedModel:
     def _forward(self, pixels: np.ndarray, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """One forward pass of (N, H, W, 3) uint8 pixels, normalised on the device, to `layers`."""
         batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
-        batch = batch.permute(0, 3, 1, 2).float().sub_(self._mean).div_(self._std)
+        batch = torch.addcmul(self._shift, batch.permute(0, 3, 1, 2), self._scale)
         batch = batch.contiguous(memory_format=torch.channels_last)
         extractor = self._extractor(layers)
         with FX_LOCK.read():
