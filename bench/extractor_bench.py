@@ -1,5 +1,7 @@
 """Extractor throughput: images/s through the service over gRPC (JPEG in, vectors out) against
-the same model, layer and batch size run in-process, plus many concurrent single-image clients.
+the same model, layer and batch size run in-process (on CUDA decoding on the GPU and the forward
+pass, as the service does by default; on the CPU the forward pass of pre-decoded pixels), plus
+many concurrent single-image clients.
 
 The service's own overhead: the `pixels` model (whose forward pass costs almost nothing, like an
 identity model in Triton) streamed through BulkEmbed at its four layers, as indexing does
@@ -45,6 +47,7 @@ from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.processes import start_service, stop_service
 from convsearch_extractor import pixels
 from convsearch_extractor.catalog import load_catalog
+from convsearch_extractor.device_decode import device_decoder
 from convsearch_extractor.engine import make_decoder
 from convsearch_extractor.imaging import decode
 from convsearch_extractor.runtime import EmbedSpec, LoadedModel
@@ -74,11 +77,15 @@ def device_name(device: torch.device) -> str:
 
 
 def inprocess_runner(model: str, layer: str, images: list[bytes], device: torch.device):
-    """A function running one forward pass of the pre-decoded batch in this process: the ceiling."""
+    """A function running the batch in this process, the ceiling: on the CPU one forward pass of
+    the pre-decoded batch; with a device decoder (CUDA), decoding there and the forward pass."""
     spec = load_catalog(pathlib.Path(tempfile.mkdtemp()))[model]
     loaded = LoadedModel(spec, spec.build(True), True, device)
-    pixels = np.stack([decode(image, spec.preprocess, 10**8) for image in images])
     embed = EmbedSpec(model, (layer,))
+    decoder = device_decoder("auto", device)
+    if decoder is not None:
+        return lambda: loaded.embed(decoder.decode(images, spec.preprocess), embed)
+    pixels = np.stack([decode(image, spec.preprocess, 10**8) for image in images])
     return lambda: loaded.embed(pixels, embed)
 
 
@@ -297,6 +304,7 @@ def main() -> None:
     under_contention = contended(args, device, images[0])
     print(json.dumps({
         "model": args.model, "layer": args.layer, "batch": args.batch, "device": device_name(device),
+        "decode_device": "cuda" if device_decoder("auto", device) else "cpu",
         "decode_processes": args.decode_processes,
         "service_img_s": round(service_img_s, 2), "inprocess_img_s": round(inprocess_img_s, 2),
         "ratio": round(service_img_s / inprocess_img_s, 3),

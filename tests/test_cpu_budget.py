@@ -104,7 +104,7 @@ def test_pools_are_sized_from_the_budget_and_flags_win():
     one_worker = pool_sizes(ExtractorConfig(device="cpu", cpu_workers=1), budget_from(8, 4.0), CPU)
     assert (one_worker.model_workers, one_worker.torch_threads) == (1, 4)
     on_cuda = pool_sizes(ExtractorConfig(), budget_from(64, 8.0), torch.device("cuda"))
-    assert (on_cuda.model_workers, on_cuda.decode_processes, on_cuda.rpc_workers, on_cuda.max_batch) == (1, 8, 64, 32)
+    assert (on_cuda.model_workers, on_cuda.decode_processes, on_cuda.rpc_workers, on_cuda.max_batch) == (2, 8, 192, 64)
 
 
 def test_negative_sizes_are_refused_at_start():

@@ -1,5 +1,8 @@
-"""On a CUDA device: bf16 + channels_last embeddings agree with the CPU's fp32 ones, and the
-service runs and batches there."""
+"""On a CUDA device: bf16 + channels_last embeddings agree with the CPU's fp32 ones; JPEGs decoded
+on the GPU (nvJPEG) give what the CPU's decoding gives; the warm-up chooses a batch size; two
+model workers on their own CUDA streams, and torch.compile, change no answer."""
+
+import concurrent.futures
 
 import numpy as np
 import pytest
@@ -8,7 +11,9 @@ import torch
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.tensors import from_tensor
-from tests.conftest import start_extractor
+from convsearch_extractor.engine import BATCH_CHOICES
+from convsearch_extractor.sizing import CUDA_WORKERS
+from tests.conftest import serve_extractor, start_extractor
 
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
@@ -17,8 +22,8 @@ if not torch.cuda.is_available():
 LAYERS = ["_conv_stem", "_blocks.9._expand_conv", "_conv_head", "_fc"]
 
 
-def embed_on(device: str, images: list[bytes]) -> dict[str, np.ndarray]:
-    service, channel = start_extractor(device=device, allow_random_weights=False)
+def embed_on(device: str, images: list[bytes], **overrides) -> dict[str, np.ndarray]:
+    service, channel = start_extractor(device=device, allow_random_weights=False, **overrides)
     try:
         reply = extractor_pb2_grpc.ExtractorServiceStub(channel).Embed(
             pb.EmbedRequest(config=pb.EmbedConfig(layers=LAYERS), images=images), timeout=120)
@@ -36,3 +41,44 @@ def test_cuda_embeddings_match_cpu(chelsea_jpeg, coffee_jpeg):
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.98, (layer, cosine)
     assert np.argmax(cuda["_fc"][0]) == np.argmax(cpu["_fc"][0])
+
+
+def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], least_cosine: float) -> None:
+    for layer in LAYERS:
+        cosine = (a[layer] * b[layer]).sum(1) / np.linalg.norm(a[layer], axis=1) / np.linalg.norm(b[layer], axis=1)
+        assert cosine.min() > least_cosine, (layer, cosine)
+
+
+def test_jpegs_decoded_on_the_gpu_give_the_cpu_decoders_vectors(chelsea_jpeg, coffee_jpeg):
+    images = [chelsea_jpeg, coffee_jpeg] * 8
+    service, channel, _ = serve_extractor(device="cuda", decode_device="cuda", allow_random_weights=False)
+    try:
+        reply = extractor_pb2_grpc.ExtractorServiceStub(channel).Embed(
+            pb.EmbedRequest(config=pb.EmbedConfig(layers=LAYERS), images=images), timeout=120)
+        on_gpu = {entry.layer: from_tensor(entry.vectors) for entry in reply.layers}
+        assert service.extractor.metrics.device_decoded._value.get() == len(images)
+    finally:
+        channel.close()
+        service.stop(1.0)
+    assert_close(on_gpu, embed_on("cuda", images, decode_device="cpu"), 0.99)
+
+
+def test_the_warm_up_chooses_a_batch_and_concurrent_requests_use_both_streams(chelsea_jpeg, coffee_jpeg):
+    service, channel, _ = serve_extractor(device="cuda", allow_random_weights=False)
+    stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+    try:
+        assert service.extractor.metrics.max_batch._value.get() in {CUDA_WORKERS * b for b in BATCH_CHOICES}
+        request = pb.EmbedRequest(config=pb.EmbedConfig(layers=LAYERS), images=[chelsea_jpeg, coffee_jpeg])
+        alone = {entry.layer: from_tensor(entry.vectors) for entry in stub.Embed(request, timeout=120).layers}
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda _: stub.Embed(request, timeout=120), range(64)))
+        for reply in replies:
+            assert_close({entry.layer: from_tensor(entry.vectors) for entry in reply.layers}, alone, 0.999)
+    finally:
+        channel.close()
+        service.stop(1.0)
+
+
+def test_compiled_models_on_the_gpu_give_the_eager_vectors(chelsea_jpeg, coffee_jpeg):
+    images = [chelsea_jpeg, coffee_jpeg] * 4
+    assert_close(embed_on("cuda", images, compile=True), embed_on("cuda", images), 0.99)

@@ -19,14 +19,17 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 
 import numpy as np
+import torch
 
-RunBatch = Callable[[Hashable, np.ndarray], dict[str, np.ndarray]]
+# (N, H, W, 3) uint8 pixels: decoded on the CPU (numpy), or on the model's device (a tensor there).
+PixelBatch = np.ndarray | torch.Tensor
+RunBatch = Callable[[Hashable, PixelBatch], dict[str, np.ndarray]]
 
 
 @dataclasses.dataclass
 class _Entry:
     key: Hashable
-    pixels: np.ndarray
+    pixels: PixelBatch
     future: Future
     arrived: float
 
@@ -56,6 +59,14 @@ def gather(parts: list[Future]) -> Future:
     return joined
 
 
+def _joined(parts: list[PixelBatch]) -> PixelBatch:
+    """The parts one after the other: on the device of the device-decoded ones, if any."""
+    if all(isinstance(part, np.ndarray) for part in parts):
+        return np.concatenate(parts)
+    device = next(part.device for part in parts if isinstance(part, torch.Tensor))
+    return torch.cat([torch.as_tensor(part).to(device) for part in parts])
+
+
 class DynamicBatcher:
     """Coalesces concurrent submissions into batches run by `workers` worker threads (and one
     thread that gathers them)."""
@@ -82,7 +93,7 @@ class DynamicBatcher:
         for thread in self._threads:
             thread.start()
 
-    def submit(self, key: Hashable, pixels: np.ndarray) -> Future:
+    def submit(self, key: Hashable, pixels: PixelBatch) -> Future:
         """Queues (N, H, W, 3) pixels; the future gives {layer: (N, D)} or the batch's error."""
         now = time.monotonic()
         entries = [_Entry(key, pixels[i:i + self.batch_images], Future(), now)
@@ -93,6 +104,13 @@ class DynamicBatcher:
             self._queue.extend(entries)
             self._cond.notify()
         return gather([entry.future for entry in entries])
+
+    def resize(self, max_batch: int) -> None:
+        """Takes batches of up to `max_batch` images (all workers together) from now on."""
+        with self._cond:
+            self.max_batch = max_batch
+            self.batch_images = -(-max_batch // self.workers)
+            self._cond.notify_all()
 
     def close(self) -> None:
         """Finishes what is queued, then stops the workers."""
@@ -152,7 +170,7 @@ class DynamicBatcher:
             return
         started = time.monotonic()
         try:
-            pixels = live[0].pixels if len(live) == 1 else np.concatenate([e.pixels for e in live])
+            pixels = live[0].pixels if len(live) == 1 else _joined([e.pixels for e in live])
             outputs = self._run_batch(live[0].key, pixels)
         except Exception as exc:  # noqa: BLE001 - the error belongs to the requests
             for entry in live:

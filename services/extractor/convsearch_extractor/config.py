@@ -11,6 +11,7 @@ from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.serving import ConnectionAgeOptions
 from convsearch.tls import ServerTLSOptions, check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
+from convsearch_extractor.device_decode import DECODE_DEVICES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,8 +25,10 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
     device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
     default_model: str = option(DEFAULT_MODEL, "model used when a request names none; loaded at start")
     max_batch: int = option(-1, "most images the model workers take at once (one forward pass on one "
-                                "worker; divided among them when there are several); -1: 32 on CUDA, "
-                                "8 per model worker on CPU, where larger batches run slower")
+                                "worker; divided among them when there are several); -1: on CUDA chosen "
+                                "at warm-up for the default model (the smallest of 32 to 256 a worker "
+                                "within 5% of the fastest), 8 per model worker on CPU, where larger "
+                                "batches run slower")
     max_queue_delay_ms: float = option(5.0, "longest wait for more requests to fill a batch")
     max_images: int = option(256, "most images in one Embed request or stream message")
     max_pixels: int = option(DEFAULT_MAX_PIXELS, "largest image accepted, in pixels (decompression bombs); "
@@ -38,16 +41,23 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
     allow_random_weights: bool = option(False, "build models without weights files with random "
                                                "weights (development and tests; responses say so)")
     cpu_workers: int = option(0, "model workers on CPU, each running batches from the dynamic batcher "
-                                 "in parallel; 0: one per CPU of the budget (one on CUDA always)")
+                                 "in parallel; 0: one per CPU of the budget (two on CUDA always, each on "
+                                 "a CUDA stream of its own)")
     torch_threads: int = option(0, "torch intra-op threads (shared by the model workers); 0: the CPU "
                                    "budget divided among the model workers")
     interop_threads: int = option(0, "torch inter-op threads; 0: 1 (the model workers are the parallelism)")
     decode_workers: int = option(0, "threads decoding images; 0: one per CPU of the budget (up to 16)")
+    decode_device: str = option("auto", "where JPEGs are decoded: auto (on the model's CUDA device, with "
+                                        "nvJPEG, when torchvision can; else on the CPU), cpu, or cuda (the "
+                                        "model's device; refused where it cannot). Other formats: the CPU")
     decode_processes: int = option(-1, "processes decoding images instead of threads; -1: one per "
                                        "CPU of the budget (up to 16) on CUDA, where decoding is the "
                                        "bottleneck, and threads on CPU")
     rpc_workers: int = option(0, "threads serving RPCs; 0: enough waiting requests to fill a batch for "
                                  "every model worker and one more (max batch x (workers + 1))")
+    compile: bool = option(False, "run models through torch.compile: faster forward passes, after a longer "
+                                  "warm-up (logged, and exported as convsearch_extractor_warm_up_seconds); "
+                                  "on CPU it needs a C++ compiler")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
 
     def validate(self) -> None:
@@ -71,6 +81,10 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {self.max_queue_delay_ms}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device {self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.decode_device not in DECODE_DEVICES:
+            raise ValueError(f"decode_device {self.decode_device!r}: use {', '.join(DECODE_DEVICES)}")
+        if self.decode_device == "cuda" and self.torch_device().type != "cuda":
+            raise ValueError("decode_device cuda needs the model on CUDA (--device cuda or auto with a GPU)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
 

@@ -1,8 +1,10 @@
-"""The extractor's proto-free core: validates requests, decodes images in a worker pool and
-feeds the dynamic batcher, so decoding the next chunk overlaps the forward pass of this one.
+"""The extractor's proto-free core: validates requests, decodes images in a worker pool (JPEGs
+on the model's device, with a device decoder) and feeds the dynamic batcher, so decoding the
+next chunk overlaps the forward pass of this one.
 """
 
 import dataclasses
+import logging
 import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
@@ -10,11 +12,15 @@ from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPool
 
 import numpy as np
 import prometheus_client as prom
+import torch
 
 from convsearch.errors import InvalidArgument, ResourceExhausted
-from convsearch_extractor import imaging
-from convsearch_extractor.batcher import DynamicBatcher, gather
-from convsearch_extractor.runtime import POOLINGS, EmbedSpec, ModelPool, padded_size
+from convsearch_extractor import device_decode, imaging
+from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, gather
+from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
+
+BATCH_CHOICES = (32, 64, 128, 256)  # a model worker's batch sizes tried at warm-up on CUDA
+log = logging.getLogger("convsearch.extractor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +48,21 @@ class Metrics:
             "convsearch_extractor_images", "Images embedded", registry=self.registry)
         self.image_errors = prom.Counter(
             "convsearch_extractor_image_errors", "Images refused as unusable", registry=self.registry)
+        self.device_decoded = prom.Counter(
+            "convsearch_extractor_device_decoded_images", "Images decoded on the model's device (nvJPEG)",
+            registry=self.registry)
+        self.device_decode_refused = prom.Counter(
+            "convsearch_extractor_device_decode_refused_batches", "Batches of JPEGs the device decoder "
+            "refused (a JPEG corrupt past its header), decoded on the CPU instead", registry=self.registry)
         self.cpu_budget = prom.Gauge(
             "convsearch_extractor_cpu_budget", "Whole CPUs the process may use (cgroup quota and "
             "affinity, whichever is smaller), which its pools are sized from", registry=self.registry)
+        self.max_batch = prom.Gauge(
+            "convsearch_extractor_max_batch", "Most images the model workers take at once (on CUDA "
+            "chosen at warm-up)", registry=self.registry)
+        self.warm_up_seconds = prom.Gauge(
+            "convsearch_extractor_warm_up_seconds", "Seconds the default model took to load and run once "
+            "per batch shape (with --compile: to compile)", registry=self.registry)
         self.pool_size = prom.Gauge(
             "convsearch_extractor_pool_size", "Size of each pool: model_workers, torch_threads, "
             "interop_threads, decode_workers, decode_processes, rpc_workers", ["pool"], registry=self.registry)
@@ -76,8 +94,11 @@ class Extractor:
     `model_workers` threads in parallel."""
 
     def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
-                 decode_workers: int, default_model: str, decode_processes: int = 0, model_workers: int = 1):
+                 decode_workers: int, default_model: str, decode_processes: int = 0, model_workers: int = 1,
+                 device_decoder: device_decode.DeviceDecoder | None = None, choose_batch: bool = False):
         self.pool = pool
+        self.choose_batch = choose_batch
+        self.device_decoder = device_decoder
         self.limits = limits
         self.default_model = default_model
         self.metrics = Metrics()
@@ -86,8 +107,9 @@ class Extractor:
         self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
         self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,
                                        self.metrics.record_batch, model_workers)
+        self.metrics.max_batch.set(max_batch)
 
-    def _run_batch(self, spec: EmbedSpec, pixels: np.ndarray) -> dict[str, np.ndarray]:
+    def _run_batch(self, spec: EmbedSpec, pixels: PixelBatch) -> dict[str, np.ndarray]:
         return self.pool.acquire(spec.model).embed(pixels, spec)
 
     def resolve(self, model: str, layers: Iterable[str], pooling: str, normalize: bool
@@ -118,28 +140,48 @@ class Extractor:
                 "split it or use BulkEmbed")
 
     def _decode_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool
-                       ) -> Iterator[tuple[list[int], np.ndarray] | tuple[int, imaging.ImageError]]:
-        """Decodes in the pool; yields (indices, pixels) chunks of at most a batch, and, unless
-        `strict`, (index, error) for bad images. In strict mode a bad image raises."""
+                       ) -> Iterator[tuple[list[int], PixelBatch] | tuple[int, imaging.ImageError]]:
+        """Decodes; yields (indices, pixels) chunks of at most a batch, and, unless `strict`,
+        (index, error) for bad images. In strict mode a bad image raises. With a device decoder,
+        the JPEGs it takes are decoded there, a batch at a time, while the pool decodes the rest."""
         preprocess = self.pool.spec(spec.model).preprocess
-        decodes = [self._decoder.submit(imaging.decode, data, preprocess, self.limits.max_pixels)
-                   for data in images]
+        on_device: list[int] = []
+        if self.device_decoder is not None:
+            on_device = [i for i, data in enumerate(images) if device_decode.takes(data, self.limits.max_pixels)]
+        taken = set(on_device)
+        on_cpu = [i for i in range(len(images)) if i not in taken]
+        decodes = {i: self._decoder.submit(imaging.decode, images[i], preprocess, self.limits.max_pixels)
+                   for i in on_cpu}
         step = self._batcher.max_batch
-        for start in range(0, len(images), step):
+        for start in range(0, len(on_device), step):
+            indices = on_device[start:start + step]
+            try:
+                yield indices, self._decode_on_device([images[i] for i in indices], preprocess)
+            except RuntimeError:  # a JPEG corrupt past its header: the CPU decoder says which, and why
+                self.metrics.device_decode_refused.inc()
+                decodes.update((i, self._decoder.submit(imaging.decode, images[i], preprocess,
+                                                        self.limits.max_pixels)) for i in indices)
+        pending = sorted(decodes)
+        for start in range(0, len(pending), step):
             indices, pixels = [], []
-            for i in range(start, min(len(images), start + step)):
+            for i in pending[start:start + step]:
                 try:
                     pixels.append(decodes[i].result())
                     indices.append(i)
                 except imaging.ImageError as exc:
                     self.metrics.image_errors.inc()
                     if strict:
-                        for pending in decodes:
-                            pending.cancel()
+                        for future in decodes.values():
+                            future.cancel()
                         raise InvalidArgument(f"image {first_index + i} {exc}") from None
                     yield first_index + i, exc
             if pixels:
                 yield indices, np.stack(pixels)
+
+    def _decode_on_device(self, images: list[bytes], preprocess: imaging.Preprocess) -> torch.Tensor:
+        pixels = self.device_decoder.decode(images, preprocess)
+        self.metrics.device_decoded.inc(len(images))
+        return pixels
 
     def embed(self, spec: EmbedSpec, dims: dict[str, int], images: list[bytes]) -> dict[str, np.ndarray]:
         """{layer: (N, D)} for every image; any bad image raises InvalidArgument naming its index."""
@@ -149,9 +191,14 @@ class Extractor:
             raise ResourceExhausted(
                 f"the answer would be {size >> 20} MiB, over the message limit of "
                 f"{self.limits.max_response_bytes >> 20} MiB; send fewer images or use BulkEmbed")
-        parts = [self._batcher.submit(spec, pixels)
-                 for _, pixels in self._decode_chunks(spec, images, 0, strict=True)]
-        return gather(parts).result()
+        chunks = [(indices, self._batcher.submit(spec, pixels))
+                  for indices, pixels in self._decode_chunks(spec, images, 0, strict=True)]
+        vectors = gather([future for _, future in chunks]).result()
+        order = [i for indices, _ in chunks for i in indices]
+        if order == sorted(order):
+            return vectors
+        rows = np.argsort(order)  # device-decoded chunks came first: back to the images' order
+        return {layer: values[rows] for layer, values in vectors.items()}
 
     def embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> Future:
         """Starts embedding images independently; the future gives one ImageResult per image."""
@@ -173,17 +220,43 @@ class Extractor:
         return results
 
     def warm_up(self) -> float:
-        """Loads the default model and runs it once per padded batch size it will see (once on
-        CPU); returns the seconds it took."""
+        """Loads the default model, chooses the batch size (with `choose_batch`), and runs it once
+        per padded batch size it will see (once on CPU); returns the seconds it took."""
         started = time.monotonic()
         spec, _ = self.resolve(self.default_model, (), "avg", False)
         size = self.pool.spec(spec.model).preprocess.crop_size
+        loaded = self.pool.acquire(spec.model)
+        if self.choose_batch:
+            self._batcher.resize(self._batcher.workers * self._fastest_batch(loaded, spec, size))
+            self.metrics.max_batch.set(self._batcher.max_batch)
         counts = {1}
-        if self.pool.acquire(spec.model).pad_batches:
-            counts |= {padded_size(n) for n in range(1, self._batcher.max_batch + 1)}
+        if loaded.pad_batches:
+            counts |= {padded_size(n) for n in range(1, self._batcher.batch_images + 1)}
         for count in sorted(counts):
             self._batcher.submit(spec, np.zeros((count, size, size, 3), np.uint8)).result()
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        self.metrics.warm_up_seconds.set(seconds)
+        return seconds
+
+    @staticmethod
+    def _fastest_batch(loaded: LoadedModel, spec: EmbedSpec, size: int) -> int:
+        """The smallest of BATCH_CHOICES whose forward passes run within 5% of the fastest's
+        images/s (a larger batch only adds latency); sizes that run out of memory are left out."""
+        rates: dict[int, float] = {}
+        for batch in BATCH_CHOICES:
+            pixels = np.zeros((batch, size, size, 3), np.uint8)
+            try:
+                loaded.embed(pixels, spec)  # kernels chosen (or compiled) for this shape
+                started = time.perf_counter()
+                for _ in range(3):
+                    loaded.embed(pixels, spec)
+            except torch.OutOfMemoryError:
+                break
+            rates[batch] = 3 * batch / (time.perf_counter() - started)
+        chosen = min(batch for batch, rate in rates.items() if rate >= 0.95 * max(rates.values()))
+        log.info("batch of %d a model worker chosen for %s (images/s by batch: %s)", chosen, spec.model,
+                 ", ".join(f"{batch}: {rate:.0f}" for batch, rate in rates.items()))
+        return chosen
 
     def close(self) -> None:
         """Finishes queued work and stops the worker threads."""

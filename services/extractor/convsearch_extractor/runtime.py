@@ -4,6 +4,7 @@ into pooled vectors for several layers at once.
 """
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -66,12 +67,19 @@ class LoadedModel:
 
     With `pad_batches` (the default on CUDA) batches are padded to a power of two, so the GPU
     sees few distinct shapes and its kernels are chosen once per shape, at warm-up. `weights` is
-    the fingerprint of the weights it was built with (see convsearch.weights).
+    the fingerprint of the weights it was built with (see convsearch.weights). With `compile`,
+    each feature extractor goes through torch.compile (compiled at its first batch of a shape).
+
+    On CUDA each model worker (thread) runs on a CUDA stream of its own: pixels are copied from
+    page-locked host memory asynchronously, and the vectors come back the same way, so one
+    worker's copies and host work overlap another's kernels.
     """
 
     def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device,
-                 pad_batches: bool | None = None, weights: str = UNKNOWN):
+                 pad_batches: bool | None = None, weights: str = UNKNOWN, compile: bool = False):
         self.spec = spec
+        self.compile = compile
+        self._streams = threading.local()
         self.pretrained = pretrained
         self.weights = weights
         self.device = device
@@ -109,15 +117,20 @@ class LoadedModel:
                 extractor = create_feature_extractor(
                     self.module, return_nodes=list(key),
                     tracer_kwargs=tracer_kwargs(self.spec.tracer_leaf_modules)).eval()
+            if self.compile:  # padded batches have few shapes; unpadded ones get a dynamic batch size
+                extractor = torch.compile(extractor, dynamic=not self.pad_batches)
         with self._extractors_lock:
             self._extractors[key] = extractor
             if len(self._extractors) > _EXTRACTORS_PER_MODEL:
                 self._extractors.popitem(last=False)
         return extractor
 
-    def _forward(self, pixels: np.ndarray, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def _forward(self, pixels: np.ndarray | torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
         """One forward pass of (N, H, W, 3) uint8 pixels, normalised on the device, to `layers`."""
-        batch = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+        batch = torch.as_tensor(pixels)
+        if self.device.type == "cuda" and batch.device.type == "cpu":
+            batch = batch.pin_memory()  # page-locked: the copy below runs asynchronously on the stream
+        batch = batch.to(self.device, non_blocking=True)
         batch = torch.addcmul(self._shift, batch.permute(0, 3, 1, 2), self._scale)
         batch = batch.contiguous(memory_format=torch.channels_last)
         extractor = self._extractor(layers)
@@ -131,23 +144,47 @@ class LoadedModel:
         return self._forward(pixels, (layer,))[layer][0].float().cpu().numpy()
 
     @torch.inference_mode()
-    def embed(self, pixels: np.ndarray, spec: EmbedSpec) -> dict[str, np.ndarray]:
-        """(N, H, W, 3) uint8 pixels -> {layer: (N, D) float32}, all layers from one forward pass."""
+    def embed(self, pixels: np.ndarray | torch.Tensor, spec: EmbedSpec) -> dict[str, np.ndarray]:
+        """(N, H, W, 3) uint8 pixels (host or device) -> {layer: (N, D) float32}, all layers from
+        one forward pass."""
         count = len(pixels)
         if self.pad_batches and padded_size(count) != count:
-            padding = np.zeros((padded_size(count) - count, *pixels.shape[1:]), pixels.dtype)
-            pixels = np.concatenate([pixels, padding])
-        outputs = self._forward(pixels, spec.layers)
-        return {layer: pool(outputs[layer][:count], spec.pooling, spec.normalize).cpu().numpy()
-                for layer in spec.layers}
+            pixels = torch.as_tensor(pixels)
+            pixels = torch.cat([pixels, pixels.new_zeros((padded_size(count) - count, *pixels.shape[1:]))])
+        with self._stream():
+            outputs = self._forward(pixels, spec.layers)
+            return self._to_host({layer: pool(outputs[layer][:count], spec.pooling, spec.normalize)
+                                  for layer in spec.layers})
+
+    def _stream(self) -> contextlib.AbstractContextManager:
+        """This thread's CUDA stream (each model worker its own); nothing on the CPU."""
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        return torch.cuda.stream(stream)
+
+    def _to_host(self, vectors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """The vectors as numpy arrays; from CUDA through page-locked memory, copied
+        asynchronously, then waited for once."""
+        if self.device.type != "cuda":
+            return {layer: values.numpy() for layer, values in vectors.items()}
+        host = {layer: torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+                for layer, values in vectors.items()}
+        for layer, values in vectors.items():
+            host[layer].copy_(values, non_blocking=True)
+        torch.cuda.current_stream(self.device).synchronize()
+        return {layer: values.numpy() for layer, values in host.items()}
 
 
 class ModelPool:
     """Knows every model's graph and status, and keeps loaded models within a memory budget."""
 
     def __init__(self, catalog: dict[str, ModelSpec], device: torch.device, memory_budget_bytes: int,
-                 allow_random_weights: bool):
+                 allow_random_weights: bool, compile: bool = False):
         self.catalog = catalog
+        self.compile = compile
         self.device = device
         self.budget = memory_budget_bytes
         self.allow_random = allow_random_weights
@@ -259,7 +296,8 @@ class ModelPool:
         except (RuntimeError, OSError) as exc:
             raise FailedPrecondition(f"weights for {name} at {spec.weights_path} could not be "
                                      f"loaded ({exc}); replace the file") from None
-        loaded = LoadedModel(spec, module, pretrained, self.device, weights=self._fingerprint(spec, pretrained))
+        loaded = LoadedModel(spec, module, pretrained, self.device, weights=self._fingerprint(spec, pretrained),
+                             compile=self.compile)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         with self._lock:

@@ -19,6 +19,7 @@ from convsearch.serving import (
 )
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.config import ExtractorConfig, load_config
+from convsearch_extractor.device_decode import device_decoder
 from convsearch_extractor.engine import Extractor, Limits
 from convsearch_extractor.runtime import ModelPool
 from convsearch_extractor.servicer import ExtractorServicer
@@ -42,11 +43,18 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     sizes = pool_sizes(config, cpu_budget(), config.torch_device())
     apply_torch_threads(sizes)
     log.info("%s", sizes.describe())
-    pool = ModelPool(catalog, config.torch_device(), config.memory_budget_mb * MIB, config.allow_random_weights)
+    pool = ModelPool(catalog, config.torch_device(), config.memory_budget_mb * MIB, config.allow_random_weights,
+                     config.compile)
     limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
+    try:
+        decoder = device_decoder(config.decode_device, config.torch_device())
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    log.info("JPEGs decoded on %s", decoder.device if decoder else "the CPU")
     extractor = Extractor(pool, limits, sizes.max_batch, config.max_queue_delay_ms / 1000.0,
-                          sizes.decode_workers, config.default_model, sizes.decode_processes, sizes.model_workers)
+                          sizes.decode_workers, config.default_model, sizes.decode_processes, sizes.model_workers,
+                          decoder, choose_batch=config.max_batch == -1 and config.torch_device().type == "cuda")
     extractor.metrics.cpu_budget.set(sizes.budget.cpus)
     for name, size in sizes.gauges().items():
         extractor.metrics.pool_size.labels(name).set(size)
@@ -93,7 +101,8 @@ class _ExtractorService(RunningService):
         if self._stopping.is_set():
             return
         self.set_serving(True)
-        log.info("default model %s ready in %.1fs; SERVING", self.extractor.default_model, seconds)
+        log.info("default model %s ready in %.1fs%s; SERVING", self.extractor.default_model, seconds,
+                 " (compiled)" if self.extractor.pool.compile else "")
         for name in self.extractor.pool.catalog:  # so the first ListModels is fast
             if self._stopping.is_set():
                 return

@@ -33,7 +33,8 @@ MAX_DECODERS = 16
 # Batches a GPU likes; on one CPU thread, batches of 4 to 8 images ran about 1.5x as many images
 # per second as batches of 16 or 32 (efficientnet_lite0: the activations of large batches leave
 # the caches).
-CUDA_BATCH = 32
+CUDA_BATCH = 32  # a worker's batch on CUDA until warm-up chooses one (see Extractor.warm_up)
+CUDA_WORKERS = 2  # each on a CUDA stream of its own: one's copies and host work overlap the other's kernels
 CPU_BATCH_PER_WORKER = 8
 
 
@@ -69,18 +70,19 @@ class PoolSizes:
 def pool_sizes(config: ExtractorConfig, budget: CpuBudget, device: torch.device) -> PoolSizes:
     """The pool sizes for `config` on `device` within `budget`; an explicit flag wins.
 
-    On CUDA one worker feeds the GPU and decoding is the bottleneck, so decoding gets the budget
-    in processes. On CPU the batches stay small (see CPU_BATCH_PER_WORKER). RPC threads mostly
+    On CUDA two workers feed the GPU (see CUDA_WORKERS) and decoding what the GPU does not (see
+    convsearch_extractor.device_decode) is the bottleneck, so decoding gets the budget in
+    processes. On CPU the batches stay small (see CPU_BATCH_PER_WORKER). RPC threads mostly
     wait on the batcher, holding the GIL only to parse and build messages, so they are sized
     from the requests it takes to fill a batch for every worker and one more being gathered, not
     from the CPUs.
     """
     cpus = budget.cpus
     on_cuda = device.type == "cuda"
-    workers = 1 if on_cuda else config.cpu_workers or cpus
+    workers = CUDA_WORKERS if on_cuda else config.cpu_workers or cpus
     max_batch = config.max_batch
     if max_batch < 0:
-        max_batch = CUDA_BATCH if on_cuda else CPU_BATCH_PER_WORKER * workers
+        max_batch = (CUDA_BATCH if on_cuda else CPU_BATCH_PER_WORKER) * workers
     decode_processes = config.decode_processes
     if decode_processes < 0:
         decode_processes = min(MAX_DECODERS, cpus) if on_cuda else 0
