@@ -17,7 +17,8 @@ from convsearch.tensors import from_tensor
 from convsearch_extractor import pixels
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.config import ExtractorConfig
-from convsearch_extractor.device_decode import DeviceDecoder, device_decoder, takes
+from convsearch_extractor.device_decode import BATCH_PIXELS, DeviceDecoder, device_decoder, device_pixels
+from convsearch_extractor.engine import _device_batches
 from convsearch_extractor.imaging import Preprocess, decode
 from tests.conftest import jpeg_bytes, serve_extractor
 
@@ -46,29 +47,39 @@ def test_device_decoding_gives_the_cpu_decoders_pixels(tmp_path, photos, model):
     assert difference.mean() < 3.0, difference.mean()  # Pillow's draft mode and rounding: a few levels
 
 
-def test_device_decoding_turns_images_upright_and_grey_into_three_channels():
+def test_only_whole_rgb_or_grey_jpegs_within_the_limit_go_to_the_device(photos):
+    pattern = Image.fromarray(skdata.chelsea())
+    assert device_pixels(photos[0], 10**8) == 300 * 451
+    assert device_pixels(encoded(pattern.convert("L"), "JPEG"), 10**8) == 300 * 451
+    assert not device_pixels(encoded(pattern.convert("CMYK"), "JPEG"), 10**8)
+    assert not device_pixels(encoded(pattern, "PNG"), 10**8)
+    assert not device_pixels(photos[0][:len(photos[0]) // 2], 10**8)  # cut short: the CPU decoder says so
+    assert not device_pixels(photos[0], 1000)  # over the pixel limit: the CPU decoder words the error
+    assert not device_pixels(b"not an image", 10**8)
+
+
+def test_grey_jpegs_come_out_as_three_channels_and_rotated_ones_go_to_the_cpu(services):
     half = np.zeros((60, 80, 3), np.uint8)
     half[:, :40] = (230, 20, 20)
     half[:, 40:] = (20, 20, 230)
     exif = Image.Exif()
-    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: nvJPEG would not turn it
     stored = encoded(Image.fromarray(half).transpose(Image.Transpose.ROTATE_90), "JPEG", exif=exif)
     grey = encoded(Image.fromarray(half).convert("L"), "JPEG")
-    preprocess = Preprocess(resize_size=56, crop_size=56)
-    upright, three = DeviceDecoder(CPU).decode([stored, grey], preprocess).numpy().astype(int)
-    np.testing.assert_allclose(upright, decode(stored, preprocess, 10**8), atol=12)
-    assert upright[:, :20, 0].mean() > 200 and upright[:, -20:, 2].mean() > 200
+    assert device_pixels(grey, 10**8) == 60 * 80 and device_pixels(stored, 10**8) == 0
+    three = DeviceDecoder(CPU).decode([grey], Preprocess(resize_size=56, crop_size=56))[0].numpy()
     assert (three[..., 0] == three[..., 1]).all() and (three[..., 1] == three[..., 2]).all()
+    device_stub, _, _ = services
+    reply = device_stub.Embed(pb.EmbedRequest(config=pb.EmbedConfig(model=pixels.NAME, layers=["64x64"]),
+                                              images=[stored, grey]))
+    upright = from_tensor(reply.layers[0].vectors)[0].reshape(3, 64, 64)  # (channel, row, column)
+    assert upright[0, :, :20].mean() > 0.8 and upright[2, :, -20:].mean() > 0.8  # red left, blue right
 
 
-def test_only_whole_rgb_or_grey_jpegs_within_the_limit_go_to_the_device(photos):
-    pattern = Image.fromarray(skdata.chelsea())
-    assert takes(photos[0], 10**8) and takes(encoded(pattern.convert("L"), "JPEG"), 10**8)
-    assert not takes(encoded(pattern.convert("CMYK"), "JPEG"), 10**8)
-    assert not takes(encoded(pattern, "PNG"), 10**8)
-    assert not takes(photos[0][:len(photos[0]) // 2], 10**8)  # cut short: the CPU decoder says so
-    assert not takes(photos[0], 1000)  # over the pixel limit: the CPU decoder words the error
-    assert not takes(b"not an image", 10**8)
+def test_device_batches_hold_at_most_a_batch_of_images_and_of_pixels():
+    sizes = [0, 10, 10, 0, 10, 10, 10, BATCH_PIXELS, 5]
+    assert list(_device_batches(sizes, 2)) == [[1, 2], [4, 5], [6], [7], [8]]
+    assert list(_device_batches(sizes, 8)) == [[1, 2, 4, 5, 6], [7], [8]]
 
 
 def test_decode_device_choices():

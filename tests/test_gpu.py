@@ -3,10 +3,13 @@ on the GPU (nvJPEG) give what the CPU's decoding gives; the warm-up chooses a ba
 model workers on their own CUDA streams, and torch.compile, change no answer."""
 
 import concurrent.futures
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+from skimage import data as skdata
 
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
@@ -49,18 +52,30 @@ def assert_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], least_cosin
         assert cosine.min() > least_cosine, (layer, cosine)
 
 
-def test_jpegs_decoded_on_the_gpu_give_the_cpu_decoders_vectors(chelsea_jpeg, coffee_jpeg):
-    images = [chelsea_jpeg, coffee_jpeg] * 8
+def rotated_jpeg() -> bytes:
+    """Chelsea stored sideways with the EXIF orientation that turns it upright (left to the CPU)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).transpose(Image.Transpose.ROTATE_90).save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("count", [16, 3])  # a full batch; one padded to 4 on the worker's stream
+def test_jpegs_decoded_on_the_gpu_give_the_cpu_decoders_vectors(chelsea_jpeg, coffee_jpeg, count):
+    images = ([chelsea_jpeg, coffee_jpeg, rotated_jpeg()] * 6)[:count]
     service, channel, _ = serve_extractor(device="cuda", decode_device="cuda", allow_random_weights=False)
     try:
         reply = extractor_pb2_grpc.ExtractorServiceStub(channel).Embed(
             pb.EmbedRequest(config=pb.EmbedConfig(layers=LAYERS), images=images), timeout=120)
         on_gpu = {entry.layer: from_tensor(entry.vectors) for entry in reply.layers}
-        assert service.extractor.metrics.device_decoded._value.get() == len(images)
+        rotated = images.count(images[2])
+        assert service.extractor.metrics.device_decoded._value.get() == len(images) - rotated
     finally:
         channel.close()
         service.stop(1.0)
     assert_close(on_gpu, embed_on("cuda", images, decode_device="cpu"), 0.99)
+    assert_close({layer: v[2:3] for layer, v in on_gpu.items()}, {layer: v[0:1] for layer, v in on_gpu.items()}, 0.95)
 
 
 def test_the_warm_up_chooses_a_batch_and_concurrent_requests_use_both_streams(chelsea_jpeg, coffee_jpeg):
@@ -81,4 +96,5 @@ def test_the_warm_up_chooses_a_batch_and_concurrent_requests_use_both_streams(ch
 
 def test_compiled_models_on_the_gpu_give_the_eager_vectors(chelsea_jpeg, coffee_jpeg):
     images = [chelsea_jpeg, coffee_jpeg] * 4
-    assert_close(embed_on("cuda", images, compile=True), embed_on("cuda", images), 0.99)
+    # A fixed batch size: the warm-up compiles its padded sizes only, not every size it would try.
+    assert_close(embed_on("cuda", images, compile=True, max_batch=16), embed_on("cuda", images, max_batch=16), 0.99)

@@ -1,12 +1,13 @@
 """Decoding JPEGs on the model's device (nvJPEG on CUDA, through torchvision.io.decode_jpeg, a
 batch at a time), resized and centre-cropped there, so the pixels never pass through the host.
 
-It gives what imaging.decode gives on the CPU: the upright image (EXIF orientation applied), the
-centre square kept by resize-shorter-side-then-crop, resized to the crop with an antialiased
-bilinear (or bicubic) filter, as (N, crop, crop, 3) uint8; the two differ by a few levels (Pillow
-decodes a large JPEG at a reduced scale first, draft mode). Only baseline or progressive RGB and
-greyscale JPEGs within the pixel limit come here; anything else (other formats, CMYK, a header
-that fails the checks) is left to the CPU decoder, which also words the error of a bad image.
+It gives what imaging.decode gives on the CPU: the centre square kept by
+resize-shorter-side-then-crop, resized to the crop with an antialiased bilinear (or bicubic)
+filter, as (N, crop, crop, 3) uint8; the two differ by a few levels (Pillow decodes a large JPEG
+at a reduced scale first, draft mode). Only whole RGB and greyscale JPEGs stored upright (no EXIF
+orientation but the default: nvJPEG does not apply it) within the pixel limit come here; anything
+else (other formats, CMYK, a rotated photo, a header that fails the checks) is left to the CPU
+decoder, which also words the error of a bad image.
 """
 
 import io
@@ -23,37 +24,41 @@ from torch.nn import functional
 from convsearch_extractor.imaging import ImageError, Preprocess, crop_box, open_checked
 
 _JPEG_MODES = ("RGB", "L")
+_ORIENTATION = 0x0112  # the EXIF tag
+BATCH_PIXELS = 1 << 29  # the most pixels decoded at once (1.5 GiB of RGB), however many images that is
 DECODE_DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger("convsearch.extractor")
 
 
-def takes(data: bytes, max_pixels: int) -> bool:
-    """True when `data` is a whole JPEG this decoder takes (its header read, no pixels decoded;
-    one cut short, or with bytes after its end marker, goes to the CPU decoder)."""
+def device_pixels(data: bytes, max_pixels: int) -> int:
+    """The pixels of `data` when it is a JPEG this decoder takes, else 0 (its header read, no
+    pixels decoded; one cut short, or with bytes after its end marker, goes to the CPU decoder)."""
     if not data.endswith(b"\xff\xd9"):
-        return False
+        return 0
     try:
         image = open_checked(data, max_pixels)
-    except ImageError:
-        return False
-    return image.format == "JPEG" and image.mode in _JPEG_MODES
+        upright = image.getexif().get(_ORIENTATION, 1) == 1
+    except (ImageError, OSError, ValueError, SyntaxError):
+        return 0
+    taken = image.format == "JPEG" and image.mode in _JPEG_MODES and upright
+    return image.width * image.height if taken else 0
 
 
 class DeviceDecoder:
-    """Decodes batches of JPEGs (each accepted by `takes`) on `device`, one batch at a time."""
+    """Decodes batches of JPEGs (each one `device_pixels` takes) on `device`, one at a time."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._lock = threading.Lock()  # one batch at a time: the decoder's state is shared
 
     def decode(self, images: list[bytes], preprocess: Preprocess) -> torch.Tensor:
-        """(N, crop, crop, 3) uint8 on the device. Raises RuntimeError when the decoder refuses
-        the batch (a JPEG corrupt past its header): the caller decodes it on the CPU instead."""
+        """(N, crop, crop, 3) uint8 on the device, complete when this returns. Raises
+        RuntimeError when the decoder refuses the batch (a JPEG corrupt past its header; out of
+        memory): the caller decodes it on the CPU instead."""
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
         crop = preprocess.crop_size
         with self._lock:
-            decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device,
-                                                 apply_exif_orientation=True)
+            decoded = torchvision.io.decode_jpeg(encoded, mode=torchvision.io.ImageReadMode.RGB, device=self.device)
             out = torch.empty((len(images), crop, crop, 3), dtype=torch.uint8, device=self.device)
             for row, image in enumerate(decoded):
                 out[row] = _resized_crop(image, preprocess)

@@ -53,7 +53,8 @@ class Metrics:
             registry=self.registry)
         self.device_decode_refused = prom.Counter(
             "convsearch_extractor_device_decode_refused_batches", "Batches of JPEGs the device decoder "
-            "refused (a JPEG corrupt past its header), decoded on the CPU instead", registry=self.registry)
+            "refused (a JPEG corrupt past its header, or out of memory), decoded on the CPU instead",
+            registry=self.registry)
         self.cpu_budget = prom.Gauge(
             "convsearch_extractor_cpu_budget", "Whole CPUs the process may use (cgroup quota and "
             "affinity, whichever is smaller), which its pools are sized from", registry=self.registry)
@@ -89,16 +90,33 @@ def make_decoder(processes: int, threads: int) -> Executor:
     return pool
 
 
+def _device_batches(sizes: list[int], step: int) -> Iterator[list[int]]:
+    """The indices of the images with pixels in `sizes` (0: not for the device decoder), in
+    batches of at most `step` images and device_decode.BATCH_PIXELS pixels (at least one image)."""
+    batch, pixels = [], 0
+    for i, size in enumerate(sizes):
+        if not size:
+            continue
+        if batch and (len(batch) == step or pixels + size > device_decode.BATCH_PIXELS):
+            yield batch
+            batch, pixels = [], 0
+        batch.append(i)
+        pixels += size
+    if batch:
+        yield batch
+
+
 class Extractor:
     """Embeds images: validation, decoding pool, dynamic batching, one forward per batch, run by
     `model_workers` threads in parallel."""
 
     def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
                  decode_workers: int, default_model: str, decode_processes: int = 0, model_workers: int = 1,
-                 device_decoder: device_decode.DeviceDecoder | None = None, choose_batch: bool = False):
+                 choose_batch: bool = False):
         self.pool = pool
         self.choose_batch = choose_batch
-        self.device_decoder = device_decoder
+        # JPEGs decoded on the model's device; set once the decode processes are forked (CUDA after).
+        self.device_decoder: device_decode.DeviceDecoder | None = None
         self.limits = limits
         self.default_model = default_model
         self.metrics = Metrics()
@@ -145,19 +163,18 @@ class Extractor:
         (index, error) for bad images. In strict mode a bad image raises. With a device decoder,
         the JPEGs it takes are decoded there, a batch at a time, while the pool decodes the rest."""
         preprocess = self.pool.spec(spec.model).preprocess
-        on_device: list[int] = []
-        if self.device_decoder is not None:
-            on_device = [i for i, data in enumerate(images) if device_decode.takes(data, self.limits.max_pixels)]
-        taken = set(on_device)
-        on_cpu = [i for i in range(len(images)) if i not in taken]
-        decodes = {i: self._decoder.submit(imaging.decode, images[i], preprocess, self.limits.max_pixels)
-                   for i in on_cpu}
         step = self._batcher.max_batch
-        for start in range(0, len(on_device), step):
-            indices = on_device[start:start + step]
+        sizes = [device_decode.device_pixels(data, self.limits.max_pixels) if self.device_decoder else 0
+                 for data in images]
+        decodes = {i: self._decoder.submit(imaging.decode, images[i], preprocess, self.limits.max_pixels)
+                   for i, size in enumerate(sizes) if not size}
+        for indices in _device_batches(sizes, step):
             try:
                 yield indices, self._decode_on_device([images[i] for i in indices], preprocess)
-            except RuntimeError:  # a JPEG corrupt past its header: the CPU decoder says which, and why
+            except RuntimeError as exc:  # a JPEG corrupt past its header: the CPU decoder says which, and why
+                if isinstance(exc, torch.OutOfMemoryError):
+                    log.warning("decoding %d JPEGs on %s ran out of memory; decoding them on the CPU", len(indices),
+                                self.device_decoder.device)
                 self.metrics.device_decode_refused.inc()
                 decodes.update((i, self._decoder.submit(imaging.decode, images[i], preprocess,
                                                         self.limits.max_pixels)) for i in indices)
@@ -251,8 +268,12 @@ class Extractor:
                 for _ in range(3):
                     loaded.embed(pixels, spec)
             except torch.OutOfMemoryError:
+                torch.cuda.empty_cache()
                 break
             rates[batch] = 3 * batch / (time.perf_counter() - started)
+        if not rates:
+            log.warning("%s ran out of memory at a batch of %d; keeping it", spec.model, BATCH_CHOICES[0])
+            return BATCH_CHOICES[0]
         chosen = min(batch for batch, rate in rates.items() if rate >= 0.95 * max(rates.values()))
         log.info("batch of %d a model worker chosen for %s (images/s by batch: %s)", chosen, spec.model,
                  ", ".join(f"{batch}: {rate:.0f}" for batch, rate in rates.items()))

@@ -25,6 +25,7 @@ from convsearch_extractor.graph import ModelGraph, describe, tracer_kwargs
 log = logging.getLogger("convsearch.extractor.runtime")
 POOLINGS = ("avg", "max", "flatten")
 _EXTRACTORS_PER_MODEL = 16
+_SHAPES_COMPILED = 32  # batch shapes torch.compile may compile a feature extractor for (padded: a few)
 
 
 # torch.fx patches nn.Module.__call__ process-wide while it traces, so no forward pass may run
@@ -79,6 +80,7 @@ class LoadedModel:
                  pad_batches: bool | None = None, weights: str = UNKNOWN, compile: bool = False):
         self.spec = spec
         self.compile = compile
+        self._compiled: set[tuple] = set()  # (layers, input shape) compiled already
         self._streams = threading.local()
         self.pretrained = pretrained
         self.weights = weights
@@ -118,6 +120,7 @@ class LoadedModel:
                     self.module, return_nodes=list(key),
                     tracer_kwargs=tracer_kwargs(self.spec.tracer_leaf_modules)).eval()
             if self.compile:  # padded batches have few shapes; unpadded ones get a dynamic batch size
+                torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _SHAPES_COMPILED)
                 extractor = torch.compile(extractor, dynamic=not self.pad_batches)
         with self._extractors_lock:
             self._extractors[key] = extractor
@@ -134,9 +137,15 @@ class LoadedModel:
         batch = torch.addcmul(self._shift, batch.permute(0, 3, 1, 2), self._scale)
         batch = batch.contiguous(memory_format=torch.channels_last)
         extractor = self._extractor(layers)
-        with FX_LOCK.read():
+        # Compiling a new shape traces the module, as torch.fx does: no other forward pass meanwhile.
+        shape = (tuple(sorted(set(layers))), tuple(batch.shape))
+        compiling = self.compile and shape not in self._compiled
+        with FX_LOCK.write() if compiling else FX_LOCK.read():
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                return extractor(batch)
+                outputs = extractor(batch)
+        if compiling:
+            self._compiled.add(shape)
+        return outputs
 
     @torch.inference_mode()
     def feature_maps(self, pixels: np.ndarray, layer: str) -> np.ndarray:
@@ -148,10 +157,15 @@ class LoadedModel:
         """(N, H, W, 3) uint8 pixels (host or device) -> {layer: (N, D) float32}, all layers from
         one forward pass."""
         count = len(pixels)
-        if self.pad_batches and padded_size(count) != count:
-            pixels = torch.as_tensor(pixels)
-            pixels = torch.cat([pixels, pixels.new_zeros((padded_size(count) - count, *pixels.shape[1:]))])
         with self._stream():
+            if isinstance(pixels, torch.Tensor) and pixels.is_cuda:
+                # Decoded, or joined by the batcher, on the default stream: this stream waits for it.
+                stream = torch.cuda.current_stream(self.device)
+                stream.wait_stream(torch.cuda.default_stream(self.device))
+                pixels.record_stream(stream)
+            if self.pad_batches and padded_size(count) != count:
+                pixels = torch.as_tensor(pixels)
+                pixels = torch.cat([pixels, pixels.new_zeros((padded_size(count) - count, *pixels.shape[1:]))])
             outputs = self._forward(pixels, spec.layers)
             return self._to_host({layer: pool(outputs[layer][:count], spec.pooling, spec.normalize)
                                   for layer in spec.layers})
@@ -175,7 +189,7 @@ class LoadedModel:
         for layer, values in vectors.items():
             host[layer].copy_(values, non_blocking=True)
         torch.cuda.current_stream(self.device).synchronize()
-        return {layer: values.numpy() for layer, values in host.items()}
+        return {layer: values.numpy().copy() for layer, values in host.items()}  # the page-locked blocks go back
 
 
 class ModelPool:

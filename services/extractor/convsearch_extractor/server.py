@@ -47,14 +47,15 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
                      config.compile)
     limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
-    try:
-        decoder = device_decoder(config.decode_device, config.torch_device())
-    except ValueError as exc:
-        raise SystemExit(str(exc)) from None
-    log.info("JPEGs decoded on %s", decoder.device if decoder else "the CPU")
     extractor = Extractor(pool, limits, sizes.max_batch, config.max_queue_delay_ms / 1000.0,
                           sizes.decode_workers, config.default_model, sizes.decode_processes, sizes.model_workers,
-                          decoder, choose_batch=config.max_batch == -1 and config.torch_device().type == "cuda")
+                          choose_batch=config.max_batch == -1 and config.torch_device().type == "cuda")
+    try:  # after the decode processes are forked: this starts CUDA
+        extractor.device_decoder = device_decoder(config.decode_device, config.torch_device())
+    except ValueError as exc:
+        extractor.close()
+        raise SystemExit(str(exc)) from None
+    log.info("JPEGs decoded on %s", extractor.device_decoder.device if extractor.device_decoder else "the CPU")
     extractor.metrics.cpu_budget.set(sizes.budget.cpus)
     for name, size in sizes.gauges().items():
         extractor.metrics.pool_size.labels(name).set(size)
