@@ -620,3 +620,69 @@ def test_a_collection_damaged_at_the_primary_is_damaged_at_its_followers_and_the
         for service, open_channel in ((follower, channel), (primary, primary_channel)):
             open_channel.close()
             service.stop(0.5)
+
+
+class _Live:
+    """The stream's context while its follower is connected."""
+
+    @staticmethod
+    def is_active() -> bool:
+        return True
+
+    @staticmethod
+    def peer() -> str:
+        return "follower"
+
+
+def test_writes_during_a_whole_copy_do_not_make_the_follower_copy_everything_again(tmp_path):
+    """Defect: the changes after a whole copy's position were not kept while the copy ran, so
+    writes beyond --replication-log-mb during a long copy dropped them, and the follower copied
+    everything again at its end (and again, under a steady load)."""
+    from convsearch_index.changes import ChangeLog
+    from convsearch_index.engine import Index
+    from convsearch_index.records import ItemRecord
+    from convsearch_index.replication import PROTOCOL, replicate
+
+    index = Index(tmp_path / "p", fsync=False, changes=ChangeLog(64 << 10))
+    index.create_dataset("d")
+    index.put_items("d", [ItemRecord(f"i{n}") for n in range(10)])
+    stream = replicate(index, pb.ReplicateRequest(follower="f", protocol=PROTOCOL), _Live())
+    try:
+        start = next(stream).start
+        assert start.full_sync
+        note = {"note": "x" * 1000}
+        written = [index.put_items("d", [ItemRecord(f"w{n}", "x", note)]) for n in range(100)]  # ~2x the log
+        events = []
+        while not events or events[-1] != "sync_done":
+            events.append(next(stream).WhichOneof("event"))
+        assert "start" not in events
+        positions = []
+        while len(positions) < len(written):
+            message = next(stream)
+            assert message.WhichOneof("event") == "changes", "the copy started over"
+            positions.extend(change.position for change in message.changes.changes)
+        assert positions == list(range(start.position + 1, start.position + 1 + len(written)))
+        index.put_items("d", [ItemRecord("last")])  # caught up: the log keeps its bound again
+        assert not index.changes.holds(start.position)
+    finally:
+        stream.close()
+        index.close()
+
+
+def test_a_pinned_change_log_keeps_its_changes_up_to_a_headroom():
+    from convsearch_index.changes import PINNED_HEADROOM, ChangeLog
+
+    changes = ChangeLog(10_000)
+    first = changes.record("put_items", "d", ids=["a"])
+    with changes.pinned(first) as pin:
+        for _ in range(20):  # about 2x the bound
+            changes.record("put_items", "d", label="x" * 800)
+        assert changes.holds(first)
+        pin.move(changes.last - 5)
+        changes.record("put_items", "d", label="x")
+        assert not changes.holds(first) and changes.holds(changes.last - 6)
+        for _ in range(PINNED_HEADROOM * 20):  # beyond the headroom: dropped all the same
+            changes.record("put_items", "d", label="x" * 800)
+        assert not changes.holds(changes.last - 6 - PINNED_HEADROOM * 20)
+    changes.record("put_items", "d", label="x")
+    assert not changes.holds(changes.last - 20)

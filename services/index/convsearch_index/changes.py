@@ -9,9 +9,12 @@ nanosecond would be needed to overtake it). Each process also has a random epoch
 that followed another epoch copies everything again rather than trusting positions across it.
 
 The log lives in memory, bounded in bytes: the oldest changes are dropped first, and a follower
-whose position was dropped copies everything again.
+whose position was dropped copies everything again. While a follower copies everything, the
+changes after the copy's position are pinned (up to PINNED_HEADROOM times the bound), so that
+writes made during a long copy do not make it copy everything again at its end.
 """
 
+import contextlib
 import dataclasses
 import pathlib
 import threading
@@ -22,6 +25,7 @@ import numpy as np
 
 from convsearch_index.records import DatasetRecord, ItemRecord, ItemSnapshot
 
+PINNED_HEADROOM = 4  # a pinned log may hold this many times its bound
 # Approximate bytes of a change besides its payload (ids, vectors, items): what the bound counts.
 _OVERHEAD = 200
 _ITEM_BYTES = 120
@@ -75,6 +79,18 @@ def _size(fields: dict) -> int:
     return size
 
 
+class Pin:
+    """A position of a ChangeLog whose later changes it keeps (see ChangeLog.pinned)."""
+
+    def __init__(self, log: "ChangeLog", position: int):
+        self._log, self.position = log, position
+
+    def move(self, position: int) -> None:
+        """Keeps only the changes after `position` from now on."""
+        with self._log._changed:
+            self.position = position
+
+
 class ChangeLog:
     """The changes applied by this process, the newest up to `max_bytes`."""
 
@@ -87,6 +103,7 @@ class ChangeLog:
         self._head = 0  # index in _ring of the oldest change kept
         self._bytes = 0
         self._by_dataset: dict[str, int] = {}
+        self._pins: list[Pin] = []  # positions whose later changes are kept (see pinned)
         self._changed = threading.Condition()
 
     @property
@@ -105,6 +122,9 @@ class ChangeLog:
             self._by_dataset[dataset] = position
             self._bytes += size
             while self._bytes > self.max_bytes and self._head < len(self._ring) - 1:
+                if self._pins and self._ring[self._head].position > min(pin.position for pin in self._pins) \
+                        and self._bytes <= PINNED_HEADROOM * self.max_bytes:
+                    break  # a copy in progress needs it
                 self._bytes -= self._ring[self._head].size
                 self._ring[self._head] = None  # type: ignore[call-overload] - freed now, cut off below
                 self._head += 1
@@ -113,6 +133,20 @@ class ChangeLog:
                 self._head = 0
             self._changed.notify_all()
         return position
+
+    @contextlib.contextmanager
+    def pinned(self, position: int):
+        """Keeps the changes after `position` (within PINNED_HEADROOM times the bound) while
+        the caller, a whole copy taken at `position` and then its reader, runs: it gives a Pin,
+        to move forward as the changes are read."""
+        pin = Pin(self, position)
+        with self._changed:
+            self._pins.append(pin)
+        try:
+            yield pin
+        finally:
+            with self._changed:
+                self._pins.remove(pin)
 
     def version(self, dataset: str) -> int:
         """The position of the dataset's latest change in this process; before any, the

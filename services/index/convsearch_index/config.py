@@ -30,7 +30,8 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
     snapshot_retention: int = option(0, "snapshots kept per dataset: after each snapshot the oldest beyond this "
                                         "many are deleted; 0 keeps all")
     replication_log_mb: int = option(256, "MiB of recent changes a primary keeps for its followers; a follower "
-                                          "further behind (or new) copies everything")
+                                          "further behind (or new) copies everything (the changes made "
+                                          "meanwhile kept, up to 4x this)")
     follow: str = option("", "run as a read-only follower of the primary index at this host:port: copy its data, "
                              "apply its changes, serve reads; empty: a primary")
     promote: bool = option(False, "start a follower's data dir as a primary for good (its primary is gone); "

@@ -14,6 +14,7 @@ After that the stream sends the changes in order as they are applied, in batches
 batch every second when there are none (liveness, and the primary's latest position).
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -183,12 +184,21 @@ def replicate(index: Index, request: pb.ReplicateRequest, context) -> Iterator[p
                                  f"{PROTOCOL}: run the same release on both", reason="REPLICATION_PROTOCOL_MISMATCH",
                                  metadata={"primary_protocol": str(PROTOCOL),
                                            "follower_protocol": str(request.protocol)})
+    with contextlib.ExitStack() as pinned:  # a whole copy's later changes, until the follower has them
+        yield from _stream(index, request, context, who, pinned)
+
+
+def _stream(index: Index, request: pb.ReplicateRequest, context, who: str,
+            pinned: contextlib.ExitStack) -> Iterator[pb.ReplicateResponse]:
+    changes = index.changes
     position = request.position
     full = request.epoch != changes.epoch or not changes.holds(position)
+    pin = None
     if full:
         position = changes.last  # the cursor: taken before the copies, so no change is missed
         log.info("follower %s: copying everything (its epoch %s, position %d; this epoch %s)", who,
                  request.epoch or "none", request.position, changes.epoch)
+        pin = pinned.enter_context(changes.pinned(position))
         yield from _full_copy(index, position)
     else:
         log.info("follower %s: resuming after position %d", who, position)
@@ -200,6 +210,8 @@ def replicate(index: Index, request: pb.ReplicateRequest, context) -> Iterator[p
         except Compacted:
             position = changes.last
             log.warning("follower %s fell behind the change log (--replication-log-mb); copying everything", who)
+            pinned.close()
+            pin = pinned.enter_context(changes.pinned(position))
             yield from _full_copy(index, position)
             continue
         messages = []
@@ -213,4 +225,9 @@ def replicate(index: Index, request: pb.ReplicateRequest, context) -> Iterator[p
             messages.append(change_message(change))
         if batch:
             position = batch[-1].position
+        if pin is not None and position >= changes.last:
+            pinned.close()  # caught up: from now on the log keeps what its bound allows
+            pin = None
+        elif pin is not None:
+            pin.move(position)
         yield pb.ReplicateResponse(changes=pb.ChangeBatch(changes=messages, primary_position=changes.last))
