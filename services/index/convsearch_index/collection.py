@@ -318,8 +318,22 @@ class VectorCollection:
         self._upsert_into(self._s, [item_id for item_id, _ in live], vectors[[n for _, n in live]])
 
     def _replay(self) -> None:
+        """Applies the log's batches as one: each id's last write (a vector, or deleted) goes in
+        once, so a log of many replacements costs one graph node per id, not one per write."""
+        latest: dict[str, np.ndarray | None] = {}
         for payload in wal.replay(self.directory / "wal.log"):
-            self._apply(*wal.decode(payload, self.spec.dimension))
+            op, ids, vectors = wal.decode(payload, self.spec.dimension)
+            if op == wal.UPSERT:
+                latest.update(zip(ids, vectors, strict=True))
+            elif op == wal.DELETE:
+                latest.update(dict.fromkeys(ids))
+            else:
+                raise wal.CorruptLog(f"a record holds unknown operation {op}")
+            self.version += 1
+        self._delete_from(self._s, [item_id for item_id, vector in latest.items() if vector is None])
+        kept = [item_id for item_id, vector in latest.items() if vector is not None]
+        if kept:
+            self._upsert_into(self._s, kept, np.stack([latest[item_id] for item_id in kept]))
 
     @staticmethod
     def _renumbered(ids: list[str]) -> _State:
