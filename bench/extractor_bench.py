@@ -23,12 +23,12 @@ forced1_contended_img_s, forced1_contended_p50_ms, contended_ratio, cpu_budget, 
 """
 
 import argparse
+import collections
 import functools
 import io
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 import tempfile
@@ -48,7 +48,7 @@ from convsearch.processes import start_service, stop_service
 from convsearch_extractor import pixels
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.device_decode import device_decoder
-from convsearch_extractor.engine import make_decoder
+from convsearch_extractor.host_decode import PixelDecoder
 from convsearch_extractor.imaging import decode
 from convsearch_extractor.runtime import EmbedSpec, LoadedModel
 from convsearch_extractor.server import SERVICE_NAME
@@ -89,12 +89,6 @@ def inprocess_runner(model: str, layer: str, images: list[bytes], device: torch.
     return lambda: loaded.embed(pixels, embed)
 
 
-def own_cpu_s() -> float:
-    """CPU seconds this process has used, all threads."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 def process_cpu_s(pid: int) -> float:
     """CPU seconds process `pid` has used, all threads (Linux /proc); NaN where unreadable."""
     try:
@@ -104,13 +98,27 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def cpu_ms_per_image(run_once, count: int, pid: int | None = None) -> tuple[float, float, float]:
-    """(images/s, CPU ms per image of this process, of process `pid`) of one run of `count` images."""
-    own, other, started = own_cpu_s(), process_cpu_s(pid) if pid else 0.0, time.perf_counter()
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds process `pid` and its live descendants (decode processes) have used."""
+    children = []
+    for task in pathlib.Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children += [int(child) for child in task.read_text().split()]
+        except OSError:
+            continue
+    return process_cpu_s(pid) + sum(tree_cpu_s(child) for child in children)
+
+
+def cpu_ms_per_image(run_once, count: int, service_pid: int) -> tuple[float, float, float]:
+    """(images/s, CPU ms per image of this process and its decode processes, of the service's
+    process and its decode processes) of one run of `count` images."""
+    def mine() -> float:
+        return tree_cpu_s(os.getpid()) - tree_cpu_s(service_pid)
+
+    own, other, started = mine(), tree_cpu_s(service_pid), time.perf_counter()
     run_once()
     seconds = time.perf_counter() - started
-    other_ms = (process_cpu_s(pid) - other) * 1000 / count if pid else 0.0
-    return count / seconds, (own_cpu_s() - own) * 1000 / count, other_ms
+    return count / seconds, (mine() - own) * 1000 / count, (tree_cpu_s(service_pid) - other) * 1000 / count
 
 
 def images_per_s(run_once, batches: int, batch: int) -> float:
@@ -128,13 +136,22 @@ def decode_workers(device: torch.device) -> tuple[int, int]:
     return threads, threads if device.type == "cuda" else 0
 
 
-def decode_runner(images: list[bytes], processes: int, threads: int):
-    """A function decoding all `images` for the pixels model in a decoder pool like the service's."""
-    decoder = make_decoder(processes, threads)
+def decode_runner(images: list[bytes], processes: int, threads: int, step: int):
+    """A function decoding all `images` for the pixels model with the service's decoder and its
+    workers, in chunks of `step`, two decoding at a time, as the service does."""
+    decoder = PixelDecoder(processes, threads)
 
     def run() -> None:
-        for future in [decoder.submit(decode, image, pixels.PREPROCESS, 10**8) for image in images]:
-            future.result()
+        decoding = collections.deque()
+        for first in range(0, len(images), step):
+            decoding.append(decoder.decode(images[first:first + step], pixels.PREPROCESS, 10**8))
+            if len(decoding) == 2:
+                chunk = decoding.popleft()
+                chunk.result()
+                chunk.release()
+        for chunk in decoding:
+            chunk.result()
+            chunk.release()
 
     return run, decoder
 
@@ -256,7 +273,7 @@ def main() -> None:
     threads, auto_processes = decode_workers(device)
     processes = auto_processes if args.decode_processes < 0 else args.decode_processes
     many = [images[i % len(images)] for i in range(args.pipeline_images)]
-    run_decode, decoder = decode_runner(many, processes, threads)
+    run_decode, decoder = decode_runner(many, processes, threads, args.batch)
 
     run_inprocess = inprocess_runner(args.model, args.layer, images, device)
     process, address = start_service(
@@ -289,7 +306,7 @@ def main() -> None:
         # CPU per image as well as images/s: on a shared machine the rates drift, the CPU much less.
         decode_runs, pipeline_runs = [], []
         for round_ in range(args.rounds):
-            decode_runs.append(cpu_ms_per_image(run_decode, len(many)))
+            decode_runs.append(cpu_ms_per_image(run_decode, len(many), process.pid))
             pipeline_runs.append(cpu_ms_per_image(run_pipeline, len(many), process.pid))
             print(f"round {round_ + 1}: decode in-process {decode_runs[-1][0]:.1f} img/s "
                   f"({decode_runs[-1][1]:.2f} CPU ms/img), pixels through the service {pipeline_runs[-1][0]:.1f} "
@@ -314,8 +331,7 @@ def main() -> None:
         "pipeline_ratio": round(pipeline_img_s / decode_img_s, 3),
         "pipeline_images": len(many), "decode_workers": processes or threads,
         "decode_in": "processes" if processes else "threads",
-        # Where the pipeline's time goes: CPU ms per image (with decode processes, decode_cpu_ms
-        # misses their CPU).
+        # Where the pipeline's time goes: CPU ms per image, decode processes included.
         "decode_cpu_ms": round(decode_cpu_ms, 3), "pipeline_service_cpu_ms": round(service_cpu_ms, 3),
         "pipeline_client_cpu_ms": round(client_cpu_ms, 3),
         "cpu_budget": cpu_budget().cpus,

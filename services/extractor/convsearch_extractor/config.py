@@ -12,6 +12,7 @@ from convsearch.serving import ConnectionAgeOptions
 from convsearch.tls import ServerTLSOptions, check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
 from convsearch_extractor.device_decode import DECODE_DEVICES
+from convsearch_extractor.host_decode import ARENA_MB, MIN_ARENA_MB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,8 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
     decode_processes: int = option(-1, "processes decoding images instead of threads; -1: one per "
                                        "CPU of the budget (up to 16) on CUDA, where decoding is the "
                                        "bottleneck, and threads on CPU")
+    decode_arena_mb: int = option(ARENA_MB, "shared memory the decode processes write pixels into, in MiB (only with "
+                                       "decode processes); a request waits while it is full")
     rpc_workers: int = option(0, "threads serving RPCs; 0: enough waiting requests to fill a batch for "
                                  "every model worker and one more (max batch x (workers + 1))")
     compile: bool = option(False, "run models through torch.compile: faster forward passes, after a longer "
@@ -67,6 +70,8 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
         for name in ("max_images", "max_pixels", "max_flatten", "max_message_mb",
                      "memory_budget_mb"):
             check_positive(getattr(self, name), name)
+        if self.decode_arena_mb < MIN_ARENA_MB:
+            raise ValueError(f"decode_arena_mb must be at least {MIN_ARENA_MB}, got {self.decode_arena_mb}")
         for name in ("cpu_workers", "torch_threads", "interop_threads", "decode_workers", "rpc_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (sized from the CPU budget) or more, got {getattr(self, name)}")

@@ -3,19 +3,20 @@ on the model's device, with a device decoder) and feeds the dynamic batcher, so 
 next chunk overlaps the forward pass of this one.
 """
 
+import collections
+import contextlib
 import dataclasses
 import logging
-import multiprocessing
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import prometheus_client as prom
 import torch
 
 from convsearch.errors import InvalidArgument, ResourceExhausted
-from convsearch_extractor import device_decode, imaging
+from convsearch_extractor import device_decode, host_decode, imaging
 from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, gather
 from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
 
@@ -77,19 +78,6 @@ class Metrics:
 ImageResult = dict[str, np.ndarray] | imaging.ImageError
 
 
-def make_decoder(processes: int, threads: int) -> Executor:
-    """A pool of `processes` decoding processes (free of the GIL), or of `threads` threads.
-
-    Processes are forked at once, before the caller starts gRPC threads or uses CUDA, so each
-    starts as a light copy that only ever decodes.
-    """
-    if processes <= 0:
-        return ThreadPoolExecutor(threads, thread_name_prefix="decode")
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
-    pool.submit(int).result()  # with fork, the first task starts every worker
-    return pool
-
-
 def _device_batches(sizes: list[int], step: int) -> Iterator[list[int]]:
     """The indices of the images with pixels in `sizes` (0: not for the device decoder), in
     batches of at most `step` images and device_decode.BATCH_PIXELS pixels (at least one image)."""
@@ -112,7 +100,7 @@ class Extractor:
 
     def __init__(self, pool: ModelPool, limits: Limits, max_batch: int, max_delay_s: float,
                  decode_workers: int, default_model: str, decode_processes: int = 0, model_workers: int = 1,
-                 choose_batch: bool = False):
+                 choose_batch: bool = False, decode_arena_bytes: int = host_decode.ARENA_MB << 20):
         self.pool = pool
         self.choose_batch = choose_batch
         # JPEGs decoded on the model's device; set once the decode processes are forked (CUDA after).
@@ -120,7 +108,7 @@ class Extractor:
         self.limits = limits
         self.default_model = default_model
         self.metrics = Metrics()
-        self._decoder = make_decoder(decode_processes, decode_workers)
+        self._decoder = host_decode.PixelDecoder(decode_processes, decode_workers, decode_arena_bytes)
         # Stream jobs wait on decodes, so they get threads of their own.
         self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
         self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,
@@ -157,43 +145,64 @@ class Extractor:
                 f"{what} has {count} images, over the limit of {self.limits.max_images}; "
                 "split it or use BulkEmbed")
 
-    def _decode_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool
-                       ) -> Iterator[tuple[list[int], PixelBatch] | tuple[int, imaging.ImageError]]:
-        """Decodes; yields (indices, pixels) chunks of at most a batch, and, unless `strict`,
-        (index, error) for bad images. In strict mode a bad image raises. With a device decoder,
-        the JPEGs it takes are decoded there, a batch at a time, while the pool decodes the rest."""
+    def _embed_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool
+                      ) -> Iterator[tuple[list[int], Future] | tuple[int, imaging.ImageError]]:
+        """Decodes and hands each chunk of at most a batch to the batcher as soon as it is
+        decoded: yields (indices, future of their vectors), and, unless `strict`, (index, error)
+        for bad images. In strict mode a bad image raises. With a device decoder, the JPEGs it
+        takes are decoded there, a batch at a time, while the pool decodes the rest, two chunks
+        at a time (the next one decodes while this one runs)."""
         preprocess = self.pool.spec(spec.model).preprocess
-        step = self._batcher.max_batch
+        step = min(self._batcher.max_batch, self._decoder.chunk_images(preprocess))
         sizes = [device_decode.device_pixels(data, self.limits.max_pixels) if self.device_decoder else 0
                  for data in images]
-        decodes = {i: self._decoder.submit(imaging.decode, images[i], preprocess, self.limits.max_pixels)
-                   for i, size in enumerate(sizes) if not size}
-        for indices in _device_batches(sizes, step):
-            try:
-                yield indices, self._decode_on_device([images[i] for i in indices], preprocess)
-            except RuntimeError as exc:  # a JPEG corrupt past its header: the CPU decoder says which, and why
-                if isinstance(exc, torch.OutOfMemoryError):
-                    log.warning("decoding %d JPEGs on %s ran out of memory; decoding them on the CPU", len(indices),
-                                self.device_decoder.device)
-                self.metrics.device_decode_refused.inc()
-                decodes.update((i, self._decoder.submit(imaging.decode, images[i], preprocess,
-                                                        self.limits.max_pixels)) for i in indices)
-        pending = sorted(decodes)
-        for start in range(0, len(pending), step):
-            indices, pixels = [], []
-            for i in pending[start:start + step]:
+        on_cpu = [i for i, size in enumerate(sizes) if not size]
+        waiting = collections.deque(on_cpu[first:first + step] for first in range(0, len(on_cpu), step))
+        decoding: collections.deque[tuple[list[int], host_decode.Chunk]] = collections.deque()
+        try:
+            self._start_chunks(waiting, decoding, images, preprocess)
+            for indices in _device_batches(sizes, self._batcher.max_batch):
                 try:
-                    pixels.append(decodes[i].result())
-                    indices.append(i)
-                except imaging.ImageError as exc:
-                    self.metrics.image_errors.inc()
-                    if strict:
-                        for future in decodes.values():
-                            future.cancel()
-                        raise InvalidArgument(f"image {first_index + i} {exc}") from None
-                    yield first_index + i, exc
-            if pixels:
-                yield indices, np.stack(pixels)
+                    pixels = self._decode_on_device([images[i] for i in indices], preprocess)
+                except RuntimeError as exc:  # a JPEG corrupt past its header: the CPU decoder says which, and why
+                    if isinstance(exc, torch.OutOfMemoryError):
+                        log.warning("decoding %d JPEGs on %s ran out of memory; decoding them on the CPU",
+                                    len(indices), self.device_decoder.device)
+                    self.metrics.device_decode_refused.inc()
+                    waiting.extend(indices[first:first + step] for first in range(0, len(indices), step))
+                    continue
+                yield indices, self._batcher.submit(spec, pixels)
+            while waiting or decoding:
+                self._start_chunks(waiting, decoding, images, preprocess)
+                indices, chunk = decoding.popleft()
+                with contextlib.ExitStack() as until_submitted:
+                    until_submitted.callback(chunk.release)
+                    pixels, good, errors = chunk.result()
+                    for position, error in errors:
+                        self.metrics.image_errors.inc()
+                        if strict:
+                            raise InvalidArgument(f"image {first_index + indices[position]} {error}") from None
+                        yield first_index + indices[position], error
+                    if good:
+                        future = self._batcher.submit(spec, pixels)
+                        until_submitted.pop_all()
+                        future.add_done_callback(chunk.release)  # the pixels are the batch's until it has run
+                        yield [indices[i] for i in good], future
+        finally:
+            for _, chunk in decoding:
+                chunk.cancel()
+                chunk.release()
+
+    def _start_chunks(self, waiting: collections.deque, decoding: collections.deque, images: list[bytes],
+                      preprocess: imaging.Preprocess) -> None:
+        """Starts decoding waiting chunks until two are decoding; waits for room in the decoder's
+        arena only while none is (so the chunks holding it are all on their way to the batcher)."""
+        while waiting and len(decoding) < 2:
+            chunk = self._decoder.decode([images[i] for i in waiting[0]], preprocess, self.limits.max_pixels,
+                                         wait=not decoding)
+            if chunk is None:
+                return
+            decoding.append((waiting.popleft(), chunk))
 
     def _decode_on_device(self, images: list[bytes], preprocess: imaging.Preprocess) -> torch.Tensor:
         pixels = self.device_decoder.decode(images, preprocess)
@@ -208,8 +217,7 @@ class Extractor:
             raise ResourceExhausted(
                 f"the answer would be {size >> 20} MiB, over the message limit of "
                 f"{self.limits.max_response_bytes >> 20} MiB; send fewer images or use BulkEmbed")
-        chunks = [(indices, self._batcher.submit(spec, pixels))
-                  for indices, pixels in self._decode_chunks(spec, images, 0, strict=True)]
+        chunks = list(self._embed_chunks(spec, images, 0, strict=True))
         vectors = gather([future for _, future in chunks]).result()
         order = [i for indices, _ in chunks for i in indices]
         if order == sorted(order):
@@ -225,11 +233,11 @@ class Extractor:
     def _embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> list[ImageResult]:
         results: list[ImageResult | None] = [None] * len(images)
         pending = []
-        for first, second in self._decode_chunks(spec, images, first_index, strict=False):
+        for first, second in self._embed_chunks(spec, images, first_index, strict=False):
             if isinstance(second, imaging.ImageError):
                 results[first - first_index] = second
             else:
-                pending.append((first, self._batcher.submit(spec, second)))
+                pending.append((first, second))
         for indices, future in pending:
             outputs = future.result()
             for row, i in enumerate(indices):
@@ -283,4 +291,4 @@ class Extractor:
         """Finishes queued work and stops the worker threads."""
         self._jobs.shutdown(wait=True, cancel_futures=True)
         self._batcher.close()
-        self._decoder.shutdown(wait=True, cancel_futures=True)
+        self._decoder.shutdown()

@@ -58,7 +58,7 @@ def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Ima
         image.draft("RGB", (draft_size, draft_size))
     load_checked(image)
     try:
-        image = ImageOps.exif_transpose(image) or image
+        ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise an upright image is copied
     except (OSError, ValueError, SyntaxError) as exc:
         raise ImageError(f"is truncated or corrupt ({describe(exc)}); send the complete file") from None
     return _to_rgb(image)

@@ -49,7 +49,8 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
     extractor = Extractor(pool, limits, sizes.max_batch, config.max_queue_delay_ms / 1000.0,
                           sizes.decode_workers, config.default_model, sizes.decode_processes, sizes.model_workers,
-                          choose_batch=config.max_batch == -1 and config.torch_device().type == "cuda")
+                          choose_batch=config.max_batch == -1 and config.torch_device().type == "cuda",
+                          decode_arena_bytes=config.decode_arena_mb * MIB)
     try:  # after the decode processes are forked: this starts CUDA
         extractor.device_decoder = device_decoder(config.decode_device, config.torch_device())
     except ValueError as exc:

@@ -1,0 +1,148 @@
+"""Decoding on the host straight into the batch: processes write into a shared arena, threads
+into the chunk's array, the good images' rows are handed on as they lie, and a full arena makes
+chunks wait for the ones whose batches have run."""
+
+import concurrent.futures
+import io
+import itertools
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+from skimage import data as skdata
+
+from convsearch.extractor.v1 import extractor_pb2 as pb
+from convsearch.extractor.v1 import extractor_pb2_grpc
+from convsearch_extractor import pixels
+from convsearch_extractor.host_decode import Chunk, PixelDecoder, _Arena
+from convsearch_extractor.imaging import ImageError, decode
+from tests.conftest import jpeg_bytes, serve_extractor
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def images() -> list[bytes]:
+    return [jpeg_bytes(skdata.chelsea()), png_bytes(skdata.coffee()), jpeg_bytes(skdata.astronaut()),
+            jpeg_bytes(skdata.rocket())]
+
+
+@pytest.fixture(scope="module", params=[(2, 0), (0, 2)], ids=["processes", "threads"])
+def decoder(request):
+    pool = PixelDecoder(*request.param, arena_bytes=1 << 20)
+    yield pool
+    pool.shutdown()
+
+
+def test_the_chunk_is_the_batch_the_decoder_gives(decoder, images):
+    chunk = decoder.decode(images, pixels.PREPROCESS, 10**8)
+    rows, good, errors = chunk.result()
+    assert good == [0, 1, 2, 3] and errors == []
+    assert chunk.result()[0] is rows  # the rows the workers wrote into, handed on without a copy
+    if decoder.processes:
+        assert not rows.flags.owndata  # in the shared arena
+    expected = np.stack([decode(data, pixels.PREPROCESS, 10**8) for data in images])
+    assert np.array_equal(rows, expected)
+    chunk.release()
+
+
+def test_bad_images_are_named_by_position_and_left_out(decoder, images):
+    chunk = decoder.decode([images[0], b"not an image", images[2], images[3][:300]], pixels.PREPROCESS, 10**8)
+    rows, good, errors = chunk.result()
+    assert good == [0, 2]
+    assert [position for position, _ in errors] == [1, 3]
+    assert all(isinstance(error, ImageError) for _, error in errors)
+    assert "truncated" in str(errors[1][1])
+    expected = np.stack([decode(images[i], pixels.PREPROCESS, 10**8) for i in (0, 2)])
+    assert np.array_equal(rows, expected)
+    chunk.release()
+
+
+def test_a_full_arena_makes_chunks_wait_until_a_batch_has_run(images):
+    decoder = PixelDecoder(2, 0, arena_bytes=1 << 20)
+    try:
+        per_chunk = decoder.chunk_images(pixels.PREPROCESS)
+        assert per_chunk == (1 << 20) // 4 // (64 * 64 * 3)
+        many = [images[i % len(images)] for i in range(per_chunk)]
+        held = [decoder.decode(many, pixels.PREPROCESS, 10**8) for _ in range(4)]
+        assert decoder.decode(many, pixels.PREPROCESS, 10**8, wait=False) is None
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(decoder.decode, many, pixels.PREPROCESS, 10**8)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            waiting.result(timeout=0.5)
+        first_rows = held[0].result()[0].copy()
+        held[0].release()
+        fifth = waiting.result(timeout=30)
+        assert np.array_equal(fifth.result()[0], first_rows)
+        for chunk in [*held[1:], fifth]:
+            chunk.result()
+            chunk.release()
+        assert decoder.decode(many, pixels.PREPROCESS, 10**8, wait=False) is not None
+    finally:
+        decoder.shutdown()
+
+
+def test_rows_are_freed_only_once_both_the_decoding_and_the_batch_are_done():
+    freed = []
+    decoding = concurrent.futures.Future()
+    chunk = Chunk(np.zeros((1, 2, 2, 3), np.uint8), [(0, decoding)], lambda: freed.append(True))
+    chunk.release()  # the batch ran (or the request failed) while a process still writes the rows
+    assert not freed
+    decoding.set_result([None])
+    assert freed == [True]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(1, 40), st.integers(0, 1000)), max_size=60))
+def test_the_arena_never_hands_out_a_byte_twice_and_gets_every_byte_back(steps):
+    arena = _Arena(100)
+    taken: dict[int, int] = {}
+    for take, length, pick in steps:
+        if take:
+            start = arena.take(length, wait=False)
+            if start is None:
+                assert all(free < length for _, free in arena._free)
+                continue
+            assert 0 <= start and start + length <= 100
+            assert all(start + length <= other or other + size <= start for other, size in taken.items())
+            taken[start] = length
+        elif taken:
+            start = sorted(taken)[pick % len(taken)]
+            arena.give(start, taken.pop(start))
+        ranges = sorted([*arena._free, *taken.items()])
+        assert sum(size for _, size in ranges) == 100
+        assert all(a + size == b for (a, size), (b, _) in itertools.pairwise(ranges))
+        assert all(a + size < b for (a, size), (b, _) in itertools.pairwise(arena._free))  # merged
+    for start, length in taken.items():
+        arena.give(start, length)
+    assert arena._free == [(0, 100)]
+
+
+def test_requests_beyond_the_arena_wait_their_turn_and_get_the_threads_vectors(extractor, chelsea_jpeg,
+                                                                              coffee_jpeg):
+    service, channel, _ = serve_extractor(decode_processes=2, decode_arena_mb=16, max_batch=64)
+    try:
+        stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+        config = pb.EmbedConfig(model="efficientnet_lite0", layers=["_conv_head"])
+        images = [chelsea_jpeg, coffee_jpeg] * 27  # two chunks of 27 (a quarter of the arena each)
+        request = pb.EmbedRequest(config=config, images=images)
+        with concurrent.futures.ThreadPoolExecutor(4) as clients:  # 8 chunks of 4 MiB: twice the arena
+            answers = list(clients.map(lambda _: stub.Embed(request, timeout=300), range(4)))
+        threaded = extractor.stub.Embed(pb.EmbedRequest(config=config, images=images[:2]), timeout=60)
+        expected = np.frombuffer(threaded.layers[0].vectors.data, np.float32).reshape(2, -1)
+        for answer in answers:
+            vectors = np.frombuffer(answer.layers[0].vectors.data, np.float32).reshape(len(images), -1)
+            np.testing.assert_allclose(vectors, np.tile(expected, (27, 1)), rtol=1e-4, atol=1e-5)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.Embed(pb.EmbedRequest(config=config, images=[*images, b"junk"]), timeout=60)
+        assert "image 54 " in error.value.details()
+        assert stub.Embed(request, timeout=300).layers[0].vectors.shape == [54, 1280]  # nothing held on
+    finally:
+        channel.close()
+        service.stop(1.0)
