@@ -6,7 +6,10 @@ many concurrent single-image clients.
 The service's own overhead: the `pixels` model (whose forward pass costs almost nothing, like an
 identity model in Triton) streamed through BulkEmbed at its four layers, as indexing does
 (pipeline_img_s), against the same decoder run in-process on the same number of workers
-(decode_img_s); pipeline_ratio = pipeline_img_s / decode_img_s.
+(decode_img_s); pipeline_ratio = pipeline_img_s / decode_img_s. The same messages answered by a
+bare gRPC server with ready-made answers measure what gRPC alone costs (transport_*): where the
+CPUs are the limit, the pipeline reaches at most transport_bound_ratio = decode CPU / (decode CPU
++ the bare server's and its client's CPU) of the decoder's images/s.
 
 Under contention, as on a busy machine or a pod beside noisy neighbours: with a process burning
 one CPU (pinned there) beside them, two services side by side, one with its defaults (every pool
@@ -18,7 +21,7 @@ client's single-image requests (contended_p50_ms, forced1_contended_p50_ms);
 contended_ratio = contended_img_s / forced1_contended_img_s.
 
 Last stdout line: one JSON object (service_img_s, inprocess_img_s, ratio, concurrent_img_s,
-pipeline_img_s, decode_img_s, pipeline_ratio, contended_img_s, contended_p50_ms,
+pipeline_img_s, decode_img_s, pipeline_ratio, transport_bound_ratio, contended_img_s, contended_p50_ms,
 forced1_contended_img_s, forced1_contended_p50_ms, contended_ratio, cpu_budget, ...).
 """
 
@@ -27,6 +30,7 @@ import collections
 import functools
 import io
 import json
+import multiprocessing
 import os
 import pathlib
 import subprocess
@@ -35,6 +39,7 @@ import tempfile
 import threading
 import time
 
+import grpc
 import numpy as np
 import torch
 from PIL import Image
@@ -45,6 +50,8 @@ from convsearch.cpu_budget import cpu_budget
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch.processes import start_service, stop_service
+from convsearch.serving import bind, create_server
+from convsearch.tensors import to_tensor
 from convsearch_extractor import pixels
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.device_decode import device_decoder
@@ -174,6 +181,29 @@ def bulk_runner(stub, images: list[bytes], message_size: int):
     return run
 
 
+def serve_answers(ports: multiprocessing.Queue) -> None:
+    """A bare BulkEmbed server, run in a process of its own: each image gets one ready-made answer
+    the size of the pixels model's at its four layers, with no decoding, batching or model, so
+    its CPU is what gRPC alone costs for the pipeline's messages."""
+    answer = pb.BulkEmbedResponse(id="0", model=pixels.NAME, pretrained=True, vectors=pb.ImageVectors(layers=[
+        pb.LayerVector(layer=layer, vector=to_tensor(np.zeros(3 * size * size, np.float32)))
+        for layer, size in zip(pixels.LAYERS, pixels.SIZES, strict=True)]))
+
+    def bulk_embed(request_iterator, context):
+        for message in request_iterator:
+            for _ in message.images:
+                yield answer
+
+    server = create_server(8, 64)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {
+        "BulkEmbed": grpc.stream_stream_rpc_method_handler(
+            bulk_embed, request_deserializer=pb.BulkEmbedRequest.FromString,
+            response_serializer=pb.BulkEmbedResponse.SerializeToString)}),))
+    ports.put(bind(server, "127.0.0.1", 0))
+    server.start()
+    server.wait_for_termination()
+
+
 def throughput(make_call, clients: int, seconds: float) -> float:
     """Calls/s of `clients` threads, each calling its own `make_call()` result in a loop."""
     done = [0] * clients
@@ -276,6 +306,7 @@ def main() -> None:
     run_decode, decoder = decode_runner(many, processes, threads, args.batch)
 
     run_inprocess = inprocess_runner(args.model, args.layer, images, device)
+    answering = None
     process, address = start_service(
         "convsearch-extractor", "--metrics-port", "-1", "--device", str(device),
         "--max-batch", str(args.batch), "--default-model", args.model,
@@ -303,21 +334,33 @@ def main() -> None:
         run_pipeline = bulk_runner(stub, many, args.batch)
         run_pipeline()
         run_decode()
+        ports = multiprocessing.get_context("spawn").Queue()
+        answering = multiprocessing.get_context("spawn").Process(target=serve_answers, args=(ports,), daemon=True)
+        answering.start()
+        run_transport = bulk_runner(extractor_pb2_grpc.ExtractorServiceStub(
+            create_channel(f"127.0.0.1:{ports.get(timeout=120)}")), many, args.batch)
+        run_transport()
         # CPU per image as well as images/s: on a shared machine the rates drift, the CPU much less.
-        decode_runs, pipeline_runs = [], []
+        decode_runs, pipeline_runs, transport_runs = [], [], []
         for round_ in range(args.rounds):
             decode_runs.append(cpu_ms_per_image(run_decode, len(many), process.pid))
             pipeline_runs.append(cpu_ms_per_image(run_pipeline, len(many), process.pid))
+            transport_runs.append(cpu_ms_per_image(run_transport, len(many), answering.pid))
             print(f"round {round_ + 1}: decode in-process {decode_runs[-1][0]:.1f} img/s "
                   f"({decode_runs[-1][1]:.2f} CPU ms/img), pixels through the service {pipeline_runs[-1][0]:.1f} "
                   f"img/s (service {pipeline_runs[-1][2]:.2f} + client {pipeline_runs[-1][1]:.2f} CPU ms/img; "
-                  f"{len(many)} JPEGs, {f'{processes} processes' if processes else f'{threads} threads'})",
-                  flush=True)
+                  f"{len(many)} JPEGs, {f'{processes} processes' if processes else f'{threads} threads'}), "
+                  f"gRPC alone {transport_runs[-1][0]:.1f} img/s (server {transport_runs[-1][2]:.2f} + client "
+                  f"{transport_runs[-1][1]:.2f} CPU ms/img)", flush=True)
         decode_img_s, decode_cpu_ms, _ = (float(v) for v in np.median(decode_runs, axis=0))
         pipeline_img_s, client_cpu_ms, service_cpu_ms = (float(v) for v in np.median(pipeline_runs, axis=0))
+        transport_img_s, transport_client_ms, transport_server_ms = (
+            float(v) for v in np.median(transport_runs, axis=0))
     finally:
         stop_service(process)
         decoder.shutdown()
+        if answering is not None:
+            answering.kill()
     under_contention = contended(args, device, images[0])
     print(json.dumps({
         "model": args.model, "layer": args.layer, "batch": args.batch, "device": device_name(device),
@@ -334,6 +377,11 @@ def main() -> None:
         # Where the pipeline's time goes: CPU ms per image, decode processes included.
         "decode_cpu_ms": round(decode_cpu_ms, 3), "pipeline_service_cpu_ms": round(service_cpu_ms, 3),
         "pipeline_client_cpu_ms": round(client_cpu_ms, 3),
+        # gRPC alone, the pipeline's messages answered by a bare server; where the CPUs are the
+        # limit, the pipeline can reach at most transport_bound_ratio of the decoder's images/s.
+        "transport_img_s": round(transport_img_s, 2), "transport_server_cpu_ms": round(transport_server_ms, 3),
+        "transport_client_cpu_ms": round(transport_client_ms, 3),
+        "transport_bound_ratio": round(decode_cpu_ms / (decode_cpu_ms + transport_server_ms + transport_client_ms), 3),
         "cpu_budget": cpu_budget().cpus,
         **{name: round(value, 2) for name, value in under_contention.items()},
         "contended_ratio": round(under_contention["contended_img_s"] / under_contention["forced1_contended_img_s"], 3),

@@ -5,6 +5,10 @@ chunks wait for the ones whose batches have run."""
 import concurrent.futures
 import io
 import itertools
+import os
+import signal
+import time
+from concurrent.futures.process import BrokenProcessPool
 
 import grpc
 import numpy as np
@@ -17,6 +21,7 @@ from skimage import data as skdata
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch_extractor import pixels
+from convsearch_extractor.batcher import gather
 from convsearch_extractor.host_decode import Chunk, PixelDecoder, _Arena
 from convsearch_extractor.imaging import ImageError, decode
 from tests.conftest import jpeg_bytes, serve_extractor
@@ -146,3 +151,48 @@ def test_requests_beyond_the_arena_wait_their_turn_and_get_the_threads_vectors(e
     finally:
         channel.close()
         service.stop(1.0)
+
+
+def test_a_large_range_waits_its_turn_ahead_of_smaller_ones():
+    arena = _Arena(100)
+    first, second = arena.take(60, wait=False), arena.take(40, wait=False)
+    large = concurrent.futures.ThreadPoolExecutor(1).submit(arena.take, 80, True)
+    with pytest.raises(concurrent.futures.TimeoutError):
+        large.result(timeout=0.3)
+    arena.give(second, 40)
+    assert arena.take(10, wait=False) is None  # room for it, but the large one came first
+    arena.give(first, 60)
+    assert large.result(timeout=10) == 0
+    assert arena.take(20, wait=False) == 80
+
+
+def test_a_decode_process_that_dies_gives_its_rows_back_and_the_error_is_raised(images):
+    decoder = PixelDecoder(1, 0, arena_bytes=1 << 20)
+    try:
+        chunk = decoder.decode(images, pixels.PREPROCESS, 10**8)
+        chunk.result()
+        chunk.release()
+        for pid in list(decoder._pool._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):  # the decoding under way fails
+            for _ in range(50):
+                chunk = decoder.decode(images, pixels.PREPROCESS, 10**8)
+                try:
+                    chunk.result()
+                finally:
+                    chunk.release()
+                time.sleep(0.1)
+        with pytest.raises(BrokenProcessPool):  # and from then on, starting any
+            decoder.decode(images, pixels.PREPROCESS, 10**8)
+        assert decoder._arena._free == [(0, 1 << 20)]
+    finally:
+        decoder.shutdown()
+
+
+def test_a_batch_split_over_workers_cannot_be_cancelled_while_its_parts_run():
+    parts = [concurrent.futures.Future(), concurrent.futures.Future()]
+    joined = gather(parts)
+    assert not joined.cancel()  # its pixels stay in use until every part has run
+    for part in parts:
+        part.set_result({"layer": np.zeros((1, 2))})
+    assert joined.result()["layer"].shape == (2, 2)

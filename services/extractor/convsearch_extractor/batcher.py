@@ -39,6 +39,7 @@ def gather(parts: list[Future]) -> Future:
     if len(parts) == 1:
         return parts[0]
     joined: Future = Future()
+    joined.set_running_or_notify_cancel()  # its parts are queued already: cancelling it would stop none
     remaining = [len(parts)]
     lock = threading.Lock()
 

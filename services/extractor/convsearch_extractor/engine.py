@@ -4,8 +4,8 @@ next chunk overlaps the forward pass of this one.
 """
 
 import collections
-import contextlib
 import dataclasses
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -169,29 +169,43 @@ class Extractor:
                         log.warning("decoding %d JPEGs on %s ran out of memory; decoding them on the CPU",
                                     len(indices), self.device_decoder.device)
                     self.metrics.device_decode_refused.inc()
-                    waiting.extend(indices[first:first + step] for first in range(0, len(indices), step))
+                    rest = sorted([*itertools.chain.from_iterable(waiting), *indices])  # in the images' order
+                    waiting = collections.deque(rest[first:first + step] for first in range(0, len(rest), step))
                     continue
                 yield indices, self._batcher.submit(spec, pixels)
             while waiting or decoding:
                 self._start_chunks(waiting, decoding, images, preprocess)
                 indices, chunk = decoding.popleft()
-                with contextlib.ExitStack() as until_submitted:
-                    until_submitted.callback(chunk.release)
+                try:
                     pixels, good, errors = chunk.result()
-                    for position, error in errors:
-                        self.metrics.image_errors.inc()
-                        if strict:
-                            raise InvalidArgument(f"image {first_index + indices[position]} {error}") from None
-                        yield first_index + indices[position], error
-                    if good:
-                        future = self._batcher.submit(spec, pixels)
-                        until_submitted.pop_all()
-                        future.add_done_callback(chunk.release)  # the pixels are the batch's until it has run
-                        yield [indices[i] for i in good], future
+                except BaseException:
+                    chunk.release()
+                    raise
+                if errors:  # the good rows were copied out: the chunk's own rows are free now
+                    chunk.release()
+                for position, error in errors:
+                    self.metrics.image_errors.inc()
+                    if strict:
+                        raise InvalidArgument(f"image {first_index + indices[position]} {error}") from None
+                    yield first_index + indices[position], error
+                if good:
+                    yield [indices[i] for i in good], self._submit_chunk(spec, pixels, None if errors else chunk)
         finally:
             for _, chunk in decoding:
                 chunk.cancel()
                 chunk.release()
+
+    def _submit_chunk(self, spec: EmbedSpec, pixels: np.ndarray, chunk: host_decode.Chunk | None) -> Future:
+        """Hands decoded pixels to the batcher; they are `chunk`'s rows, if given, until the batch has run."""
+        try:
+            future = self._batcher.submit(spec, pixels)
+        except BaseException:
+            if chunk is not None:
+                chunk.release()
+            raise
+        if chunk is not None:
+            future.add_done_callback(chunk.release)
+        return future
 
     def _start_chunks(self, waiting: collections.deque, decoding: collections.deque, images: list[bytes],
                       preprocess: imaging.Preprocess) -> None:

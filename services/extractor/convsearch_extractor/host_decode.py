@@ -10,6 +10,8 @@ chunk that finds the arena full waits for another's to be freed.
 """
 
 import bisect
+import collections
+import itertools
 import mmap
 import multiprocessing
 import threading
@@ -21,7 +23,8 @@ from convsearch_extractor import imaging
 
 ARENA_MB = 256  # the default arena: 2 batches of 256 images at 224x224 and room to spare
 MIN_ARENA_MB = 16  # a quarter holds several images of any model's input (456x456 at most)
-_ARENAS: dict[int, mmap.mmap] = {}  # by id, inherited by the decode processes at their fork
+_ARENAS: dict[int, mmap.mmap] = {}  # by number, inherited by the decode processes at their fork
+_ARENA_NUMBERS = itertools.count()
 
 
 def decode_rows(rows: np.ndarray, images: list[bytes], preprocess: imaging.Preprocess, max_pixels: int
@@ -38,10 +41,10 @@ def decode_rows(rows: np.ndarray, images: list[bytes], preprocess: imaging.Prepr
     return errors
 
 
-def _decode_in_arena(arena_id: int, offset: int, images: list[bytes], preprocess: imaging.Preprocess,
+def _decode_in_arena(arena: int, offset: int, images: list[bytes], preprocess: imaging.Preprocess,
                      max_pixels: int) -> list[imaging.ImageError | None]:
-    """decode_rows into the arena's rows at byte `offset` (runs in a decode process)."""
-    return decode_rows(_rows(_ARENAS[arena_id], offset, len(images), preprocess.crop_size), images, preprocess,
+    """decode_rows into the rows at byte `offset` of arena number `arena` (runs in a decode process)."""
+    return decode_rows(_rows(_ARENAS[arena], offset, len(images), preprocess.crop_size), images, preprocess,
                        max_pixels)
 
 
@@ -51,20 +54,34 @@ def _rows(buffer, offset: int, count: int, size: int) -> np.ndarray:
 
 class _Arena:
     """Byte ranges of a shared mapping, first fit (the low ranges are reused, so the pages a light
-    load touches stay few), waited for when none is free."""
+    load touches stay few), waited for in turn when none is free."""
 
     def __init__(self, size: int):
         self.size = size
         self.memory = mmap.mmap(-1, size)  # shared and anonymous: the processes forked later see it
         self._free = [(0, size)]  # (start, length), sorted, never adjacent
+        self._waiting: collections.deque[object] = collections.deque()  # first come, first served
         self._cond = threading.Condition()
 
     def take(self, length: int, wait: bool) -> int | None:
-        """The start of a free range of `length` bytes; without `wait`, None when there is none."""
+        """The start of a free range of `length` bytes. Without `wait`, None when there is none
+        or others wait; with it, waits for its turn (a large range is not starved by small ones)."""
+        if length > self.size:
+            raise ValueError(f"{length} bytes asked of an arena of {self.size}")
         with self._cond:
-            while (start := self._first_fit(length)) is None and wait:
-                self._cond.wait()
-            return start
+            if not self._waiting and (start := self._first_fit(length)) is not None:
+                return start
+            if not wait:
+                return None
+            turn = object()
+            self._waiting.append(turn)
+            try:
+                while self._waiting[0] is not turn or (start := self._first_fit(length)) is None:
+                    self._cond.wait()
+                return start
+            finally:
+                self._waiting.remove(turn)
+                self._cond.notify_all()
 
     def _first_fit(self, length: int) -> int | None:
         for i, (start, free) in enumerate(self._free):
@@ -146,7 +163,8 @@ class PixelDecoder:
             self._pool: Executor = ThreadPoolExecutor(threads, thread_name_prefix="decode")
             return
         self._arena = _Arena(arena_bytes)
-        _ARENAS[id(self._arena)] = self._arena.memory
+        self._arena_number = next(_ARENA_NUMBERS)
+        _ARENAS[self._arena_number] = self._arena.memory
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
         self._pool.submit(int).result()  # with fork, the first task starts every worker
 
@@ -173,11 +191,22 @@ class PixelDecoder:
         rows = _rows(self._arena.memory, start, len(images), size)
         # A few parts a process: each part pays a round trip, and a slow image holds up only its part.
         step = -(-len(images) // (2 * self.workers))
-        parts = [(first, self._pool.submit(_decode_in_arena, id(self._arena), start + first * size * size * 3,
-                                           images[first:first + step], preprocess, max_pixels))
-                 for first in range(0, len(images), step)]
+        parts = []
+        try:
+            for first in range(0, len(images), step):
+                parts.append((first, self._pool.submit(_decode_in_arena, self._arena_number,
+                                                       start + first * size * size * 3, images[first:first + step],
+                                                       preprocess, max_pixels)))
+        except BaseException:  # a broken pool (a process died) or one shut down: the rows go back
+            for _, future in parts:
+                future.cancel()
+            Chunk(rows, parts, lambda: self._arena.give(start, length)).release()
+            raise
         return Chunk(rows, parts, lambda: self._arena.give(start, length))
 
     def shutdown(self) -> None:
-        """Finishes the decoding started, then stops the workers."""
+        """Finishes the decoding started, then stops the workers (the arena is unmapped once no
+        batch holds its rows)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._arena is not None:
+            _ARENAS.pop(self._arena_number, None)
