@@ -58,7 +58,7 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
     box = crop_box(*image.size, spec.preprocess)
     resample = Image.Resampling.BICUBIC if spec.preprocess.bicubic else Image.Resampling.BILINEAR
     size = spec.preprocess.crop_size
-    pixels = np.asarray(image.resize((size, size), resample, box=box), np.uint8)[None]
+    pixels = np.array(image.resize((size, size), resample, box=box), np.uint8)[None]  # writable, as torch wants
     loaded = pool.acquire(model)
     maps = loaded.feature_maps(pixels, layer)
     means = maps.mean(axis=(1, 2))
