@@ -678,7 +678,7 @@ def test_a_pinned_change_log_keeps_its_changes_up_to_a_headroom():
         for _ in range(20):  # about 2x the bound
             changes.record("put_items", "d", label="x" * 800)
         assert changes.holds(first)
-        pin.move(changes.last - 5)
+        changes.move_pin(pin, changes.last - 5)
         changes.record("put_items", "d", label="x")
         assert not changes.holds(first) and changes.holds(changes.last - 6)
         for _ in range(PINNED_HEADROOM * 20):  # beyond the headroom: dropped all the same

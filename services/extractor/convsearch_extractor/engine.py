@@ -94,6 +94,11 @@ def _device_batches(sizes: list[int], step: int) -> Iterator[list[int]]:
         yield batch
 
 
+def _chunked(indices: list[int], step: int) -> collections.deque[list[int]]:
+    """`indices` in chunks of at most `step`, in order."""
+    return collections.deque(indices[first:first + step] for first in range(0, len(indices), step))
+
+
 class Extractor:
     """Embeds images: validation, decoding pool, dynamic batching, one forward per batch, run by
     `model_workers` threads in parallel."""
@@ -156,8 +161,7 @@ class Extractor:
         step = min(self._batcher.max_batch, self._decoder.chunk_images(preprocess))
         sizes = [device_decode.device_pixels(data, self.limits.max_pixels) if self.device_decoder else 0
                  for data in images]
-        on_cpu = [i for i, size in enumerate(sizes) if not size]
-        waiting = collections.deque(on_cpu[first:first + step] for first in range(0, len(on_cpu), step))
+        waiting = _chunked([i for i, size in enumerate(sizes) if not size], step)
         decoding: collections.deque[tuple[list[int], host_decode.Chunk]] = collections.deque()
         try:
             self._start_chunks(waiting, decoding, images, preprocess)
@@ -169,8 +173,7 @@ class Extractor:
                         log.warning("decoding %d JPEGs on %s ran out of memory; decoding them on the CPU",
                                     len(indices), self.device_decoder.device)
                     self.metrics.device_decode_refused.inc()
-                    rest = sorted([*itertools.chain.from_iterable(waiting), *indices])  # in the images' order
-                    waiting = collections.deque(rest[first:first + step] for first in range(0, len(rest), step))
+                    waiting = _chunked(sorted([*itertools.chain.from_iterable(waiting), *indices]), step)  # in order
                     continue
                 yield indices, self._batcher.submit(spec, pixels)
             while waiting or decoding:

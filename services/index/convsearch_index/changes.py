@@ -79,16 +79,11 @@ def _size(fields: dict) -> int:
     return size
 
 
+@dataclasses.dataclass
 class Pin:
     """A position of a ChangeLog whose later changes it keeps (see ChangeLog.pinned)."""
 
-    def __init__(self, log: "ChangeLog", position: int):
-        self._log, self.position = log, position
-
-    def move(self, position: int) -> None:
-        """Keeps only the changes after `position` from now on."""
-        with self._log._changed:
-            self.position = position
+    position: int
 
 
 class ChangeLog:
@@ -138,8 +133,8 @@ class ChangeLog:
     def pinned(self, position: int):
         """Keeps the changes after `position` (within PINNED_HEADROOM times the bound) while
         the caller, a whole copy taken at `position` and then its reader, runs: it gives a Pin,
-        to move forward as the changes are read."""
-        pin = Pin(self, position)
+        to move forward (move_pin) as the changes are read."""
+        pin = Pin(position)
         with self._changed:
             self._pins.append(pin)
         try:
@@ -147,6 +142,11 @@ class ChangeLog:
         finally:
             with self._changed:
                 self._pins.remove(pin)
+
+    def move_pin(self, pin: Pin, position: int) -> None:
+        """Keeps only the changes after `position` for `pin` from now on."""
+        with self._changed:
+            pin.position = position
 
     def version(self, dataset: str) -> int:
         """The position of the dataset's latest change in this process; before any, the

@@ -192,9 +192,7 @@ class VectorCollection:
     def _into(self, s: _State, op: int, ids: Sequence[str], vectors: np.ndarray | None):
         if op == wal.UPSERT:
             return self._upsert_into(s, ids, vectors)
-        if op == wal.DELETE:
-            return self._delete_from(s, ids)
-        raise wal.CorruptLog(f"a record holds unknown operation {op}")
+        return self._delete_from(s, ids)
 
     def _upsert_into(self, s: _State, ids: Sequence[str], vectors: np.ndarray) -> tuple[int, int]:
         replaced = [item_id for item_id in ids if item_id in s.slot]
@@ -323,12 +321,7 @@ class VectorCollection:
         latest: dict[str, np.ndarray | None] = {}
         for payload in wal.replay(self.directory / "wal.log"):
             op, ids, vectors = wal.decode(payload, self.spec.dimension)
-            if op == wal.UPSERT:
-                latest.update(zip(ids, vectors, strict=True))
-            elif op == wal.DELETE:
-                latest.update(dict.fromkeys(ids))
-            else:
-                raise wal.CorruptLog(f"a record holds unknown operation {op}")
+            latest.update(zip(ids, vectors, strict=True) if op == wal.UPSERT else dict.fromkeys(ids))
             self.version += 1
         self._delete_from(self._s, [item_id for item_id, vector in latest.items() if vector is None])
         kept = [item_id for item_id, vector in latest.items() if vector is not None]

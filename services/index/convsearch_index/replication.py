@@ -229,5 +229,5 @@ def _stream(index: Index, request: pb.ReplicateRequest, context, who: str,
             pinned.close()  # caught up: from now on the log keeps what its bound allows
             pin = None
         elif pin is not None:
-            pin.move(position)
+            changes.move_pin(pin, position)
         yield pb.ReplicateResponse(changes=pb.ChangeBatch(changes=messages, primary_position=changes.last))

@@ -43,8 +43,10 @@ def encode(op: int, ids: list[str], vectors: np.ndarray | None = None) -> bytes:
 
 
 def decode(payload: bytes, dimension: int) -> tuple[int, list[str], np.ndarray | None]:
-    """(op, ids, vectors or None) of one payload."""
+    """(op, ids, vectors or None) of one payload; CorruptLog for an operation it does not know."""
     op, count = struct.unpack_from("<BI", payload)
+    if op not in (UPSERT, DELETE):
+        raise CorruptLog(f"a record holds unknown operation {op}")
     offset, ids = 5, []
     for _ in range(count):
         (length,) = struct.unpack_from("<H", payload, offset)
