@@ -3,6 +3,7 @@ into the chunk's array, the good images' rows are handed on as they lie, and a f
 chunks wait for the ones whose batches have run."""
 
 import concurrent.futures
+import gc
 import io
 import itertools
 import os
@@ -196,3 +197,56 @@ def test_a_batch_split_over_workers_cannot_be_cancelled_while_its_parts_run():
     for part in parts:
         part.set_result({"layer": np.zeros((1, 2))})
     assert joined.result()["layer"].shape == (2, 2)
+
+
+def _private_mb_a_collection_copies() -> float:
+    """In a decode process: MB of private memory a full garbage collection adds (the pages of the
+    objects it inherited that the collector writes to, copied from the service's)."""
+    def private_kb() -> int:
+        with open("/proc/self/smaps_rollup") as rollup:
+            return sum(int(line.split()[1]) for line in rollup if line.startswith(("Private_Clean", "Private_Dirty")))
+
+    before = private_kb()
+    gc.collect()
+    return (private_kb() - before) / 1024
+
+
+def test_decode_processes_keep_sharing_the_service_memory_they_were_forked_with():
+    # A service imports torch and loads models before it forks its decode processes; a
+    # collection in a process would otherwise copy every page of the objects it inherited.
+    inherited = [{"block": list(range(64))} for _ in range(100_000)]
+    decoder = PixelDecoder(2, 0, arena_bytes=1 << 20)
+    try:
+        copied = [decoder._pool.submit(_private_mb_a_collection_copies).result() for _ in range(4)]
+    finally:
+        decoder.shutdown()
+    assert len(inherited) and max(copied) < 4, f"a collection copied {max(copied):.1f} MB in a decode process"
+
+
+def _all_free(decoder: PixelDecoder) -> bool:
+    """Whether the whole arena is free within a few seconds (a part lets go of its rows in a
+    callback that may run just after its result is seen)."""
+    deadline = time.monotonic() + 10
+    while decoder._arena._free != [(0, decoder._arena.size)] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return decoder._arena._free == [(0, decoder._arena.size)]
+
+
+def test_the_images_bytes_reach_the_processes_through_the_arena_where_they_fit(images):
+    decoder = PixelDecoder(2, 0, arena_bytes=1 << 20)
+    small = [jpeg_bytes(skdata.chelsea()[::4, ::4]), jpeg_bytes(skdata.rocket()[::4, ::4])] * 3
+    large = [images[1]] * 2  # PNGs of more than half the arena
+    assert sum(map(len, large)) > 1 << 19
+    rows_bytes = 64 * 64 * 3
+    try:
+        for chunk_images, taken in ((small, rows_bytes * len(small) + sum(map(len, small))),
+                                    (large, rows_bytes * len(large))):  # the bytes pickled through the pipe instead
+            chunk = decoder.decode(chunk_images, pixels.PREPROCESS, 10**8)
+            assert (1 << 20) - sum(free for _, free in decoder._arena._free) == taken
+            rows, good, errors = chunk.result()
+            assert errors == [] and good == list(range(len(chunk_images)))
+            assert np.array_equal(rows, np.stack([decode(data, pixels.PREPROCESS, 10**8) for data in chunk_images]))
+            chunk.release()
+            assert _all_free(decoder)
+    finally:
+        decoder.shutdown()

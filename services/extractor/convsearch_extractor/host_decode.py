@@ -1,9 +1,10 @@
 """Decoding pools that write each image's pixels straight into its row of the batch.
 
 With threads, a chunk's batch is a numpy array the threads fill. With processes, it is a range
-of a shared-memory arena mapped before the processes fork: each process decodes its share of the
-chunk into its rows, and only the errors travel back. A chunk without bad images is handed to
-the model as it lies (a view of its rows), so no decoded image is pickled, piped or stacked.
+of a shared-memory arena mapped before the processes fork: the images' bytes are copied in after
+the rows, each process decodes its share of the chunk into its rows, and only the errors travel
+back. A chunk without bad images is handed to the model as it lies (a view of its rows), so no
+image, encoded or decoded, is pickled, piped or stacked.
 
 A chunk's range is freed once its batch has run (`Chunk.release`) and its decoding is over; a
 chunk that finds the arena full waits for another's to be freed.
@@ -11,6 +12,7 @@ chunk that finds the arena full waits for another's to be freed.
 
 import bisect
 import collections
+import gc
 import itertools
 import mmap
 import multiprocessing
@@ -41,11 +43,13 @@ def decode_rows(rows: np.ndarray, images: list[bytes], preprocess: imaging.Prepr
     return errors
 
 
-def _decode_in_arena(arena: int, offset: int, images: list[bytes], preprocess: imaging.Preprocess,
-                     max_pixels: int) -> list[imaging.ImageError | None]:
-    """decode_rows into the rows at byte `offset` of arena number `arena` (runs in a decode process)."""
-    return decode_rows(_rows(_ARENAS[arena], offset, len(images), preprocess.crop_size), images, preprocess,
-                       max_pixels)
+def _decode_in_arena(arena: int, offset: int, images: list[bytes] | list[tuple[int, int]],
+                     preprocess: imaging.Preprocess, max_pixels: int) -> list[imaging.ImageError | None]:
+    """decode_rows into the rows at byte `offset` of arena number `arena` (runs in a decode process);
+    an image is its bytes, or the (start, length) of its bytes in the arena."""
+    memory = _ARENAS[arena]
+    images = [image if isinstance(image, bytes) else memory[image[0]:image[0] + image[1]] for image in images]
+    return decode_rows(_rows(memory, offset, len(images), preprocess.crop_size), images, preprocess, max_pixels)
 
 
 def _rows(buffer, offset: int, count: int, size: int) -> np.ndarray:
@@ -152,7 +156,8 @@ class PixelDecoder:
     `arena_bytes`, or, with none, `threads` threads writing into numpy arrays.
 
     Processes are forked at once, before the caller starts gRPC threads or uses CUDA, so each
-    starts as a light copy that only ever decodes.
+    starts as a light copy that only ever decodes, and stays one: it shares the caller's memory
+    instead of copying it page by page.
     """
 
     def __init__(self, processes: int, threads: int, arena_bytes: int = ARENA_MB << 20):
@@ -166,7 +171,13 @@ class PixelDecoder:
         self._arena_number = next(_ARENA_NUMBERS)
         _ARENAS[self._arena_number] = self._arena.memory
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
-        self._pool.submit(int).result()  # with fork, the first task starts every worker
+        # Frozen while they fork, the objects alive now are never traversed by the processes'
+        # collector, so the pages holding them stay shared instead of being copied into each.
+        gc.freeze()
+        try:
+            self._pool.submit(int).result()  # with fork, the first task starts every worker
+        finally:
+            gc.unfreeze()
 
     def chunk_images(self, preprocess: imaging.Preprocess) -> int:
         """Most images a chunk may hold: with processes, a quarter of the arena (never less than one)."""
@@ -184,11 +195,18 @@ class PixelDecoder:
             rows = np.empty((len(images), size, size, 3), np.uint8)
             return Chunk(rows, [(i, self._pool.submit(decode_rows, rows[i:i + 1], images[i:i + 1], preprocess,
                                                       max_pixels)) for i in range(len(images))])
-        length = len(images) * size * size * 3
+        rows_length = len(images) * size * size * 3
+        # The images' bytes go to the processes through the arena too, after the rows, where both
+        # fit in half of it; otherwise they are pickled through the pool's pipe.
+        inputs_length = sum(map(len, images))
+        in_arena = rows_length + inputs_length <= self._arena.size // 2
+        length = rows_length + inputs_length if in_arena else rows_length
         start = self._arena.take(length, wait)
         if start is None:
             return None
         rows = _rows(self._arena.memory, start, len(images), size)
+        if in_arena:
+            images = self._store(images, start + rows_length)
         # A few parts a process: each part pays a round trip, and a slow image holds up only its part.
         step = -(-len(images) // (2 * self.workers))
         parts = []
@@ -203,6 +221,15 @@ class PixelDecoder:
             Chunk(rows, parts, lambda: self._arena.give(start, length)).release()
             raise
         return Chunk(rows, parts, lambda: self._arena.give(start, length))
+
+    def _store(self, images: list[bytes], start: int) -> list[tuple[int, int]]:
+        """Copies `images` into the arena from `start` on: the (start, length) of each."""
+        places = []
+        for data in images:
+            self._arena.memory[start:start + len(data)] = data
+            places.append((start, len(data)))
+            start += len(data)
+        return places
 
     def shutdown(self) -> None:
         """Finishes the decoding started, then stops the workers (the arena is unmapped once no
