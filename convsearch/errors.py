@@ -110,6 +110,13 @@ class DeadlineExceeded(ConvsearchError):
     reason = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(ConvsearchError):
+    """The client cancelled the call, or its deadline passed: the work for it was stopped."""
+
+    code = "CANCELLED"
+    reason = "CANCELLED"
+
+
 class Unauthenticated(ConvsearchError):
     """No API key, or one the gateway does not know."""
 
@@ -125,7 +132,7 @@ class PermissionDenied(ConvsearchError):
 
 
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
-                                            ResourceExhausted, Unavailable, DataLoss, DeadlineExceeded,
+                                            ResourceExhausted, Unavailable, DataLoss, DeadlineExceeded, Cancelled,
                                             Unauthenticated, PermissionDenied)}
 
 

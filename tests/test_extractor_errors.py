@@ -1,5 +1,6 @@
 """Every bad input gets its own status and an actionable message, and the service keeps serving."""
 
+import time
 import types
 
 import grpc
@@ -90,3 +91,49 @@ def test_decoding_in_processes_gives_the_same_vectors_and_errors(extractor, chel
     finally:
         channel.close()
         service.stop(1.0)
+
+
+def _images_run(service) -> float:
+    """Images the service has run through its model once its batches stop (no change for 1 s)."""
+    count, since = -1.0, time.monotonic()
+    while time.monotonic() - since < 1.0:
+        now = service.extractor.metrics.registry.get_sample_value("convsearch_extractor_images_total")
+        if now != count:
+            count, since = now, time.monotonic()
+        time.sleep(0.1)
+    return count
+
+
+@pytest.fixture(scope="module")
+def small_batches():
+    """An extractor running batches of 8, so that a request of many images takes seconds."""
+    service, channel = start_extractor(max_batch=8)
+    yield types.SimpleNamespace(service=service, stub=extractor_pb2_grpc.ExtractorServiceStub(channel))
+    channel.close()
+    service.stop(1.0)
+
+
+def test_an_embed_past_its_deadline_stops_its_work_and_the_service_keeps_serving(small_batches, chelsea_jpeg):
+    before = _images_run(small_batches.service)
+    with pytest.raises(grpc.RpcError) as error:
+        small_batches.stub.Embed(request([chelsea_jpeg] * 256), timeout=0.5)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    run = _images_run(small_batches.service) - before
+    assert run < 128, f"{run:.0f} of 256 images embedded for a client that was gone"
+    assert small_batches.stub.Embed(request([chelsea_jpeg]), timeout=60).layers[0].vectors.shape[0] == 1
+
+
+def test_a_cancelled_bulk_stream_stops_the_work_it_had_started(small_batches, chelsea_jpeg):
+    before = _images_run(small_batches.service)
+
+    def messages():
+        yield pb.BulkEmbedRequest(config=pb.EmbedConfig())
+        for first in range(0, 256, 64):
+            yield pb.BulkEmbedRequest(images=[pb.ImageInput(id=str(first + i), data=chelsea_jpeg) for i in range(64)])
+
+    answers = small_batches.stub.BulkEmbed(messages(), timeout=60)
+    time.sleep(0.5)  # the service reads the messages and starts on them
+    answers.cancel()
+    run = _images_run(small_batches.service) - before
+    assert run < 128, f"{run:.0f} of 256 images embedded for a stream the client had cancelled"
+    assert small_batches.stub.Embed(request([chelsea_jpeg]), timeout=60).layers[0].vectors.shape[0] == 1

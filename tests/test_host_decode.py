@@ -190,13 +190,23 @@ def test_a_decode_process_that_dies_gives_its_rows_back_and_the_error_is_raised(
         decoder.shutdown()
 
 
-def test_a_batch_split_over_workers_cannot_be_cancelled_while_its_parts_run():
+def test_a_batch_split_over_workers_gives_its_parts_results_joined():
     parts = [concurrent.futures.Future(), concurrent.futures.Future()]
     joined = gather(parts)
-    assert not joined.cancel()  # its pixels stay in use until every part has run
     for part in parts:
         part.set_result({"layer": np.zeros((1, 2))})
     assert joined.result()["layer"].shape == (2, 2)
+
+
+def test_cancelling_a_split_batch_drops_the_parts_not_started_and_ends_after_the_running_ones():
+    parts = [concurrent.futures.Future(), concurrent.futures.Future()]
+    joined = gather(parts)
+    parts[0].set_running_or_notify_cancel()  # a model worker runs it
+    assert not joined.cancel()
+    assert parts[1].cancelled()
+    assert not joined.done()  # its pixels stay in use until the running part has run
+    parts[0].set_result({"layer": np.zeros((1, 2))})
+    assert isinstance(joined.exception(timeout=1), concurrent.futures.CancelledError)
 
 
 def _private_mb_a_collection_copies() -> float:
@@ -248,5 +258,25 @@ def test_the_images_bytes_reach_the_processes_through_the_arena_where_they_fit(i
             assert np.array_equal(rows, np.stack([decode(data, pixels.PREPROCESS, 10**8) for data in chunk_images]))
             chunk.release()
             assert _all_free(decoder)
+    finally:
+        decoder.shutdown()
+
+
+def test_a_wait_for_room_ends_once_the_client_is_gone(images):
+    decoder = PixelDecoder(2, 0, arena_bytes=1 << 20)
+    try:
+        many = [images[0]] * decoder.chunk_images(pixels.PREPROCESS)
+        held = [decoder.decode(many, pixels.PREPROCESS, 10**8) for _ in range(4)]
+        client_there = [True]
+        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
+            decoder.decode, many, pixels.PREPROCESS, 10**8, True, lambda: client_there[0])
+        with pytest.raises(concurrent.futures.TimeoutError):
+            waiting.result(timeout=0.5)
+        client_there[0] = False
+        assert waiting.result(timeout=5) is None
+        for chunk in held:
+            chunk.result()
+            chunk.release()
+        assert _all_free(decoder)
     finally:
         decoder.shutdown()

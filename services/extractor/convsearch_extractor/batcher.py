@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 import numpy as np
 import torch
@@ -34,12 +34,25 @@ class _Entry:
     arrived: float
 
 
+class _Joined(Future):
+    """The future of several parts. Cancelling it cancels the parts not started yet; it ends
+    (with CancelledError) only once every part has, so its pixels stay in use until then."""
+
+    def __init__(self, parts: list[Future]):
+        super().__init__()
+        self.set_running_or_notify_cancel()
+        self._parts = parts
+
+    def cancel(self) -> bool:
+        """Cancels the parts not started yet; True when that was all of them."""
+        return all([part.cancel() for part in self._parts])
+
+
 def gather(parts: list[Future]) -> Future:
     """A future of the row-wise concatenation of several futures of {name: array}."""
     if len(parts) == 1:
         return parts[0]
-    joined: Future = Future()
-    joined.set_running_or_notify_cancel()  # its parts are queued already: cancelling it would stop none
+    joined = _Joined(parts)
     remaining = [len(parts)]
     lock = threading.Lock()
 
@@ -48,6 +61,9 @@ def gather(parts: list[Future]) -> Future:
             remaining[0] -= 1
             if remaining[0] or joined.done():
                 return
+        if any(p.cancelled() for p in parts):
+            joined.set_exception(CancelledError(f"{sum(p.cancelled() for p in parts)} of {len(parts)} parts cancelled"))
+            return
         errors = [p.exception() for p in parts if p.exception() is not None]
         if errors:
             joined.set_exception(errors[0])

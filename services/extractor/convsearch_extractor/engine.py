@@ -8,19 +8,20 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import prometheus_client as prom
 import torch
 
-from convsearch.errors import InvalidArgument, ResourceExhausted
+from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted
 from convsearch_extractor import device_decode, host_decode, imaging
 from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, gather
 from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
 
 BATCH_CHOICES = (32, 64, 128, 256)  # a model worker's batch sizes tried at warm-up on CUDA
+Alive = Callable[[], bool]
 log = logging.getLogger("convsearch.extractor")
 
 
@@ -99,6 +100,38 @@ def _chunked(indices: list[int], step: int) -> collections.deque[list[int]]:
     return collections.deque(indices[first:first + step] for first in range(0, len(indices), step))
 
 
+def _always() -> bool:
+    return True
+
+
+def _check(alive: Alive) -> None:
+    if not alive():
+        raise Cancelled("the client cancelled the call or its deadline passed; the work for it was stopped")
+
+
+def _wait_all(futures: list[Future], alive: Alive) -> None:
+    """Waits until every future is done, or raises Cancelled once the client is gone."""
+    while futures:
+        futures = list(wait(futures, host_decode.ALIVE_POLL_S).not_done)
+        if futures:
+            _check(alive)
+
+
+def _submitted(chunks: Iterator[tuple], alive: Alive) -> list[tuple]:
+    """Every item of `chunks`, once the batches of them all have run. When anything fails or
+    the client goes, the batches not yet run are dropped."""
+    items = []
+    try:
+        items.extend(chunks)
+        _wait_all([future for _, future in items if isinstance(future, Future)], alive)
+    except BaseException:
+        for _, future in items:
+            if isinstance(future, Future):
+                future.cancel()
+        raise
+    return items
+
+
 class Extractor:
     """Embeds images: validation, decoding pool, dynamic batching, one forward per batch, run by
     `model_workers` threads in parallel."""
@@ -150,13 +183,14 @@ class Extractor:
                 f"{what} has {count} images, over the limit of {self.limits.max_images}; "
                 "split it or use BulkEmbed")
 
-    def _embed_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool
+    def _embed_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool, alive: Alive
                       ) -> Iterator[tuple[list[int], Future] | tuple[int, imaging.ImageError]]:
         """Decodes and hands each chunk of at most a batch to the batcher as soon as it is
         decoded: yields (indices, future of their vectors), and, unless `strict`, (index, error)
         for bad images. In strict mode a bad image raises. With a device decoder, the JPEGs it
         takes are decoded there, a batch at a time, while the pool decodes the rest, two chunks
-        at a time (the next one decodes while this one runs)."""
+        at a time (the next one decodes while this one runs). Once the client is gone (`alive`
+        false), it raises Cancelled before the next chunk."""
         preprocess = self.pool.spec(spec.model).preprocess
         step = min(self._batcher.max_batch, self._decoder.chunk_images(preprocess))
         sizes = [device_decode.device_pixels(data, self.limits.max_pixels) if self.device_decoder else 0
@@ -164,8 +198,9 @@ class Extractor:
         waiting = _chunked([i for i, size in enumerate(sizes) if not size], step)
         decoding: collections.deque[tuple[list[int], host_decode.Chunk]] = collections.deque()
         try:
-            self._start_chunks(waiting, decoding, images, preprocess)
+            self._start_chunks(waiting, decoding, images, preprocess, alive)
             for indices in _device_batches(sizes, self._batcher.max_batch):
+                _check(alive)
                 try:
                     pixels = self._decode_on_device([images[i] for i in indices], preprocess)
                 except RuntimeError as exc:  # a JPEG corrupt past its header: the CPU decoder says which, and why
@@ -177,7 +212,8 @@ class Extractor:
                     continue
                 yield indices, self._batcher.submit(spec, pixels)
             while waiting or decoding:
-                self._start_chunks(waiting, decoding, images, preprocess)
+                self._start_chunks(waiting, decoding, images, preprocess, alive)
+                _check(alive)
                 indices, chunk = decoding.popleft()
                 try:
                     pixels, good, errors = chunk.result()
@@ -211,12 +247,13 @@ class Extractor:
         return future
 
     def _start_chunks(self, waiting: collections.deque, decoding: collections.deque, images: list[bytes],
-                      preprocess: imaging.Preprocess) -> None:
+                      preprocess: imaging.Preprocess, alive: Alive) -> None:
         """Starts decoding waiting chunks until two are decoding; waits for room in the decoder's
-        arena only while none is (so the chunks holding it are all on their way to the batcher)."""
+        arena only while none is (so the chunks holding it are all on their way to the batcher)
+        and the client is there."""
         while waiting and len(decoding) < 2:
             chunk = self._decoder.decode([images[i] for i in waiting[0]], preprocess, self.limits.max_pixels,
-                                         wait=not decoding)
+                                         wait=not decoding, alive=alive)
             if chunk is None:
                 return
             decoding.append((waiting.popleft(), chunk))
@@ -226,15 +263,17 @@ class Extractor:
         self.metrics.device_decoded.inc(len(images))
         return pixels
 
-    def embed(self, spec: EmbedSpec, dims: dict[str, int], images: list[bytes]) -> dict[str, np.ndarray]:
-        """{layer: (N, D)} for every image; any bad image raises InvalidArgument naming its index."""
+    def embed(self, spec: EmbedSpec, dims: dict[str, int], images: list[bytes], alive: Alive = _always
+              ) -> dict[str, np.ndarray]:
+        """{layer: (N, D)} for every image; any bad image raises InvalidArgument naming its index.
+        Once the client is gone (`alive` false) the work stops and Cancelled is raised."""
         self.check_count(len(images), "the request")
         size = len(images) * sum(dims.values()) * 4
         if size > self.limits.max_response_bytes:
             raise ResourceExhausted(
                 f"the answer would be {size >> 20} MiB, over the message limit of "
                 f"{self.limits.max_response_bytes >> 20} MiB; send fewer images or use BulkEmbed")
-        chunks = list(self._embed_chunks(spec, images, 0, strict=True))
+        chunks = _submitted(self._embed_chunks(spec, images, 0, True, alive), alive)
         vectors = gather([future for _, future in chunks]).result()
         order = [i for indices, _ in chunks for i in indices]
         if order == sorted(order):
@@ -242,15 +281,18 @@ class Extractor:
         rows = np.argsort(order)  # device-decoded chunks came first: back to the images' order
         return {layer: values[rows] for layer, values in vectors.items()}
 
-    def embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> Future:
-        """Starts embedding images independently; the future gives one ImageResult per image."""
+    def embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int, alive: Alive = _always
+                   ) -> Future:
+        """Starts embedding images independently; the future gives one ImageResult per image,
+        or Cancelled once the client is gone (`alive` false)."""
         self.check_count(len(images), f"the stream message holding image {first_index}")
-        return self._jobs.submit(self._embed_each, spec, images, first_index)
+        return self._jobs.submit(self._embed_each, spec, images, first_index, alive)
 
-    def _embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int) -> list[ImageResult]:
+    def _embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int, alive: Alive
+                    ) -> list[ImageResult]:
         results: list[ImageResult | None] = [None] * len(images)
         pending = []
-        for first, second in self._embed_chunks(spec, images, first_index, strict=False):
+        for first, second in _submitted(self._embed_chunks(spec, images, first_index, False, alive), alive):
             if isinstance(second, imaging.ImageError):
                 results[first - first_index] = second
             else:

@@ -23,6 +23,7 @@ import numpy as np
 
 from convsearch_extractor import imaging
 
+ALIVE_POLL_S = 0.25  # how often a request waiting for room, or on its batches, asks whether its client is there
 ARENA_MB = 256  # the default arena: 2 batches of 256 images at 224x224 and room to spare
 MIN_ARENA_MB = 16  # a quarter holds several images of any model's input (456x456 at most)
 _ARENAS: dict[int, mmap.mmap] = {}  # by number, inherited by the decode processes at their fork
@@ -67,9 +68,10 @@ class _Arena:
         self._waiting: collections.deque[object] = collections.deque()  # first come, first served
         self._cond = threading.Condition()
 
-    def take(self, length: int, wait: bool) -> int | None:
+    def take(self, length: int, wait: bool, alive=None) -> int | None:
         """The start of a free range of `length` bytes. Without `wait`, None when there is none
-        or others wait; with it, waits for its turn (a large range is not starved by small ones)."""
+        or others wait; with it, waits for its turn (a large range is not starved by small ones),
+        or, given `alive`, until alive() is false (then None)."""
         if length > self.size:
             raise ValueError(f"{length} bytes asked of an arena of {self.size}")
         with self._cond:
@@ -81,7 +83,9 @@ class _Arena:
             self._waiting.append(turn)
             try:
                 while self._waiting[0] is not turn or (start := self._first_fit(length)) is None:
-                    self._cond.wait()
+                    if alive is not None and not alive():
+                        return None
+                    self._cond.wait(None if alive is None else ALIVE_POLL_S)
                 return start
             finally:
                 self._waiting.remove(turn)
@@ -185,11 +189,12 @@ class PixelDecoder:
             return 1 << 30
         return max(1, self._arena.size // 4 // (preprocess.crop_size ** 2 * 3))
 
-    def decode(self, images: list[bytes], preprocess: imaging.Preprocess, max_pixels: int, wait: bool = True
-               ) -> Chunk | None:
+    def decode(self, images: list[bytes], preprocess: imaging.Preprocess, max_pixels: int, wait: bool = True,
+               alive=None) -> Chunk | None:
         """Starts decoding `images` (at most chunk_images) into a batch. While the arena is full it
-        waits, or, without `wait`, returns None. A caller waits only while it holds no chunk that
-        is not yet on its way to being released: the chunks that fill the arena then make way."""
+        waits (given `alive`, only while alive() is true), or, without `wait`, returns None. A
+        caller waits only while it holds no chunk that is not yet on its way to being released:
+        the chunks that fill the arena then make way."""
         size = preprocess.crop_size
         if self._arena is None:
             rows = np.empty((len(images), size, size, 3), np.uint8)
@@ -201,7 +206,7 @@ class PixelDecoder:
         inputs_length = sum(map(len, images))
         in_arena = rows_length + inputs_length <= self._arena.size // 2
         length = rows_length + inputs_length if in_arena else rows_length
-        start = self._arena.take(length, wait)
+        start = self._arena.take(length, wait, alive)
         if start is None:
             return None
         rows = _rows(self._arena.memory, start, len(images), size)

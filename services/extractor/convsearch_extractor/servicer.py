@@ -54,7 +54,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     @map_errors
     def Embed(self, request, context):
         spec, dims = self._resolve(request.config)
-        vectors = self.extractor.embed(spec, dims, list(request.images))
+        vectors = self.extractor.embed(spec, dims, list(request.images), context.is_active)
         loaded = self.extractor.pool.acquire(spec.model)
         return extractor_pb2.EmbedResponse(
             model=spec.model, pooling=POOLING_ENUMS[spec.pooling], normalized=spec.normalize,
@@ -109,7 +109,8 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
                 if not message.images:
                     continue
                 ids = [image.id for image in message.images]
-                future = self.extractor.embed_each(spec, [image.data for image in message.images], count)
+                future = self.extractor.embed_each(spec, [image.data for image in message.images], count,
+                                                   context.is_active)
                 if not _give(jobs, (spec, ids, count, future), context):
                     return
                 count += len(ids)
