@@ -22,7 +22,7 @@ from skimage import data as skdata
 from convsearch.extractor.v1 import extractor_pb2 as pb
 from convsearch.extractor.v1 import extractor_pb2_grpc
 from convsearch_extractor import pixels
-from convsearch_extractor.batcher import gather
+from convsearch_extractor.batcher import cancel_pending, gather
 from convsearch_extractor.host_decode import Chunk, PixelDecoder, _Arena
 from convsearch_extractor.imaging import ImageError, decode
 from tests.conftest import jpeg_bytes, serve_extractor
@@ -201,8 +201,9 @@ def test_a_batch_split_over_workers_gives_its_parts_results_joined():
 def test_cancelling_a_split_batch_drops_the_parts_not_started_and_ends_after_the_running_ones():
     parts = [concurrent.futures.Future(), concurrent.futures.Future()]
     joined = gather(parts)
+    assert not joined.cancel()  # not itself: its pixels stay in use until every part has run
     parts[0].set_running_or_notify_cancel()  # a model worker runs it
-    assert not joined.cancel()
+    cancel_pending(joined)
     assert parts[1].cancelled()
     assert not joined.done()  # its pixels stay in use until the running part has run
     parts[0].set_result({"layer": np.zeros((1, 2))})
@@ -245,12 +246,13 @@ def _all_free(decoder: PixelDecoder) -> bool:
 def test_the_images_bytes_reach_the_processes_through_the_arena_where_they_fit(images):
     decoder = PixelDecoder(2, 0, arena_bytes=1 << 20)
     small = [jpeg_bytes(skdata.chelsea()[::4, ::4]), jpeg_bytes(skdata.rocket()[::4, ::4])] * 3
-    large = [images[1]] * 2  # PNGs of more than half the arena
-    assert sum(map(len, large)) > 1 << 19
+    large = [images[1]]  # a PNG of more than a quarter of the arena
+    assert len(large[0]) > 1 << 18
     rows_bytes = 64 * 64 * 3
     try:
-        for chunk_images, taken in ((small, rows_bytes * len(small) + sum(map(len, small))),
-                                    (large, rows_bytes * len(large))):  # the bytes pickled through the pipe instead
+        for chunk_images, used in ((small, rows_bytes * len(small) + sum(map(len, small))),
+                                   (large, rows_bytes * len(large))):  # the bytes pickled through the pipe instead
+            taken = -(-used // 64) * 64  # ranges start on cache lines
             chunk = decoder.decode(chunk_images, pixels.PREPROCESS, 10**8)
             assert (1 << 20) - sum(free for _, free in decoder._arena._free) == taken
             rows, good, errors = chunk.result()
@@ -268,12 +270,12 @@ def test_a_wait_for_room_ends_once_the_client_is_gone(images):
         many = [images[0]] * decoder.chunk_images(pixels.PREPROCESS)
         held = [decoder.decode(many, pixels.PREPROCESS, 10**8) for _ in range(4)]
         client_there = [True]
-        waiting = concurrent.futures.ThreadPoolExecutor(1).submit(
-            decoder.decode, many, pixels.PREPROCESS, 10**8, True, lambda: client_there[0])
-        with pytest.raises(concurrent.futures.TimeoutError):
-            waiting.result(timeout=0.5)
-        client_there[0] = False
-        assert waiting.result(timeout=5) is None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(decoder.decode, many, pixels.PREPROCESS, 10**8, True, lambda: client_there[0])
+            with pytest.raises(concurrent.futures.TimeoutError):
+                waiting.result(timeout=0.5)
+            client_there[0] = False
+            assert waiting.result(timeout=5) is None
         for chunk in held:
             chunk.result()
             chunk.release()

@@ -26,7 +26,7 @@ PixelBatch = np.ndarray | torch.Tensor
 RunBatch = Callable[[Hashable, PixelBatch], dict[str, np.ndarray]]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # entries are told apart by identity: equal fields would compare pixels
 class _Entry:
     key: Hashable
     pixels: PixelBatch
@@ -35,17 +35,20 @@ class _Entry:
 
 
 class _Joined(Future):
-    """The future of several parts. Cancelling it cancels the parts not started yet; it ends
-    (with CancelledError) only once every part has, so its pixels stay in use until then."""
+    """The future of several parts: running from the start, so it cannot be cancelled itself
+    (its pixels stay in use until every part has run); see cancel_pending."""
 
     def __init__(self, parts: list[Future]):
         super().__init__()
         self.set_running_or_notify_cancel()
-        self._parts = parts
+        self.parts = parts
 
-    def cancel(self) -> bool:
-        """Cancels the parts not started yet; True when that was all of them."""
-        return all([part.cancel() for part in self._parts])
+
+def cancel_pending(future: Future) -> None:
+    """Drops the batches of `future` (from submit or gather) that have not started. A joined
+    future then ends, with CancelledError, once its running parts have."""
+    for part in future.parts if isinstance(future, _Joined) else (future,):
+        part.cancel()
 
 
 def gather(parts: list[Future]) -> Future:
@@ -140,12 +143,19 @@ class DynamicBatcher:
     def _queued_images(self, key: Hashable) -> int:
         return sum(len(e.pixels) for e in self._queue if e.key == key)
 
+    def _drop_cancelled(self) -> None:
+        """Takes the entries whose requests were cancelled out of the queue (and their pixels with them)."""
+        if any(e.future.cancelled() for e in self._queue):
+            self._queue = collections.deque(e for e in self._queue if not e.future.cancelled())
+
     def _next_batch(self) -> list[_Entry] | None:
         with self._cond:
+            self._drop_cancelled()
             while not self._queue:
                 if self._closed:
                     return None
                 self._cond.wait()
+                self._drop_cancelled()
             oldest = self._queue[0]
             deadline = oldest.arrived + self.max_delay_s
             while (not self._closed and self._queued_images(oldest.key) < self.batch_images

@@ -9,7 +9,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 
 import numpy as np
 import prometheus_client as prom
@@ -17,7 +17,7 @@ import torch
 
 from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted
 from convsearch_extractor import device_decode, host_decode, imaging
-from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, gather
+from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, cancel_pending, gather
 from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
 
 BATCH_CHOICES = (32, 64, 128, 256)  # a model worker's batch sizes tried at warm-up on CUDA
@@ -110,9 +110,13 @@ def _check(alive: Alive) -> None:
 
 
 def _wait_all(futures: list[Future], alive: Alive) -> None:
-    """Waits until every future is done, or raises Cancelled once the client is gone."""
+    """Waits until every future is done; raises the first batch error, or Cancelled once the
+    client is gone."""
     while futures:
-        futures = list(wait(futures, host_decode.ALIVE_POLL_S).not_done)
+        done, pending = wait(futures, host_decode.ALIVE_POLL_S, FIRST_EXCEPTION)
+        for future in done:
+            future.result()
+        futures = list(pending)
         if futures:
             _check(alive)
 
@@ -127,7 +131,7 @@ def _submitted(chunks: Iterator[tuple], alive: Alive) -> list[tuple]:
     except BaseException:
         for _, future in items:
             if isinstance(future, Future):
-                future.cancel()
+                cancel_pending(future)
         raise
     return items
 
@@ -190,7 +194,7 @@ class Extractor:
         for bad images. In strict mode a bad image raises. With a device decoder, the JPEGs it
         takes are decoded there, a batch at a time, while the pool decodes the rest, two chunks
         at a time (the next one decodes while this one runs). Once the client is gone (`alive`
-        false), it raises Cancelled before the next chunk."""
+        false), it raises Cancelled before starting or handing on another chunk."""
         preprocess = self.pool.spec(spec.model).preprocess
         step = min(self._batcher.max_batch, self._decoder.chunk_images(preprocess))
         sizes = [device_decode.device_pixels(data, self.limits.max_pixels) if self.device_decoder else 0
@@ -212,6 +216,7 @@ class Extractor:
                     continue
                 yield indices, self._batcher.submit(spec, pixels)
             while waiting or decoding:
+                _check(alive)
                 self._start_chunks(waiting, decoding, images, preprocess, alive)
                 _check(alive)
                 indices, chunk = decoding.popleft()

@@ -24,6 +24,7 @@ import numpy as np
 from convsearch_extractor import imaging
 
 ALIVE_POLL_S = 0.25  # how often a request waiting for room, or on its batches, asks whether its client is there
+_ALIGN = 64  # every range of the arena starts on a cache line
 ARENA_MB = 256  # the default arena: 2 batches of 256 images at 224x224 and room to spare
 MIN_ARENA_MB = 16  # a quarter holds several images of any model's input (456x456 at most)
 _ARENAS: dict[int, mmap.mmap] = {}  # by number, inherited by the decode processes at their fork
@@ -49,7 +50,7 @@ def _decode_in_arena(arena: int, offset: int, images: list[bytes] | list[tuple[i
     """decode_rows into the rows at byte `offset` of arena number `arena` (runs in a decode process);
     an image is its bytes, or the (start, length) of its bytes in the arena."""
     memory = _ARENAS[arena]
-    images = [image if isinstance(image, bytes) else memory[image[0]:image[0] + image[1]] for image in images]
+    images = [memory[image[0]:image[0] + image[1]] if isinstance(image, tuple) else image for image in images]
     return decode_rows(_rows(memory, offset, len(images), preprocess.crop_size), images, preprocess, max_pixels)
 
 
@@ -177,11 +178,13 @@ class PixelDecoder:
         self._pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
         # Frozen while they fork, the objects alive now are never traversed by the processes'
         # collector, so the pages holding them stay shared instead of being copied into each.
+        frozen_before = gc.get_freeze_count()
         gc.freeze()
         try:
             self._pool.submit(int).result()  # with fork, the first task starts every worker
         finally:
-            gc.unfreeze()
+            if not frozen_before:  # a caller's own freeze stays
+                gc.unfreeze()
 
     def chunk_images(self, preprocess: imaging.Preprocess) -> int:
         """Most images a chunk may hold: with processes, a quarter of the arena (never less than one)."""
@@ -202,20 +205,20 @@ class PixelDecoder:
                                                       max_pixels)) for i in range(len(images))])
         rows_length = len(images) * size * size * 3
         # The images' bytes go to the processes through the arena too, after the rows, where both
-        # fit in half of it; otherwise they are pickled through the pool's pipe.
+        # fit in a quarter of it (as the rows alone do); otherwise they are pickled through the pipe.
         inputs_length = sum(map(len, images))
-        in_arena = rows_length + inputs_length <= self._arena.size // 2
-        length = rows_length + inputs_length if in_arena else rows_length
+        in_arena = rows_length + inputs_length <= self._arena.size // 4
+        length = -(-(rows_length + inputs_length if in_arena else rows_length) // _ALIGN) * _ALIGN
         start = self._arena.take(length, wait, alive)
         if start is None:
             return None
         rows = _rows(self._arena.memory, start, len(images), size)
-        if in_arena:
-            images = self._store(images, start + rows_length)
         # A few parts a process: each part pays a round trip, and a slow image holds up only its part.
         step = -(-len(images) // (2 * self.workers))
         parts = []
         try:
+            if in_arena:
+                images = self._store(images, start + rows_length)
             for first in range(0, len(images), step):
                 parts.append((first, self._pool.submit(_decode_in_arena, self._arena_number,
                                                        start + first * size * size * 3, images[first:first + step],
