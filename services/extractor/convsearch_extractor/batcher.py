@@ -64,8 +64,8 @@ def gather(parts: list[Future]) -> Future:
             remaining[0] -= 1
             if remaining[0] or joined.done():
                 return
-        if any(p.cancelled() for p in parts):
-            joined.set_exception(CancelledError(f"{sum(p.cancelled() for p in parts)} of {len(parts)} parts cancelled"))
+        if cancelled := sum(p.cancelled() for p in parts):
+            joined.set_exception(CancelledError(f"{cancelled} of {len(parts)} parts cancelled"))
             return
         errors = [p.exception() for p in parts if p.exception() is not None]
         if errors:

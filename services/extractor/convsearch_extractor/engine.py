@@ -121,17 +121,20 @@ def _wait_all(futures: list[Future], alive: Alive) -> None:
             _check(alive)
 
 
+def _futures(items: list[tuple]) -> list[Future]:
+    return [second for _, second in items if isinstance(second, Future)]
+
+
 def _submitted(chunks: Iterator[tuple], alive: Alive) -> list[tuple]:
     """Every item of `chunks`, once the batches of them all have run. When anything fails or
     the client goes, the batches not yet run are dropped."""
     items = []
     try:
         items.extend(chunks)
-        _wait_all([future for _, future in items if isinstance(future, Future)], alive)
+        _wait_all(_futures(items), alive)
     except BaseException:
-        for _, future in items:
-            if isinstance(future, Future):
-                cancel_pending(future)
+        for future in _futures(items):
+            cancel_pending(future)
         raise
     return items
 
@@ -218,7 +221,6 @@ class Extractor:
             while waiting or decoding:
                 _check(alive)
                 self._start_chunks(waiting, decoding, images, preprocess, alive)
-                _check(alive)
                 indices, chunk = decoding.popleft()
                 try:
                     pixels, good, errors = chunk.result()
@@ -255,11 +257,12 @@ class Extractor:
                       preprocess: imaging.Preprocess, alive: Alive) -> None:
         """Starts decoding waiting chunks until two are decoding; waits for room in the decoder's
         arena only while none is (so the chunks holding it are all on their way to the batcher)
-        and the client is there."""
+        and the client is there (Cancelled once it is not)."""
         while waiting and len(decoding) < 2:
             chunk = self._decoder.decode([images[i] for i in waiting[0]], preprocess, self.limits.max_pixels,
                                          wait=not decoding, alive=alive)
-            if chunk is None:
+            if chunk is None:  # the arena is full: a chunk is decoding, or the wait ended with the client
+                _check(alive)
                 return
             decoding.append((waiting.popleft(), chunk))
 

@@ -17,6 +17,7 @@ import itertools
 import mmap
 import multiprocessing
 import threading
+from collections.abc import Callable
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
@@ -69,7 +70,7 @@ class _Arena:
         self._waiting: collections.deque[object] = collections.deque()  # first come, first served
         self._cond = threading.Condition()
 
-    def take(self, length: int, wait: bool, alive=None) -> int | None:
+    def take(self, length: int, wait: bool, alive: Callable[[], bool] | None = None) -> int | None:
         """The start of a free range of `length` bytes. Without `wait`, None when there is none
         or others wait; with it, waits for its turn (a large range is not starved by small ones),
         or, given `alive`, until alive() is false (then None)."""
@@ -193,7 +194,7 @@ class PixelDecoder:
         return max(1, self._arena.size // 4 // (preprocess.crop_size ** 2 * 3))
 
     def decode(self, images: list[bytes], preprocess: imaging.Preprocess, max_pixels: int, wait: bool = True,
-               alive=None) -> Chunk | None:
+               alive: Callable[[], bool] | None = None) -> Chunk | None:
         """Starts decoding `images` (at most chunk_images) into a batch. While the arena is full it
         waits (given `alive`, only while alive() is true), or, without `wait`, returns None. A
         caller waits only while it holds no chunk that is not yet on its way to being released:
