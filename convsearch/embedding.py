@@ -22,7 +22,7 @@ class Configuration:
 
 
 MAX_MINKOWSKI_P = 100.0
-"""Beyond this p, |d|**p overflows float64 for ordinary distances; chebyshev is the p = inf limit."""
+"""Beyond this p, minkowski ranks as chebyshev, its p = inf limit, does: use that."""
 
 
 def minkowski_p_of(metric: str, p: float, field: str = "configuration.minkowski_p") -> float:

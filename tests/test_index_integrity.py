@@ -6,10 +6,12 @@ ghost nodes, stale vectors after an image replacement, absolute paths, dead rows
 distances are gone.
 """
 
+import errno
 import hashlib
 import json
 import os
 import pathlib
+import resource
 import shutil
 import tarfile
 import threading
@@ -18,7 +20,7 @@ import zlib
 import numpy as np
 import pytest
 
-from convsearch.errors import DataLoss
+from convsearch.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from convsearch.synthetic import clustered_vectors
 from convsearch_index import wal
 from convsearch_index.changes import ChangeLog
@@ -141,6 +143,68 @@ def test_a_log_written_before_the_format_had_a_magic_is_still_read(tmp_path):
     assert len(collection) == 10
     assert (tmp_path / "wal.log").read_bytes() == wal.MAGIC  # now held by a checkpoint
     np.testing.assert_allclose(collection.get(ids_of(10))[1], vectors, rtol=1e-6)
+
+
+def crashed_copy(collection: VectorCollection, target: pathlib.Path) -> VectorCollection:
+    """The collection opened from a copy of its files as they are: what a crash leaves."""
+    shutil.copytree(collection.directory, target)
+    return VectorCollection(target, collection.spec, fsync=False)
+
+
+def test_a_write_that_finds_the_disk_full_is_taken_back_and_later_writes_survive_a_crash(tmp_path):
+    """A failed append left its partial record in the log, the next acknowledged batch went
+    after it, and replay took that batch for the rest of a torn tail: cut, lost after a crash.
+    The failed write also answered INTERNAL."""
+    vectors = clustered_vectors(56, DIM, 5, 1)
+    collection = VectorCollection(tmp_path / "c", VectorSpec(DIM, "manhattan"), fsync=False)
+    collection.upsert(ids_of(5), vectors[:5])
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    # A file-size limit just past the log's end: the next record is written in part, as on a full disk.
+    resource.setrlimit(resource.RLIMIT_FSIZE, ((collection.directory / "wal.log").stat().st_size + 100, hard))
+    try:
+        with pytest.raises(ResourceExhausted, match="no room on the index's disk.*nothing was stored"):
+            collection.upsert(ids_of(50, 5), vectors[5:55])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    collection.upsert(["after"], vectors[55:])
+    reopened = crashed_copy(collection, tmp_path / "crash")
+    assert reopened.has([*ids_of(6), "after"]) == ([*ids_of(5), "after"], ["item-0005"])
+
+
+class FailingDisk:
+    """A log file whose writes fail (EIO) after a part is written, and whose truncation fails."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data) -> int:
+        self.file.write(bytes(data[:20]))
+        raise OSError(errno.EIO, "Input/output error")
+
+    def truncate(self, size: int) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+
+def test_a_failed_write_that_cannot_be_taken_back_stops_writes_until_a_checkpoint(tmp_path):
+    """The same defect where even cutting the log back fails: the log takes no record (an
+    acknowledged one would be lost behind the partial one) until a checkpoint empties it."""
+    vectors = clustered_vectors(7, DIM, 1, 1)
+    collection = VectorCollection(tmp_path / "c", VectorSpec(DIM, "manhattan"), fsync=False)
+    collection.upsert(ids_of(5), vectors[:5])
+    disk = collection._wal._file
+    collection._wal._file = FailingDisk(disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        collection.upsert(["lost"], vectors[5:6])
+    collection._wal._file = disk  # the disk works again; the partial record is still there
+    with pytest.raises(Unavailable, match="no writes until its next checkpoint.*nothing was stored"):
+        collection.upsert(["refused"], vectors[5:6])
+    collection.checkpoint()
+    collection.upsert(["after"], vectors[6:])
+    reopened = crashed_copy(collection, tmp_path / "crash")
+    assert reopened.has([*ids_of(5), "lost", "refused", "after"]) == ([*ids_of(5), "after"], ["lost", "refused"])
 
 
 # ---- 3. corrupt checkpoints ----------------------------------------------------------------
@@ -328,6 +392,34 @@ def test_vectors_made_from_a_replaced_image_are_not_stored(tmp_path):
                                                      vectors[:2], [item.digest for item in old])
     assert (inserted, replaced, stale) == (0, 1, ["item-0001"])
     assert index.collection("shoes", "m/l/avg/cosine").healthy().has(["item-0001"])[0] == []
+    index.close()
+
+
+@pytest.mark.parametrize("case", ["fewer rows", "more rows", "wrong shape, all stale"])
+def test_vectors_sent_with_image_digests_are_checked_whole(tmp_path, case):
+    """With image digests, the rows were picked by the fresh ids before any check: fewer rows
+    than ids answered INTERNAL (IndexError), extra rows were dropped silently, and a batch whose
+    ids were all stale was never looked at."""
+    index, vectors = make_index(tmp_path, datasets=("shoes",))
+    ids = ids_of(3)
+    digests = [item.digest for item in index.get_items("shoes", ids, False)[0]]
+    if case == "wrong shape, all stale":
+        index.put_items("shoes", [ItemRecord(i, "a", image=b"replaced meanwhile") for i in ids])
+    sent = {"fewer rows": vectors[:1], "more rows": vectors[:5],
+            "wrong shape, all stale": np.zeros((3, DIM + 1), np.float32)}[case]
+    with pytest.raises(InvalidArgument, match=r"3 ids for \d vectors|shape \[3, 17\]"):
+        index.upsert_vectors("shoes", "m/l/avg/euclidean", ids, sent, digests)
+    index.close()
+
+
+def test_an_item_id_that_could_never_exist_is_refused_by_delete_as_by_put(tmp_path):
+    """DeleteItems answered OK (not found) for an empty or a 100,000-character id, which
+    PutItems refuses."""
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    for bad in ("", "x" * 100_000):
+        with pytest.raises(InvalidArgument, match="item id"):
+            index.delete_items("shoes", ["item-0001", bad])
+    assert index.get_items("shoes", ["item-0001"], False)[0]  # nothing deleted
     index.close()
 
 
@@ -562,3 +654,45 @@ def test_a_restore_cut_short_by_a_crash_is_gone_after_the_restart(tmp_path, monk
     assert [d.name for d in index.datasets()] == ["shoes"]
     assert index.restore(snapshot, "copy").collection_count == 2
     index.close()
+
+
+# ---- 13. vectors at the edges of float range -------------------------------------------------
+
+@pytest.mark.parametrize("scale", [1e-4, 5000.0])
+def test_minkowski_with_a_large_p_ranks_by_true_distance(tmp_path, scale):
+    """(diff ** p) underflowed to 0 for small differences and overflowed to inf for large ones at
+    p = 100: every distance 0 (or inf) and the ranking by item id, the farthest first."""
+    spec = VectorSpec(DIM, "minkowski", 100.0)
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    query = np.full(DIM, 0.5, np.float32)
+    names = ["z-nearest", *(f"a-{i}" for i in range(1, 10))]  # by name, the nearest comes last
+    # Item n differs from the query by (n + 1) * scale in every coordinate.
+    collection.upsert(names, np.stack([query + (n + 1) * scale for n in range(10)]).astype(np.float32))
+    [(found, distances)], _ = collection.search(query[None], 3)
+    assert found == ["z-nearest", "a-1", "a-2"]
+    differences = (np.stack([query + (n + 1) * scale for n in range(3)]).astype(np.float32) - query)[:, 0]
+    np.testing.assert_allclose(distances, np.abs(differences.astype(np.float64)) * DIM ** (1 / 100), rtol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean", "ip"])
+def test_a_vector_whose_distances_would_overflow_is_refused_and_changes_nothing(tmp_path, metric):
+    """A finite vector of norm 1.4e20 was taken by a cosine collection: its norm overflowed
+    float32 and it was stored, and given back after a restart, as NaN."""
+    collection = VectorCollection(tmp_path, VectorSpec(4, metric), fsync=False)
+    collection.upsert(["small"], np.array([[1, 0, 0, 0]], np.float32))
+    huge = np.array([[1e20, 1e20, 0, 0]], np.float32)
+    with pytest.raises(InvalidArgument, match="vector of item 'big' has norm 1.41e\\+20, over the limit"):
+        collection.upsert(["big"], huge)
+    with pytest.raises(InvalidArgument, match="a query vector has a norm over the limit"):
+        collection.search(huge, 1)
+    assert len(collection) == 1
+
+
+def test_cosine_keeps_the_norm_of_a_large_vector_exactly(tmp_path):
+    """Norms were summed in float32: a vector of norm 1e18 (within the limit) came back as inf or NaN."""
+    collection = VectorCollection(tmp_path, VectorSpec(4, "cosine"), fsync=False)
+    large = np.array([[7e17, 7e17, 1e17, 0]], np.float32)
+    collection.upsert(["large"], large)
+    collection.close()
+    np.testing.assert_allclose(VectorCollection(tmp_path, collection.spec, fsync=False).get(["large"])[1], large,
+                               rtol=1e-6)

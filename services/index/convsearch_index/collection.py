@@ -37,7 +37,7 @@ from collections.abc import Callable, Sequence
 import hnswlib
 import numpy as np
 
-from convsearch.errors import DataLoss, InvalidArgument
+from convsearch.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from convsearch.rwlock import RWLock
 from convsearch_index import durable, wal
 from convsearch_index.distances import HNSW_SPACES, exact_knn, from_hnsw
@@ -54,6 +54,8 @@ _SWAP_BATCHES = 2
 _REPLAY_ROUNDS = 10
 _COPY_CHUNK = 256  # rows compaction copies out of a graph per hold of the read lock
 _ID_MAP_BYTES = 120  # estimated bytes per slot of the Python id <-> slot maps
+# Largest norm of a vector or query: squared distances and dot products stay within float32.
+MAX_NORM = 1e18
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,11 @@ class VectorSpec:
 def _sha256(path: pathlib.Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _norms(rows: np.ndarray) -> np.ndarray:
+    """Each row's euclidean norm, summed in float64 (in float32 the squares overflow, or vanish)."""
+    return np.linalg.norm(rows.astype(np.float64), axis=1)
 
 
 def _grown(array: np.ndarray, needed: int) -> np.ndarray:
@@ -214,7 +221,7 @@ class VectorCollection:
             s.vectors[slots] = vectors
             return len(ids) - len(replaced), len(replaced)
         if s.norms is not None:
-            norms = np.linalg.norm(vectors, axis=1)
+            norms = _norms(vectors)
             s.norms[slots] = norms
             vectors = vectors / np.maximum(norms, 1e-30)[:, None]
         if s.graph.get_current_count() + len(ids) > s.graph.get_max_elements():
@@ -500,7 +507,9 @@ class VectorCollection:
 
     # ---- operations --------------------------------------------------------------------
 
-    def _check_vectors(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+    def check_vectors(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """INVALID_ARGUMENT unless `vectors` are one finite row of the collection's dimension per
+        id, each id once, each row's norm at most MAX_NORM."""
         if vectors.ndim != 2 or vectors.shape[1] != self.spec.dimension:
             raise InvalidArgument(f"vectors have shape {list(vectors.shape)}; this collection needs "
                                   f"[N, {self.spec.dimension}]")
@@ -514,10 +523,26 @@ class VectorCollection:
         if bad.any():
             raise InvalidArgument(f"vector of item {ids[int(np.argmax(bad))]!r} has NaN or infinite "
                                   "values; send finite numbers")
+        norms = _norms(vectors)
+        if (norms > MAX_NORM).any():
+            row = int(np.argmax(norms))
+            raise InvalidArgument(f"vector of item {ids[row]!r} has norm {norms[row]:.3g}, over the limit of "
+                                  f"{MAX_NORM:g} (its distances would overflow float32); scale the vectors down")
 
     def _log(self, payload: bytes) -> None:
         started = time.perf_counter()
-        self._wal.append(payload)
+        try:
+            self._wal.append(payload)
+        except wal.LogUnwritable as exc:
+            raise Unavailable(f"collection {self.name} takes no writes until its next checkpoint empties its log: "
+                              f"{exc}; nothing was stored: retry later", reason="LOG_UNWRITABLE",
+                              retry_after_s=10.0) from None
+        except OSError as exc:
+            if durable.no_room(exc):
+                raise ResourceExhausted(f"no room on the index's disk to log a write to collection {self.name} "
+                                        f"({exc}); nothing was stored: free space and send it again",
+                                        reason="DISK_FULL") from None
+            raise
         self.timings.log_append(time.perf_counter() - started)
 
     @contextlib.contextmanager
@@ -531,7 +556,7 @@ class VectorCollection:
         is called once the batch is in the log (durable: replayed after a crash) and before the
         graph takes it, which can take long (an in-place update costs hnswlib ~7x an insert)."""
         vectors = np.asarray(vectors, np.float32)
-        self._check_vectors(ids, vectors)
+        self.check_vectors(ids, vectors)
         with self._writing():
             self._log(wal.encode(wal.UPSERT, list(ids), vectors))
             logged()
@@ -578,6 +603,9 @@ class VectorCollection:
                                   f"[Q, {self.spec.dimension}]")
         if not np.isfinite(queries).all():
             raise InvalidArgument("a query vector has NaN or infinite values; send finite numbers")
+        if (_norms(queries) > MAX_NORM).any():
+            raise InvalidArgument(f"a query vector has a norm over the limit of {MAX_NORM:g} (its distances would "
+                                  "overflow float32); scale it down")
         ef = ef or self.spec.ef
         lock = self.lock.read() if ef == self.spec.ef else self.lock.write()  # ef is the graph's state
         with lock:
@@ -605,7 +633,7 @@ class VectorCollection:
     def _graph_search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
         graph = self._s.graph
         if self.spec.metric == "cosine":
-            queries = queries / np.maximum(np.linalg.norm(queries, axis=1, keepdims=True), 1e-30)
+            queries = queries / np.maximum(_norms(queries), 1e-30)[:, None]
         if ef != self.spec.ef:
             graph.set_ef(ef)
         try:

@@ -54,8 +54,10 @@ def pairwise(queries: np.ndarray, vectors: np.ndarray, metric: str, p: float = 2
             out[start:start + rows] = diff.sum(-1)
         elif metric == "chebyshev":
             out[start:start + rows] = diff.max(-1)
-        else:
-            out[start:start + rows] = (diff ** p).sum(-1) ** (1.0 / p)
+        else:  # in units of each pair's largest difference: diff ** p neither underflows nor overflows
+            top = diff.max(-1)
+            scaled = diff / np.where(top > 0, top, 1.0)[..., None]
+            out[start:start + rows] = top * (scaled ** p).sum(-1) ** (1.0 / p)
     return out
 
 

@@ -2,8 +2,16 @@
 into place, and the folder holding a rename is fsync'd after it, so the new name is on disk too.
 Each function does nothing durable (only the write or rename) when `fsync` is false."""
 
+import errno
 import os
 import pathlib
+
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def no_room(exc: BaseException) -> bool:
+    """True for the error of a write that found no room: a full disk, a quota, a file-size limit."""
+    return isinstance(exc, OSError) and exc.errno in _NO_ROOM
 
 
 def fsync_path(path: pathlib.Path) -> None:

@@ -10,7 +10,6 @@ dataset from a snapshot.
 
 import contextlib
 import dataclasses
-import errno
 import fcntl
 import functools
 import inspect
@@ -132,7 +131,7 @@ def _restore_error(snapshot: str, exc: Exception) -> Exception:
     checks, RESOURCE_EXHAUSTED for a full disk, the error itself for anything else."""
     if isinstance(exc, ConvsearchError):
         return exc
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if durable.no_room(exc):
         return ResourceExhausted(f"no room on the index's disk to restore snapshot {shown(snapshot)} ({exc}); "
                                  "nothing was restored: free space and restore again", reason="DISK_FULL")
     damaged = (tarfile.TarError, KeyError, TypeError, ValueError, FileNotFoundError, sqlite3.DatabaseError)
@@ -392,6 +391,7 @@ class Index:
     def delete_items(self, dataset: str, ids: Sequence[str]) -> tuple[int, int]:
         """Deletes items from the dataset and every collection: (deleted, not found)."""
         self._require_dataset(dataset)
+        check_ids(ids)
         self._check_fence(dataset)
         with self._guard.read():
             for info in self._dataset_collections(dataset):
@@ -497,19 +497,21 @@ class Index:
                            resource_name=unknown[0], metadata={"dataset": dataset, "item": unknown[0]})
         if digests and len(digests) != len(ids):
             raise InvalidArgument(f"{len(digests)} image digests for {len(ids)} ids; send one per id, or none")
+        vectors = np.asarray(vectors, np.float32)
+        collection.check_vectors(ids, vectors)  # all of them, before the stale ones are left out
         with self._guard.read(), self._dataset_lock(dataset).read():
             stale: list[str] = []
             if digests:
                 current = self.records.digests(dataset, ids)
                 fresh = [n for n, item_id in enumerate(ids) if current.get(item_id) == digests[n]]
                 stale = [item_id for n, item_id in enumerate(ids) if current.get(item_id) != digests[n]]
-                ids, vectors = [ids[n] for n in fresh], np.asarray(vectors)[fresh]
+                ids, vectors = [ids[n] for n in fresh], vectors[fresh]
                 if not ids:
                     return 0, 0, stale
             # Logged for followers as soon as it is durable, so they apply it while the graph here
             # does (in dataset order: the order lock is held), not only after.
             counts = collection.upsert(ids, vectors, logged=lambda: self._record(
-                "upsert_vectors", dataset, collection=name, ids=list(ids), vectors=np.asarray(vectors, np.float32)))
+                "upsert_vectors", dataset, collection=name, ids=list(ids), vectors=vectors))
             return (*counts, stale)
 
     def search(self, dataset: str, name: str, queries: np.ndarray | list[str], k: int, ef: int = 0,

@@ -9,6 +9,10 @@ Replay tells the two ways a log can end badly apart:
 - corruption: a complete record (or a header) whose checksum fails, wherever it is. Nothing is
   cut: replay raises CorruptLog and the file stays as it is, for the collection to be refused.
 
+A write that fails part-way (a full disk) is taken back: the file is cut back to where it was,
+so the records written after it are not read, at replay, as the rest of a torn tail. Where even
+that fails, the log takes no more records until a checkpoint empties it.
+
 Logs written before MAGIC existed ([length][crc32][payload] records, no file header) are still
 read; the collection checkpoints right after reading one, which starts a log in this format.
 """
@@ -29,6 +33,10 @@ _LEGACY_HEADER = struct.Struct("<II")
 
 class CorruptLog(Exception):
     """A complete record of the log fails its checksum."""
+
+
+class LogUnwritable(Exception):
+    """A failed write could not be taken back: the log takes no record until it is emptied."""
 
 
 def encode(op: int, ids: list[str], vectors: np.ndarray | None = None) -> bytes:
@@ -70,31 +78,55 @@ class WriteAheadLog:
     def __init__(self, path: pathlib.Path, fsync: bool = True):
         self.path = path
         self.fsync = fsync
-        self._file = open(path, "ab")  # noqa: SIM115 - kept open for the collection's life
+        # Unbuffered: a failed write leaves nothing behind in a buffer to be written later.
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - kept open for the collection's life
+        self._unwritable: OSError | None = None  # why a failed write could not be taken back
         if self._file.tell() == 0:
             self._start()
 
     def _start(self) -> None:
-        self._file.write(MAGIC)
-        self._file.flush()
+        self._write(MAGIC)
         if self.fsync:
             os.fsync(self._file.fileno())
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view):]
 
     def append(self, payload: bytes) -> None:
-        """Writes one record and makes it durable."""
-        self._file.write(record(payload))
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
+        """Writes one record and makes it durable. A failed write or fsync is taken back before
+        its error is raised; LogUnwritable once one could not be."""
+        if self._unwritable is not None:
+            raise LogUnwritable(f"a failed write could not be taken back ({self._unwritable})")
+        start = self._file.tell()
+        try:
+            self._write(record(payload))
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except BaseException:
+            self._take_back(start)
+            raise
+
+    def _take_back(self, size: int) -> None:
+        try:
+            self._file.truncate(size)
+            self._file.seek(size)
+            if self.fsync:
+                os.fsync(self._file.fileno())
+        except OSError as exc:
+            self._unwritable = exc
 
     def has_records(self) -> bool:
-        return self._file.tell() > len(MAGIC)
+        """True while the log holds records, or needs emptying (a write could not be taken back)."""
+        return self._unwritable is not None or self._file.tell() > len(MAGIC)
 
     def truncate(self) -> None:
         """Empties the log (after a checkpoint holds everything in it)."""
         self._file.truncate(0)
         self._file.seek(0)
         self._start()
+        self._unwritable = None
 
     def close(self) -> None:
         self._file.close()
