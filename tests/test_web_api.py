@@ -2,10 +2,12 @@
 ports): what the page asks for, and the HTTP answers to bad input and to the gateway's refusals."""
 
 import contextlib
+import http.client
 import json
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -160,6 +162,39 @@ def test_bad_input_is_a_readable_4xx(web, png_bytes):
     error_of(web.post("/api/datasets/nowhere/search/image", data=SEARCH,
                       files={"file": ("query.png", png_bytes, "image/png")}), 404, "NOT_FOUND")
     error_of(web.post(upload, data=SEARCH), 422, "INVALID_ARGUMENT")  # no file
+
+
+def test_a_chunked_upload_is_refused_once_past_the_limit_without_reading_the_rest():
+    """Only a declared Content-Length was checked: a chunked body of any size was read and
+    spooled to disk whole (200 MiB against a 10 MiB limit) before the 413."""
+    port = free_port()
+    web_service = subprocess.Popen([str(pathlib.Path(sys.executable).parent / "convsearch-web"), "--host", "127.0.0.1",
+                                    "--port", str(port), "--gateway", "127.0.0.1:1", "--max-upload-mb", "0.05"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+                connection.connect()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and web_service.poll() is None, "convsearch-web did not start"
+                time.sleep(0.2)
+        connection.putrequest("POST", f"/api/datasets/{DATASET}/search/image")
+        connection.putheader("Content-Type", "multipart/form-data; boundary=b")
+        connection.putheader("Transfer-Encoding", "chunked")
+        connection.endheaders()
+        envelope = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        for chunk in (envelope, *[bytes(256 << 10)] * 4):  # 1 MiB of a body that never ends
+            connection.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = connection.getresponse()  # before the body's end, which never comes
+        assert answer.status == 413
+        error = json.loads(answer.read())["error"]
+        assert error["reason"] == "UPLOAD_TOO_LARGE" and "0.05 MiB" in error["message"]
+    finally:
+        web_service.terminate()
+        web_service.wait(10)
 
 
 def test_compare_ranks_configurations_and_scores_one_item_under_each(web):

@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -32,6 +32,35 @@ def plotly_js() -> pathlib.Path:
     if not path.is_file():
         raise RuntimeError(f"{path} is missing; reinstall plotly")
     return path
+
+
+class BodyLimit:
+    """413 for a request body beyond the upload limit (and the slack around an image): on its
+    declared length, before any of it is read; for a body of undeclared length (chunked), as
+    soon as what was read passes the limit, so the rest is never read nor spooled to disk."""
+
+    def __init__(self, app, limit_mb: float):
+        self.app = app
+        self.limit_mb = limit_mb
+        self.limit = int(limit_mb * 1024 * 1024) + UPLOAD_SLACK
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await errors.too_large(self.limit_mb)(scope, receive, send)
+        read = 0
+
+        async def counted():
+            nonlocal read
+            message = await receive()
+            read += len(message.get("body", b""))
+            if read > self.limit:
+                raise errors.BodyTooLarge(self.limit_mb)
+            return message
+
+        return await self.app(scope, counted, send)
 
 
 def _option(value: str) -> str | None:
@@ -70,17 +99,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.state.gateway_serving = gateway_serving
     errors.install(app)
 
-    @app.middleware("http")
-    async def refuse_large_bodies(request: Request, call_next):
-        """413 on a declared body beyond the upload limit, before anything of it is read."""
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > config.max_upload_bytes + UPLOAD_SLACK:
-            return JSONResponse({"error": {"code": "RESOURCE_EXHAUSTED", "reason": "UPLOAD_TOO_LARGE",
-                                           "message": f"the upload is larger than {config.max_upload_mb:g} MiB; "
-                                                      "upload a smaller image", "metadata": {},
-                                           "field_violations": []}}, status_code=413)
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, limit_mb=config.max_upload_mb)
     app.include_router(router)
 
     @app.get("/", include_in_schema=False)

@@ -3,7 +3,7 @@ gateway's message and details in a JSON body the page shows as it is."""
 
 import math
 
-from fastapi import Request
+from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
@@ -33,6 +33,22 @@ class WebError(Exception):
         self.status = status
         self.code = code
         self.reason = reason or code
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while a request's body is read, once it passes the limit: an HTTPException, so the
+    parser of the body lets it through rather than answering that the body could not be parsed."""
+
+    def __init__(self, limit_mb: float):
+        super().__init__(413)
+        self.limit_mb = limit_mb
+
+
+def too_large(limit_mb: float) -> JSONResponse:
+    """The answer to a body beyond the upload limit."""
+    return JSONResponse({"error": {"code": "RESOURCE_EXHAUSTED", "reason": "UPLOAD_TOO_LARGE",
+                                   "message": f"the upload is larger than {limit_mb:g} MiB; upload a smaller image",
+                                   "metadata": {}, "field_violations": []}}, status_code=413)
 
 
 def http_status(error: ConvsearchError) -> int:
@@ -74,4 +90,5 @@ def install(app) -> None:
     """Registers the handlers that turn every refusal into a readable JSON body."""
     app.add_exception_handler(ConvsearchError, _gateway_error)
     app.add_exception_handler(WebError, _web_error)
+    app.add_exception_handler(BodyTooLarge, lambda _request, error: too_large(error.limit_mb))
     app.add_exception_handler(RequestValidationError, _validation_error)
