@@ -28,6 +28,7 @@ from convsearch.channels import create_channel
 from convsearch.client import Client
 from convsearch.config import check_address
 from convsearch.embedding import Configuration
+from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
 from convsearch.errors import ConvsearchError, NotFound, Unavailable
 from convsearch.health import wait_until_serving
 from convsearch.local import GATEWAY, LocalStack
@@ -617,9 +618,8 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--dataset", required=True)
         command.add_argument("--model", default="", help="default: the extractor's default model")
         command.add_argument("--layers", "--layer", nargs="*", help=layers_help)
-        command.add_argument("--pooling", default="avg", choices=["avg", "max", "flatten"])
-        command.add_argument("--metric", default="cosine", choices=["cosine", "euclidean", "sqeuclidean", "ip",
-                                                                   "manhattan", "chebyshev", "minkowski"])
+        command.add_argument("--pooling", default="avg", choices=list(POOLING_ENUMS))
+        command.add_argument("--metric", default="cosine", choices=list(METRIC_ENUMS))
         command.add_argument("--p", type=float, default=2.0, help="minkowski p")
 
     index = commands.add_parser("index", help="embed and index a dataset at a configuration")
@@ -636,7 +636,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score models x layers x metrics on a labeled dataset")
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--models", nargs="*", help="default: every available model, at its featured layers")
-    evaluate.add_argument("--metrics", nargs="*", help="default: cosine")
+    evaluate.add_argument("--metrics", nargs="*", choices=list(METRIC_ENUMS), help="default: cosine")
     evaluate.add_argument("--k", type=int, default=15, help="k of P@k and mAP@k")
     evaluate.add_argument("--recompute", action="store_true", help="ignore stored results")
     evaluate.add_argument("--plot", help="write a chart of mean score per layer for each model to this PNG")
@@ -656,7 +656,8 @@ def parser() -> argparse.ArgumentParser:
     inspect.add_argument("--dataset")
     inspect.add_argument("--model", default="")
     inspect.add_argument("--layer", required=True)
-    inspect.add_argument("--top", type=int, default=8)
+    inspect.add_argument("--top", type=int, default=0,
+                         help="how many of the strongest channels (default: 8, or every channel of a layer with fewer)")
     inspect.add_argument("--out", required=True, help="folder for the PNG files")
 
     api_key = commands.add_parser("api-key", parents=(output,),

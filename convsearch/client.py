@@ -20,7 +20,7 @@ import grpc
 from convsearch.api_keys import ENV_API_KEY, with_api_key
 from convsearch.channels import MIN_VERSION_KEY, VERSION_KEY, create_channel
 from convsearch.embedding import Configuration
-from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
+from convsearch.enums import metric_enum, pooling_enum
 from convsearch.errors import ConvsearchError, Unavailable
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
@@ -201,7 +201,7 @@ def _score(message) -> Score:
 
 def _configuration(configuration: Configuration) -> pb.Configuration:
     return pb.Configuration(model=configuration.model, layers=configuration.layers,
-                            pooling=POOLING_ENUMS[configuration.pooling], metric=METRIC_ENUMS[configuration.metric],
+                            pooling=pooling_enum(configuration.pooling), metric=metric_enum(configuration.metric),
                             minkowski_p=configuration.minkowski_p)
 
 
@@ -371,7 +371,7 @@ class Client:
         """Scores configurations (explicit; or models x metrics at featured layers; or every
         available model); yields progress, the last with the results, best first."""
         request = pb.EvaluateRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
-                                     models=models, metrics=[METRIC_ENUMS[m] for m in metrics], k=k,
+                                     models=models, metrics=[metric_enum(m) for m in metrics], k=k,
                                      recompute=recompute)
         for reply in self._stream("Evaluate", request):
             yield EvaluationProgress(reply.phase, reply.done, reply.total, reply.finished,
@@ -397,8 +397,9 @@ class Client:
                           reply.total, reply.collection)
 
     def inspect(self, layer: str, image: bytes | None = None, dataset: str = "", item_id: str = "",
-                model: str = "", top_channels: int = 8) -> Inspection:
-        """A layer's strongest channels for an image (bytes, or a stored item) as overlay PNGs."""
+                model: str = "", top_channels: int = 0) -> Inspection:
+        """A layer's strongest channels for an image (bytes, or a stored item) as overlay PNGs;
+        top_channels 0: 8, or every channel of a layer with fewer."""
         request = pb.InspectLayerRequest(dataset=dataset, model=model, layer=layer, top_channels=top_channels)
         if item_id:
             request.item_id = item_id

@@ -1,7 +1,7 @@
 """Proto enums <-> the plain names the proto-free core uses."""
 
 from convsearch.common.v1 import common_pb2
-from convsearch.errors import InvalidArgument
+from convsearch.errors import InvalidArgument, shown
 
 POOLING_NAMES = {
     common_pb2.POOLING_UNSPECIFIED: "avg",
@@ -39,3 +39,19 @@ def metric_name(value: int, field: str = "configuration.metric") -> str:
                               f"{', '.join(common_pb2.Metric.Name(v) for v in METRIC_ENUMS.values())}",
                               reason="METRIC_UNKNOWN", field=field, metadata={"metric": str(value)})
     return METRIC_NAMES[value]
+
+
+def pooling_enum(name: str) -> int:
+    """The Pooling value of a pooling's name; INVALID_ARGUMENT for a name this version does not know."""
+    if name not in POOLING_ENUMS:
+        raise InvalidArgument(f"unknown pooling {shown(name)}; use one of {', '.join(POOLING_ENUMS)}",
+                              reason="POOLING_UNKNOWN", metadata={"pooling": name})
+    return POOLING_ENUMS[name]
+
+
+def metric_enum(name: str) -> int:
+    """The Metric value of a metric's name; INVALID_ARGUMENT for a name this version does not know."""
+    if name not in METRIC_ENUMS:
+        raise InvalidArgument(f"unknown metric {shown(name)}; use one of {', '.join(METRIC_ENUMS)}",
+                              reason="METRIC_UNKNOWN", metadata={"metric": name})
+    return METRIC_ENUMS[name]

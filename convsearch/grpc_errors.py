@@ -131,6 +131,15 @@ def error_from_call(call, message: str | None = None) -> ConvsearchError:
     return cls(call.details() if message is None else message, **details_of(status_of_call(call)))
 
 
+def _handler_status(exc: Exception, context) -> status_pb2.Status:
+    """The status a handler's error ends its RPC with; an unexpected error is logged with its
+    trace, unless the client is gone (it cancelled, or its deadline passed): its stream then
+    fails in the handler, which is no defect."""
+    if not context.is_active():
+        return status_pb2.Status(code=grpc.StatusCode.CANCELLED.value[0], message="the client is gone")
+    return to_rpc_status(exc)
+
+
 def map_errors(method):
     """Decorates a servicer method (unary or streaming response) to abort with a mapped status."""
     if inspect.isgeneratorfunction(method):
@@ -141,7 +150,7 @@ def map_errors(method):
                 yield from method(self, request, context)
                 return
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
-                status = to_rpc_status(exc)  # in the handler: an unexpected one is logged with its trace
+                status = _handler_status(exc, context)
             abort_with(context, status)
 
         return stream
@@ -151,7 +160,7 @@ def map_errors(method):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - every error becomes a status
-            status = to_rpc_status(exc)  # in the handler: an unexpected one is logged with its trace
+            status = _handler_status(exc, context)
         abort_with(context, status)
 
     return unary

@@ -12,7 +12,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from convsearch import cli, reflection
 from convsearch.cli import main, parser
-from convsearch.client import Dataset
+from convsearch.client import Client, Dataset
+from convsearch.embedding import Configuration
+from convsearch.errors import InvalidArgument
 
 UNREACHABLE = "127.0.0.1:1"
 CREATED = datetime.datetime(2026, 11, 30, 4, 5, 6, tzinfo=datetime.UTC)
@@ -199,3 +201,16 @@ def test_a_distance_of_zero_never_prints_as_minus_zero(distance):
     hit = types.SimpleNamespace(id="a", label="cat", distance=distance)
     rows = cli.search_rows(types.SimpleNamespace(hits=[hit], query_label="cat"))
     assert rows[0]["distance"] == "0.0000"
+
+
+def test_an_unknown_metric_or_pooling_is_a_usage_error_not_a_traceback(capsys):
+    """`convsearch evaluate --metrics cosin` and the client's Configuration with an unknown name
+    raised KeyError (a traceback, exit 1) instead of naming the choices."""
+    with pytest.raises(SystemExit) as exited:
+        main(["evaluate", "--dataset", "shoes", "--metrics", "cosin"])
+    assert exited.value.code == 2 and "invalid choice: 'cosin'" in capsys.readouterr().err
+    with Client("127.0.0.1:1") as client:  # refused before any call
+        with pytest.raises(InvalidArgument, match="unknown metric 'cosin'; use one of cosine, euclidean"):
+            list(client.evaluate("shoes", metrics=["cosin"]))
+        with pytest.raises(InvalidArgument, match="unknown pooling 'mean'; use one of avg, max, flatten"):
+            client.search("shoes", item_id="a", configuration=Configuration(pooling="mean"))

@@ -102,6 +102,8 @@ def test_label_filters_and_thumbnails(client):
     result = client.search("fashion200", item_id="bag/t10k-00018", configuration=LAST, k=10,
                            include_labels=["sandal", "sneaker"])
     assert {hit.label for hit in result.hits} <= {"sandal", "sneaker"} and len(result.hits) == 10
+    # The score is over the whole dataset: a filtered top 15 would make it whatever the filter says.
+    assert result.search_score is None and result.same_label_count is None
     thumbnail = client.image("fashion200", "bag/t10k-00018", thumbnail_size=16)
     assert thumbnail.startswith(b"\x89PNG")
     assert client.image("fashion200", "bag/t10k-00018") == dict(

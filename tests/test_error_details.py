@@ -5,6 +5,8 @@ exceptions expose them; error messages speak of the user's input, never of our o
 import contextlib
 import io
 import re
+import threading
+import time
 
 import grpc
 import pytest
@@ -195,3 +197,24 @@ def test_every_error_has_an_error_info_and_plain_raises_keep_working():
     assert len(huge.message.encode()) <= MAX_DETAILS
     # The message travels percent-encoded (3x at worst) and the details base64 (4/3x): under 8 KiB.
     assert 3 * len(huge.message.encode()) + 4 * len(huge.SerializeToString()) // 3 < 8 * 1024 - 512
+
+
+def test_a_stream_its_client_cancelled_is_not_logged_as_an_unexpected_error(gateway, chelsea_jpeg, caplog):
+    """The request iterator of a cancelled Ingest raises grpc.RpcError in the handler; it was
+    logged as "unexpected error" with its trace, each time a client cancelled."""
+    stub, _ = gateway
+    more = threading.Event()
+
+    def requests():
+        yield gateway_pb2.IngestRequest(dataset="cats", items=[gateway_pb2.Item(id="c2", image=chelsea_jpeg)])
+        more.wait(10)
+
+    for _ in range(3):  # the handler's reader may see the cancellation as the stream's end, or as an error
+        call = stub.Ingest(requests())
+        assert next(call).id == "c2"
+        call.cancel()
+    deadline = time.monotonic() + 3.0  # the handler sees the cancellation within a poll of its reader
+    while time.monotonic() < deadline and "unexpected error" not in caplog.text:
+        time.sleep(0.1)
+    more.set()
+    assert "unexpected error" not in caplog.text

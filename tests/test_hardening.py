@@ -25,6 +25,7 @@ from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.image_limits import DEFAULT_MAX_PIXELS, ImageError, verify_image
 from convsearch.index.v1 import index_pb2 as ix
 from convsearch.index.v1 import index_pb2_grpc
+from convsearch.scoring import search_score
 from convsearch.tensors import from_tensor
 from convsearch_gateway import images
 from convsearch_gateway.indexing import page_budget
@@ -204,6 +205,38 @@ def test_an_image_too_large_for_a_message_is_a_failed_item_not_a_failed_run(stac
     assert page_budget(8 * MIB) == 7 * MIB
 
 
+def test_evaluate_leaves_out_a_labeled_item_that_could_not_be_embedded(stack, good_jpeg):
+    """Evaluate queried every labeled item: one whose image could not be embedded (a failed
+    item of the indexing) made it fail with NOT_FOUND, for good, at that configuration."""
+    name = dataset(stack, "one-unembeddable")
+    stack.index.PutItems(ix.PutItemsRequest(dataset=name, items=[ix.Item(id="huge", label="a",
+                                                                         image=noise_png(10, 8))]))
+    photos = {"a": good_jpeg, "b": jpeg_bytes(np.full((64, 64, 3), 128, np.uint8))}
+    stack.gateway.Ingest(iter([gw.IngestRequest(dataset=name, items=[
+        gw.Item(id=f"{label}{i}", label=label, image=photos[label]) for label in "ab" for i in range(2)])])).next()
+    pixels = gw.Configuration(model="pixels", layers=["8x8"])
+    progress = list(stack.small_gateway.Evaluate(gw.EvaluateRequest(dataset=name, configurations=[pixels])))
+    score, = progress[-1].results
+    assert score.queries == 4  # each finds its twin first, then the other class
+    assert score.mean_score == pytest.approx(search_score("a", ["a", "b", "b"]))
+
+
+def test_evaluate_and_compare_rank_equal_scores_alike(stack, good_jpeg):
+    """Both sorted by score alone: Evaluate kept equal scores in the request's order, Compare in
+    the index's, so each named a different best configuration."""
+    name = dataset(stack, "ties")
+    photos = {"a": good_jpeg, "b": jpeg_bytes(np.full((64, 64, 3), 128, np.uint8))}
+    stack.gateway.Ingest(iter([gw.IngestRequest(dataset=name, items=[
+        gw.Item(id=f"{label}{i}", label=label, image=photos[label]) for label in "ab" for i in range(2)])])).next()
+    configurations = [gw.Configuration(model="pixels", layers=[layer]) for layer in ("8x8", "16x16")]
+    evaluated = list(stack.gateway.Evaluate(gw.EvaluateRequest(dataset=name, configurations=configurations)))
+    ranked = [score.collection for score in evaluated[-1].results]
+    assert ranked == ["pixels/16x16/avg/cosine", "pixels/8x8/avg/cosine"]  # tied: in collection order
+    assert len({score.mean_score for score in evaluated[-1].results}) == 1
+    compared = stack.gateway.Compare(gw.CompareRequest(dataset=name))
+    assert [score.collection for score in compared.ranked] == ranked and compared.best.collection == ranked[0]
+
+
 # ---- snapshots -----------------------------------------------------------------------------
 
 def test_snapshots_are_listed_deleted_kept_to_the_retention_limit_and_carry_no_paths(stack, good_jpeg):
@@ -282,6 +315,9 @@ def bad_requests(stack):
             model="m", layer="l", dimension=4, metric=common_pb2.METRIC_MINKOWSKI))),
          "INVALID_ARGUMENT", "minkowski needs minkowski_p set"),
     ]
+    for size in (-3, 1000):  # -3 was taken; 1000 failed mid-run with the extractor's limit of a stream message
+        calls.append((lambda size=size: list(g.IndexDataset(gw.IndexDatasetRequest(dataset="shoes", batch_size=size))),
+                      "INVALID_ARGUMENT", f"batch_size {size} is out of range; use 1 to 256"))
     for p in (0.0, -1.0, float("nan"), float("inf"), 1e300):
         calls.append((lambda p=p: g.Search(gw.SearchRequest(dataset="shoes", item_id="a", configuration=minkowski(p))),
                       "INVALID_ARGUMENT", "minkowski p must be >= 1"))

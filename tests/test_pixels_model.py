@@ -115,6 +115,9 @@ def test_inspect_layer_points_from_a_vector_layer_to_the_feature_maps(stack, che
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "try one of halve" in raised.value.details()
     reply = stub.InspectLayer(pb.InspectLayerRequest(model=MODEL, layer="halve", image=chelsea_jpeg, top_channels=3))
     assert list(reply.output_shape) == [3, 32, 32] and len(reply.channels) == 3
+    # The default (0: 8) gives every channel of a layer with fewer; it was refused as out of range.
+    default = stub.InspectLayer(pb.InspectLayerRequest(model=MODEL, layer="halve", image=chelsea_jpeg))
+    assert [c.channel for c in default.channels] == [c.channel for c in reply.channels]
 
 
 def brute_force_scores(vectors: np.ndarray, labels: list[str]) -> list[float]:

@@ -18,6 +18,7 @@ from convsearch.cli import main
 from convsearch.client import Client
 from convsearch.datasets import encode_png, fashion_mnist_sample
 from convsearch.embedding import Configuration
+from convsearch.errors import ResourceExhausted
 from convsearch.health import wait_until_serving
 from convsearch.local import GATEWAY
 from convsearch.processes import free_port
@@ -26,6 +27,7 @@ from convsearch_gateway.config import GatewayConfig
 from convsearch_gateway.server import build_server as build_gateway
 from convsearch_web.app import create_app
 from convsearch_web.config import WebConfig
+from convsearch_web.errors import http_status
 from convsearch_web.server import listen
 from tests.conftest import running_backends, running_gateway
 
@@ -195,6 +197,17 @@ def test_a_chunked_upload_is_refused_once_past_the_limit_without_reading_the_res
     finally:
         web_service.terminate()
         web_service.wait(10)
+
+
+@pytest.mark.parametrize("error, status", [
+    (ResourceExhausted("rate limit", reason="RATE_LIMITED", retry_after_s=0.5), 429),
+    (ResourceExhausted("too many streams", reason="TOO_MANY_STREAMS"), 429),
+    (ResourceExhausted("no room on the index's disk", reason="DISK_FULL"), 507),
+    (ResourceExhausted("the image is larger than 10 MiB"), 413),
+])
+def test_resource_exhausted_answers_the_http_status_of_what_ran_out(error, status):
+    """Too many streams at once, and a full disk, answered 413 Payload Too Large."""
+    assert http_status(error) == status
 
 
 def test_compare_ranks_configurations_and_scores_one_item_under_each(web):

@@ -11,6 +11,8 @@ from convsearch.inspection import Inspection
 from convsearch_extractor.imaging import ImageError, crop_box, open_upright
 from convsearch_extractor.runtime import ModelPool
 
+DEFAULT_TOP = 8  # channels an inspection shows when not told how many
+
 
 def _heat(values: np.ndarray) -> np.ndarray:
     """0..1 values -> RGB: dark blue through red to yellow."""
@@ -38,7 +40,8 @@ def overlay(image: Image.Image, activation: np.ndarray, box: tuple[float, float,
 
 
 def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_pixels: int) -> Inspection:
-    """The `top` channels of `layer` with the largest mean activation for the image `data`."""
+    """The `top` channels of `layer` with the largest mean activation for the image `data`; 0:
+    DEFAULT_TOP, or every channel of a layer with fewer."""
     spec = pool.spec(model)
     layer_info = pool.graph(model).layers.get(layer)
     if layer_info is None or len(layer_info.output_shape) != 3:
@@ -49,6 +52,7 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
             candidate.name for candidate in graph.layers.values() if len(candidate.output_shape) == 3]
         raise InvalidArgument(f"layer {layer!r} of {model} has no (C, H, W) feature map to inspect; "
                               f"try one of {', '.join(maps)}")
+    top = top or min(DEFAULT_TOP, layer_info.output_shape[0])
     if not 1 <= top <= layer_info.output_shape[0]:
         raise InvalidArgument(f"top_channels {top} is out of range; the layer has {layer_info.output_shape[0]}")
     try:

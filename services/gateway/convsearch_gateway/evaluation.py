@@ -18,7 +18,7 @@ from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
-from convsearch_gateway.indexing import all_items, fill_collections, prepared_collections
+from convsearch_gateway.indexing import all_items, fill_collections, missing_ids, prepared_collections
 
 ATTACHMENT = "evaluation/2"  # 2: with single_item_classes and weights; results stored before are recomputed
 QUERY_BATCH = 256
@@ -74,7 +74,10 @@ def query_metrics(label: str, ranked: Sequence[str], k: int, relevant: int) -> t
 
 def score_target(backends: Backends, dataset: str, target: Target, labeled: dict[str, str], unlabeled: int,
                  total_items: int, k: int, weights: str) -> Score:
-    """Queries the index once per QUERY_BATCH labeled items and scores the configuration."""
+    """Queries the index once per QUERY_BATCH labeled items and scores the configuration; the
+    items without a vector in it (their image could not be embedded) are left out."""
+    without = missing_ids(backends, dataset, target.collection, list(labeled))
+    labeled = {item_id: label for item_id, label in labeled.items() if item_id not in without}
     sizes = collections.Counter(labeled.values())
     ids = list(labeled)
     per_query, precisions, aps = {}, [], []
@@ -111,6 +114,11 @@ def stored_score(backends: Backends, dataset: str, collection: str) -> tuple[Sco
     return Score(**json.loads(reply.data)), reply.version == reply.current_version
 
 
+def _rank(score: Score) -> tuple[float, str]:
+    """Best mean score first; equal scores in collection order, the same in every answer."""
+    return -score.mean_score, score.collection
+
+
 def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int = 15, recompute: bool = False,
              batch_size: int = 32) -> Iterator[EvaluationProgress]:
     """Indexes what is missing, then scores every target (reusing current stored results). A
@@ -136,7 +144,7 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
                     data=json.dumps(dataclasses.asdict(score)).encode()))
                 results.append(score)
             yield EvaluationProgress("evaluating", done, len(targets))
-    results.sort(key=lambda score: -score.mean_score)
+    results.sort(key=_rank)
     yield EvaluationProgress("evaluating", len(targets), len(targets), finished=True, results=results)
 
 
@@ -150,5 +158,5 @@ def compare(backends: Backends, dataset: str) -> tuple[list[Score], list[str]]:
             ranked.append(stored)
         else:
             stale.append(collection.name)
-    ranked.sort(key=lambda score: -score.mean_score)
+    ranked.sort(key=_rank)
     return ranked, stale

@@ -67,7 +67,7 @@ def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuratio
     hits = [(i, label, distance, dict(items[i].metadata) if i in items else {})
             for i, label, distance in zip(result.ids[:k], result.labels[:k], result.distances[:k], strict=True)]
     answer = SearchResult(hits, target.collection, reply.exact, weights, query_label)
-    if query_label:
+    if query_label and not (include_labels or exclude_labels):  # a filtered top 15 would inflate the score
         scored = list(result.labels[:TOP])
         answer.search_score = search_score(query_label, scored)
         answer.same_label_count = sum(label == query_label for label in scored)

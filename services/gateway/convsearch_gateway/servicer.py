@@ -23,6 +23,7 @@ from convsearch_gateway.searching import search
 
 _METHODS = {pb.PROJECTION_METHOD_UNSPECIFIED: "pca", pb.PROJECTION_METHOD_PCA: "pca",
             pb.PROJECTION_METHOD_UMAP: "umap"}
+MAX_BATCH_SIZE = 256  # images per extractor call: the extractor's default --max-images
 _STATUS = {"stored": pb.INGEST_STATUS_STORED, "replaced": pb.INGEST_STATUS_REPLACED,
            "failed": pb.INGEST_STATUS_FAILED}
 
@@ -118,9 +119,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @map_errors
     def IndexDataset(self, request, context):
+        batch_size = request.batch_size or self.batch_size
+        if not 1 <= batch_size <= MAX_BATCH_SIZE:
+            raise InvalidArgument(f"batch_size {batch_size} is out of range; use 1 to {MAX_BATCH_SIZE} (0: the "
+                                  f"gateway's, {self.batch_size})", reason="BATCH_SIZE_OUT_OF_RANGE",
+                                  field="batch_size")
         targets = self.catalog.targets([configuration(c) for c in request.configurations] or [Configuration()],
                                        context.time_remaining())
-        for progress in index_items(self.backends, request.dataset, targets, request.batch_size or self.batch_size,
+        for progress in index_items(self.backends, request.dataset, targets, batch_size,
                                     rebuild_damaged=request.rebuild_damaged):
             yield pb.IndexDatasetResponse(
                 total=progress.total, done=progress.done, failed=progress.failed,

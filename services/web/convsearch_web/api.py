@@ -145,14 +145,14 @@ def projection(dataset: str, config: Chosen, gateway: Gateway, method: typing.Li
 
 @router.get("/datasets/{dataset}/inspect")
 def inspect_item(dataset: str, id: Annotated[str, Query(min_length=1)], layer: Annotated[str, Query(min_length=1)],
-                 gateway: Gateway, model: str = "", top: Annotated[int, Query(ge=1, le=64)] = 8) -> dict:
+                 gateway: Gateway, model: str = "", top: Annotated[int, Query(ge=0, le=64)] = 0) -> dict:
     """A layer's strongest channels for a stored item, each map laid over the image."""
     return views.inspection(gateway.inspect(layer, dataset=dataset, item_id=id, model=model, top_channels=top))
 
 
 @router.post("/inspect")
 async def inspect_upload(request: Request, file: Upload, layer: Annotated[str, Form(min_length=1)],
-                         model: Annotated[str, Form()] = "", top: Annotated[int, Form(ge=1, le=64)] = 8) -> dict:
+                         model: Annotated[str, Form()] = "", top: Annotated[int, Form(ge=0, le=64)] = 0) -> dict:
     """A layer's strongest channels for an uploaded image."""
     data = await upload(request, file)
     found = await run_in_threadpool(lambda: client(request).inspect(layer, image=data, model=model, top_channels=top))

@@ -23,6 +23,7 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 RATE_LIMITED = 429
+INSUFFICIENT_STORAGE = 507
 
 
 class WebError(Exception):
@@ -52,10 +53,14 @@ def too_large(limit_mb: float) -> JSONResponse:
 
 
 def http_status(error: ConvsearchError) -> int:
-    """The HTTP status of a gateway error: RESOURCE_EXHAUSTED is 429 when it is the rate limiter
-    (it says when to retry), 413 otherwise (an image or a message too large)."""
-    if error.code == "RESOURCE_EXHAUSTED" and error.retry_after_s is not None:
-        return RATE_LIMITED
+    """The HTTP status of a gateway error: RESOURCE_EXHAUSTED is 429 for too many requests (the
+    rate limiter, which says when to retry, or too many streams at once), 507 for a full disk,
+    413 otherwise (an image or a message too large)."""
+    if error.code == "RESOURCE_EXHAUSTED":
+        if error.retry_after_s is not None or error.reason == "TOO_MANY_STREAMS":
+            return RATE_LIMITED
+        if error.reason == "DISK_FULL":
+            return INSUFFICIENT_STORAGE
     return HTTP_STATUS.get(error.code, 500)
 
 

@@ -304,7 +304,7 @@ async function loadInspection() {
   $("inspect-note").textContent = "computing …";
   let found;
   if (state.query.id) {
-    found = await api(datasetPath(`/inspect?${query({id: state.query.id, model, layer, top: 8})}`));
+    found = await api(datasetPath(`/inspect?${query({id: state.query.id, model, layer})}`));
   } else {
     const form = new FormData();
     form.append("file", state.query.file);
