@@ -199,6 +199,21 @@ def test_a_chunked_upload_is_refused_once_past_the_limit_without_reading_the_res
         web_service.wait(10)
 
 
+def test_a_page_of_another_site_cannot_use_the_api_through_a_visitors_browser(web, gateway):
+    """The API acts with the service's own key, and indexing starts with a GET: any page a
+    visitor had open could start it (an <img> of the events URL did), or read the datasets."""
+    events = f"/api/datasets/{DATASET}/index/events"
+    for site in ("cross-site", "same-site"):
+        refused = web.get(events, params={"model": "pixels", "layers": "32x32"}, headers={"Sec-Fetch-Site": site})
+        assert error_of(refused, 403, "PERMISSION_DENIED")["reason"] == "CROSS_SITE"
+        error_of(web.get("/api/datasets", headers={"Sec-Fetch-Site": site}), 403, "PERMISSION_DENIED")
+    with Client(gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        assert "pixels/32x32/avg/cosine" not in [c.name for c in client.dataset(DATASET).collections]
+    for site in ("same-origin", "none"):  # the page itself; an address typed in
+        assert web.get("/api/datasets", headers={"Sec-Fetch-Site": site}).status_code == 200
+    assert web.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the page
+
+
 @pytest.mark.parametrize("error, status", [
     (ResourceExhausted("rate limit", reason="RATE_LIMITED", retry_after_s=0.5), 429),
     (ResourceExhausted("too many streams", reason="TOO_MANY_STREAMS"), 429),

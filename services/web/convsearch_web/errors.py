@@ -45,11 +45,16 @@ class BodyTooLarge(HTTPException):
         self.limit_mb = limit_mb
 
 
+def refusal(status: int, code: str, reason: str, message: str) -> JSONResponse:
+    """A refusal of the web service itself, as the JSON body every error has."""
+    return JSONResponse({"error": {"code": code, "reason": reason, "message": message, "metadata": {},
+                                   "field_violations": []}}, status_code=status)
+
+
 def too_large(limit_mb: float) -> JSONResponse:
     """The answer to a body beyond the upload limit."""
-    return JSONResponse({"error": {"code": "RESOURCE_EXHAUSTED", "reason": "UPLOAD_TOO_LARGE",
-                                   "message": f"the upload is larger than {limit_mb:g} MiB; upload a smaller image",
-                                   "metadata": {}, "field_violations": []}}, status_code=413)
+    return refusal(413, "RESOURCE_EXHAUSTED", "UPLOAD_TOO_LARGE",
+                   f"the upload is larger than {limit_mb:g} MiB; upload a smaller image")
 
 
 def http_status(error: ConvsearchError) -> int:
@@ -79,8 +84,7 @@ def _gateway_error(_request: Request, error: ConvsearchError) -> JSONResponse:
 
 
 def _web_error(_request: Request, error: WebError) -> JSONResponse:
-    return JSONResponse({"error": {"code": error.code, "reason": error.reason, "message": str(error),
-                                   "metadata": {}, "field_violations": []}}, status_code=error.status)
+    return refusal(error.status, error.code, error.reason, str(error))
 
 
 def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
