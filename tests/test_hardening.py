@@ -205,6 +205,20 @@ def test_an_image_too_large_for_a_message_is_a_failed_item_not_a_failed_run(stac
     assert page_budget(8 * MIB) == 7 * MIB
 
 
+def test_vectors_of_a_wide_layer_are_upserted_in_messages_under_the_limit(stack, good_jpeg):
+    """Upserts were bounded by their count alone: 256 vectors of the pixels model's 64x64 layer
+    (48 KiB each) made one 12 MiB message, over the gateway's 8 MiB limit, and the run failed
+    with gRPC's 'Sent message larger than max'."""
+    name = dataset(stack, "wide-vectors")
+    ingest(stack.gateway, name, [(f"i{n:03d}", good_jpeg) for n in range(256)])
+    wide = gw.Configuration(model="pixels", layers=["64x64"], pooling=common_pb2.POOLING_FLATTEN)
+    last = list(stack.small_gateway.IndexDataset(gw.IndexDatasetRequest(dataset=name, configurations=[wide],
+                                                                        batch_size=256)))[-1]
+    assert (last.finished, last.done, last.failed) == (True, 256, 0)
+    collection, = stack.index.ListCollections(ix.ListCollectionsRequest(dataset=name)).collections
+    assert collection.count == 256
+
+
 def test_evaluate_leaves_out_a_labeled_item_that_could_not_be_embedded(stack, good_jpeg):
     """Evaluate queried every labeled item: one whose image could not be embedded (a failed
     item of the indexing) made it fail with NOT_FOUND, for good, at that configuration."""

@@ -20,7 +20,6 @@ DATA_LOSS, unless the run is asked to rebuild it.
 import contextlib
 import contextvars
 import dataclasses
-import itertools
 import logging
 import time
 from collections import defaultdict, deque
@@ -277,8 +276,10 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
         answers.cancel()  # the stream ends here when this run stops early; a no-op once it has ended
     if feed_errors:
         raise feed_errors[0]
-    for future in itertools.chain([pending] if pending else [], [flush()] if batch_ids else []):
-        progress.done += future.result()
+    if pending is not None:
+        progress.done += pending.result()  # first: a failed upsert ends the run before another one starts
+    if batch_ids:
+        progress.done += flush().result()
     progress.images_per_second = progress.done / max(1e-9, time.monotonic() - started)
     yield progress
 
@@ -286,15 +287,21 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
 def _upsert(backends: Backends, dataset: str, targets: Sequence[Target], missing: Mapping[str, set[str]],
             ids: list[str], vectors: dict, digests: list[str], progress: Progress) -> int:
     """Upserts each item's vector of a layer into the collections of that layer that lacked it,
-    with the digest of the image it was made from."""
+    with the digest of the image it was made from; in messages under the message limit."""
     stale: set[str] = set()
+    budget = page_budget(backends.max_message_bytes)
     for target in targets:
         rows = [row for row, item_id in enumerate(ids) if item_id in missing[target.collection]]
-        if rows:
+        if not rows:
+            continue
+        row_bytes = vectors[target.layer][rows[0]].nbytes + max(len(ids[row]) + len(digests[row]) for row in rows)
+        step = max(1, budget // (row_bytes + 2 * _ITEM_FRAMING))
+        for start in range(0, len(rows), step):
+            chunk = rows[start:start + step]
             reply = backends.index.call("UpsertVectors", index_pb2.UpsertVectorsRequest(
-                dataset=dataset, collection=target.collection, ids=[ids[row] for row in rows],
-                vectors=to_tensor(np.stack([vectors[target.layer][row] for row in rows])),
-                image_digests=[digests[row] for row in rows]))
+                dataset=dataset, collection=target.collection, ids=[ids[row] for row in chunk],
+                vectors=to_tensor(np.stack([vectors[target.layer][row] for row in chunk])),
+                image_digests=[digests[row] for row in chunk]))
             stale.update(reply.stale_ids)
     for item_id in sorted(stale):
         progress.errors.append(f"{item_id}: its image was replaced while it was embedded; index again to embed "
