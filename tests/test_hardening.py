@@ -329,6 +329,9 @@ def bad_requests(stack):
             model="m", layer="l", dimension=4, metric=common_pb2.METRIC_MINKOWSKI))),
          "INVALID_ARGUMENT", "minkowski needs minkowski_p set"),
     ]
+    changed = [gw.IngestRequest(dataset="shoes"), gw.IngestRequest(configurations=[gw.Configuration(model="pixels")])]
+    calls.append((lambda: list(g.Ingest(iter(changed))), "INVALID_ARGUMENT",  # were ignored, even unknown models
+                  "a later message of the ingest stream changes its configurations"))
     for size in (-3, 1000):  # -3 was taken; 1000 failed mid-run with the extractor's limit of a stream message
         calls.append((lambda size=size: list(g.IndexDataset(gw.IndexDatasetRequest(dataset="shoes", batch_size=size))),
                       "INVALID_ARGUMENT", f"batch_size {size} is out of range; use 1 to 256"))

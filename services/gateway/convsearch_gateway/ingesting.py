@@ -75,7 +75,7 @@ def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resol
 
     Errors of the stream itself (no dataset, unknown dataset or configuration, a backend down)
     end it with that error; errors of single items are their results."""
-    dataset, targets = "", None
+    dataset, targets, first = "", None, []
     for name, configurations, items in messages:
         if name and dataset and name != dataset:
             raise InvalidArgument(f"the stream switched from dataset {shown(dataset)} to {shown(name)}; "
@@ -85,7 +85,12 @@ def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resol
             raise InvalidArgument("the first message of an ingest stream must name the dataset")
         if targets is None:
             targets = resolve_targets(configurations) if configurations else []
+            first = configurations
             backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=dataset))
+        elif configurations and configurations != first:
+            raise InvalidArgument("a later message of the ingest stream changes its configurations (they were "
+                                  "ignored); send them in the first message only, or open a new stream for others",
+                                  field="configurations")
         for start in range(0, len(items), batch_size):
             try:
                 yield from ingest_batch(backends, dataset, items[start:start + batch_size], targets, batch_size,
