@@ -112,6 +112,18 @@ def test_the_items_page_through_by_id_and_by_class(web):
     assert coats["total"] == PER_CLASS and {item["label"] for item in coats["items"]} == {"coat"}
 
 
+def test_the_items_of_a_collection_of_one_or_two_vectors_are_listed(web, gateway):
+    """The items were listed through a PCA projection, refused under 3 vectors: a collection of
+    one or two answered 400."""
+    with Client(gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        client.create_dataset("pair")
+        images = {item_id: encode_png(pixels) for item_id, _, pixels in fashion_mnist_sample(per_class=1)[:2]}
+        list(client.ingest("pair", [(item_id, "", image) for item_id, image in images.items()], [PIXELS]))
+    listed = web.get("/api/datasets/pair/items", params=SEARCH)
+    assert listed.status_code == 200, listed.text
+    assert [item["id"] for item in listed.json()["items"]] == sorted(images)
+
+
 def test_thumbnails_come_with_their_type(web):
     thumbnail = web.get(f"/api/datasets/{DATASET}/image", params={"id": "coat/t10k-00006", "size": 64})
     assert thumbnail.status_code == 200 and thumbnail.headers["content-type"] == "image/png"

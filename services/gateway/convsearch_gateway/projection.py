@@ -72,9 +72,10 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
         found += list(reply.ids)
         if reply.ids:
             rows.append(from_tensor(reply.vectors))
-    if len(found) < 3:
-        raise InvalidArgument(f"{target.collection} has {len(found)} vectors; a projection needs 3 or more "
-                              "(index the dataset first)")
+    if not found:
+        raise InvalidArgument(f"{target.collection} has no vectors to project; index the dataset first")
+    if method == "umap" and len(found) < 3:
+        raise InvalidArgument(f"{target.collection} has {len(found)} vectors; UMAP needs 3 or more (PCA does not)")
     vectors = np.concatenate(rows)
     total = len(found)
     if total > max_points:
