@@ -145,6 +145,8 @@ class RunningService:
         self.service_names = tuple(service_names)
         self.log = log
         self._on_stop = on_stop
+        self.failed = ""  # why the service failed for good (see fail)
+        self._failure = threading.Event()
         self.metrics_port = -1
         self._metrics_server = None
         if metrics_registry is not None and metrics_port >= 0:
@@ -165,6 +167,17 @@ class RunningService:
         self.health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.set_serving(False)
 
+    def fail(self, reason: str) -> None:
+        """Ends the service for a fault it cannot recover from: every health name turns
+        NOT_SERVING at once (probes and callers go elsewhere), and run_until_signalled returns,
+        so the process ends and its supervisor (Kubernetes, compose) starts it again."""
+        if self._failure.is_set():
+            return
+        self.log.error("%s; this process can no longer serve, and stops to be started again", reason)
+        self.failed = reason
+        self.begin_stop()
+        self._failure.set()
+
     def stop(self, grace_s: float = 5.0) -> None:
         """`begin_stop`, drain in-flight RPCs for `grace_s`, then the service's own shutdown."""
         self.begin_stop()
@@ -175,7 +188,7 @@ class RunningService:
             self._metrics_server.server_close()
 
     def run_until_signalled(self, grace_s: float) -> None:
-        """Blocks until SIGTERM or SIGINT, then stops gracefully."""
+        """Blocks until SIGTERM or SIGINT (or `fail`), then stops gracefully."""
         stop = threading.Event()
 
         def request_stop(signum, _frame):
@@ -185,7 +198,7 @@ class RunningService:
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
-        while not stop.wait(0.5):  # wake up regularly so the handler always gets to run
+        while not stop.wait(0.5) and not self._failure.is_set():  # wake up regularly: the handler gets to run
             pass
         self.stop(grace_s)
         self.log.info("stopped")

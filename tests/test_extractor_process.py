@@ -1,8 +1,13 @@
 """The `convsearch-extractor` command as an operator runs it: flags, health, SIGTERM."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
+
+import grpc
+import pytest
 
 from convsearch.channels import create_channel
 from convsearch.extractor.v1 import extractor_pb2 as pb
@@ -23,6 +28,33 @@ def test_serves_then_shuts_down_cleanly_on_sigterm(chelsea_jpeg):
     log = stop_service(process)
     assert process.returncode == 0, log
     assert "SERVING" in log and "received SIGTERM" in log and "stopped" in log
+
+
+def test_a_decode_process_that_dies_stops_the_service_for_its_supervisor_to_restart(chelsea_jpeg):
+    """The pool of decode processes cannot be used once one has died (killed by the OOM killer):
+    every request then failed with INTERNAL, for good, while health said SERVING."""
+    process, address = start_service("convsearch-extractor", "--metrics-port", "-1", "--decode-processes", "2",
+                                      service=SERVICE_NAME)
+    channel = create_channel(address)
+    try:
+        stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+        request = pb.EmbedRequest(config=pb.EmbedConfig(model="pixels", layers=["8x8"]), images=[chelsea_jpeg])
+        stub.Embed(request, timeout=60)
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        os.kill(int(children[0]), signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as failed:
+            for _ in range(20):  # the pool learns of the death when it next hands out work
+                stub.Embed(request, timeout=60)
+                time.sleep(0.2)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "a decode process died" in failed.value.details()
+        assert process.wait(timeout=60) != 0  # ended, as a failure, for its supervisor to start it again
+        log = stop_service(process)
+        assert "can no longer serve" in log
+    finally:
+        channel.close()
+        if process.poll() is None:
+            stop_service(process)
 
 
 def test_bad_flags_fail_fast_with_a_clear_message():

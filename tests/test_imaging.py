@@ -53,6 +53,26 @@ def test_exif_rotation_is_applied():
     assert_red_left_blue_right(decode(encoded(stored, "JPEG", exif=exif), PRE, 10**8))
 
 
+def damaged_exif(orientation: int) -> bytes:
+    """An EXIF block holding this orientation and, under the tag of a resolution (a rational), a
+    string: Pillow reads it, but raises TypeError when it writes the block out again."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    exif[0x0131] = "cam"  # Software, an ASCII tag
+    raw = exif.tobytes()
+    order = "little" if raw[6:8] == b"II" else "big"
+    return raw.replace((0x0131).to_bytes(2, order), (0x011B).to_bytes(2, order), 1)  # now YResolution
+
+
+def test_a_damaged_exif_block_still_gives_the_upright_image():
+    """Pillow's exif_transpose rewrites the EXIF block and raised TypeError (struct.error for
+    other damage) on one damaged tag: not an ImageError, so Embed answered INTERNAL and a
+    BulkEmbed stream ended, the images after it unanswered, though the pixels were sound."""
+    stored = pattern().transpose(Image.Transpose.ROTATE_90)
+    assert_red_left_blue_right(decode(encoded(stored, "JPEG", exif=damaged_exif(6)), PRE, 10**8))
+    assert_red_left_blue_right(decode(encoded(pattern(), "WEBP", exif=damaged_exif(1)), PRE, 10**8))
+
+
 def test_cmyk_jpeg():
     assert_red_left_blue_right(decode(encoded(pattern().convert("CMYK"), "JPEG"), PRE, 10**8))
 

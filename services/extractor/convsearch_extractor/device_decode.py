@@ -21,10 +21,9 @@ import torchvision.io
 from PIL import Image
 from torch.nn import functional
 
-from convsearch_extractor.imaging import ImageError, Preprocess, crop_box, open_checked
+from convsearch_extractor.imaging import ImageError, Preprocess, crop_box, open_checked, orientation
 
 _JPEG_MODES = ("RGB", "L")
-_ORIENTATION = 0x0112  # the EXIF tag
 BATCH_PIXELS = 1 << 29  # the most pixels decoded at once (1.5 GiB of RGB), however many images that is
 DECODE_DEVICES = ("auto", "cpu", "cuda")
 log = logging.getLogger("convsearch.extractor")
@@ -37,7 +36,7 @@ def device_pixels(data: bytes, max_pixels: int) -> int:
         return 0
     try:
         image = open_checked(data, max_pixels)
-        upright = image.getexif().get(_ORIENTATION, 1) == 1
+        upright = orientation(image) == 1
     except (ImageError, OSError, ValueError, SyntaxError):
         return 0
     taken = image.format == "JPEG" and image.mode in _JPEG_MODES and upright

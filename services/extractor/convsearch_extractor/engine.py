@@ -10,12 +10,13 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import prometheus_client as prom
 import torch
 
-from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted
+from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
 from convsearch_extractor import device_decode, host_decode, imaging
 from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, cancel_pending, gather
 from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
@@ -154,6 +155,8 @@ class Extractor:
         self.default_model = default_model
         self.metrics = Metrics()
         self._decoder = host_decode.PixelDecoder(decode_processes, decode_workers, decode_arena_bytes)
+        # Told when a decode process died: the pool of processes cannot be used again.
+        self.on_decoder_lost: Callable[[str], None] = lambda reason: None
         # Stream jobs wait on decodes, so they get threads of their own.
         self._jobs = ThreadPoolExecutor(decode_workers, thread_name_prefix="stream-job")
         self._batcher = DynamicBatcher(self._run_batch, max_batch, max_delay_s,
@@ -236,6 +239,11 @@ class Extractor:
                     yield first_index + indices[position], error
                 if good:
                     yield [indices[i] for i in good], self._submit_chunk(spec, pixels, None if errors else chunk)
+        except BrokenProcessPool as exc:
+            reason = f"a decode process died ({exc})"
+            self.on_decoder_lost(reason)
+            raise Unavailable(f"{reason}: this extractor cannot decode any more and is being restarted; retry "
+                              "(another replica answers meanwhile)", reason="DECODER_LOST") from None
         finally:
             for _, chunk in decoding:
                 chunk.cancel()

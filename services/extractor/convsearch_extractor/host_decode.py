@@ -43,6 +43,9 @@ def decode_rows(rows: np.ndarray, images: list[bytes], preprocess: imaging.Prepr
             errors.append(None)
         except imaging.ImageError as exc:
             errors.append(exc)
+        except Exception as exc:  # noqa: BLE001 - a decoder's defect fails its image, never its request
+            errors.append(imaging.ImageError(f"could not be decoded ({imaging.describe(exc)}); send it in "
+                                             "another format"))
     return errors
 
 

@@ -5,7 +5,7 @@ model expects. Runs in worker threads or processes, so it imports no torch.
 import dataclasses
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from convsearch.image_limits import (  # noqa: F401 - re-exported
     FORMATS,
@@ -15,6 +15,11 @@ from convsearch.image_limits import (  # noqa: F401 - re-exported
     open_checked,
 )
 
+ORIENTATION = 0x0112  # the EXIF tag
+# How to turn an image stored with each EXIF orientation upright (1 and unknown values: as it is).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -47,6 +52,16 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+def orientation(image: Image.Image) -> int:
+    """The image's EXIF orientation; 1 (as stored) where it has none, or an EXIF block Pillow
+    cannot read: a damaged block makes it raise errors of many kinds (struct.error, TypeError)."""
+    try:
+        value = image.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - whatever a damaged EXIF block makes Pillow raise
+        return 1
+    return value if value in _UPRIGHT else 1
+
+
 def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Image:
     """The image as upright RGB (EXIF orientation applied, any mode converted).
 
@@ -57,11 +72,10 @@ def open_upright(data: bytes, max_pixels: int, draft_size: int = 0) -> Image.Ima
     if draft_size and image.format == "JPEG":
         image.draft("RGB", (draft_size, draft_size))
     load_checked(image)
-    try:
-        ImageOps.exif_transpose(image, in_place=True)  # in place: otherwise an upright image is copied
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise ImageError(f"is truncated or corrupt ({describe(exc)}); send the complete file") from None
-    return _to_rgb(image)
+    turn = _UPRIGHT.get(orientation(image))
+    # Turned by its orientation alone: Pillow's exif_transpose also rewrites the EXIF block, and
+    # fails on one damaged anywhere, however well the pixels decode.
+    return _to_rgb(image if turn is None else image.transpose(turn))
 
 
 def crop_box(width: int, height: int, preprocess: Preprocess) -> tuple[float, float, float, float]:

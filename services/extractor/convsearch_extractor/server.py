@@ -69,6 +69,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     service = _ExtractorService(extractor, server, health, [SERVICE_NAME], log,
                                 on_stop=extractor.close, metrics_registry=registry,
                                 metrics_port=config.metrics_port, metrics_host=config.host)
+    extractor.on_decoder_lost = service.fail
     return service, port
 
 
@@ -123,6 +124,8 @@ def main(argv=None) -> None:
              tls_note(config.tls_cert, config.tls_client_ca), config.torch_device(),
              config.max_queue_delay_ms, service.metrics_port, config.max_connection_age_s)
     service.run_until_signalled(config.grace_s)
+    if service.failed:
+        raise SystemExit(f"convsearch-extractor: {service.failed}")
 
 
 if __name__ == "__main__":
