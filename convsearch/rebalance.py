@@ -131,12 +131,12 @@ def _delete(call: Callable[[], object]) -> str:
     return ""
 
 
-def _has(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> bool:
-    """Whether the primary answers that it has the dataset (False also when it cannot answer)."""
+def _has(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> bool | None:
+    """Whether the primary answers that it has the dataset; None when it cannot answer."""
     try:
         stub.GetDataset(pb.GetDatasetRequest(name=dataset), timeout=CALL_TIMEOUT_S)
-    except grpc.RpcError:
-        return False
+    except grpc.RpcError as exc:
+        return False if exc.code() == grpc.StatusCode.NOT_FOUND else None
     return True
 
 
@@ -153,6 +153,7 @@ def move(primaries: Primaries, planned: Move) -> Move:
     source, target = primaries.stubs[planned.source], primaries.stubs[planned.target]
     dataset = planned.dataset
     snapshot, restored, fenced, step = "", None, False, planned.source
+    deleting = False  # whether this move asked the source to delete the dataset
     try:
         source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=FENCE_S), timeout=CALL_TIMEOUT_S)
         fenced = True
@@ -179,6 +180,7 @@ def move(primaries: Primaries, planned: Move) -> Move:
             planned.status, planned.reason = "skipped", (f"it changed on {planned.source} during the move (a write "
                                                          "came); run again")
         else:
+            deleting = True
             source.DeleteDataset(pb.DeleteDatasetRequest(name=dataset))
             restored, fenced = None, False  # the copy is the dataset now; the original's fence went with it
             planned.status, planned.items, planned.collections = "moved", copy.items, len(copy.collections)
@@ -193,13 +195,19 @@ def move(primaries: Primaries, planned: Move) -> Move:
     except grpc.RpcError as exc:
         planned.status, planned.reason = "skipped", _failure(exc, step)
     finally:
-        if restored and not _has(source, dataset):  # never delete the copy unless the source surely has it
+        held = _has(source, dataset) if restored else None
+        if restored and held is False and not deleting:
+            planned.reason += f"; it was deleted on {planned.source} during the move (by a client), so its copy is too"
+            fenced = False  # its fence went with it
+        elif restored and not held:  # never delete the copy unless the source surely has it
             planned.reason += (f"; {planned.source} does not answer that it still has {dataset}, so the copy on "
                                f"{planned.target} is kept: check both before deleting either")
+            restored = None
         elif restored and not _unchanged(target, dataset, restored):
             planned.reason += (f"; the copy on {planned.target} changed after it was restored (a write reached it), "
                                "so it is kept: compare the two, delete one, and run again")
-        elif restored:  # a copy that did not become the dataset
+            restored = None
+        if restored:  # a copy that did not become the dataset
             failed = _delete(lambda: target.DeleteDataset(pb.DeleteDatasetRequest(name=dataset),
                                                           timeout=CALL_TIMEOUT_S))
             if failed:

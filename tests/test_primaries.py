@@ -11,6 +11,7 @@ from unittest import mock
 
 import grpc
 import numpy as np
+import prometheus_client as prom
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -23,7 +24,9 @@ from convsearch.health import wait_until_serving
 from convsearch.index.v1 import index_pb2 as ix
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.snapshot_copy import copy_snapshot
+from convsearch_gateway.backends import Backend
 from convsearch_gateway.config import GatewayConfig
+from convsearch_gateway.primaries import IndexPrimaries
 from convsearch_gateway.server import EXTRACTOR_HEALTH, INDEX_HEALTH, build_server
 from tests.conftest import jpeg_bytes, running_gateway, serve_extractor, serve_index
 
@@ -303,6 +306,50 @@ def test_a_move_costs_no_kept_snapshot(kept_snapshots):
         assert [m.status for m in rebalance.rebalance(primaries)] == ["moved"]
     assert [s.name for s in source.ListSnapshots(ix.ListSnapshotsRequest()).snapshots] == [kept]
     assert stubs[addresses[1]].GetDataset(ix.GetDatasetRequest(name=dataset)).dataset.item_count == 1
+
+
+def test_a_dataset_a_client_deletes_during_its_move_stays_deleted(kept_snapshots):
+    """A delete is no write a fence holds: a client's DeleteDataset during a move left the copy
+    restored on the target, where the deleted dataset came back (its writes held for the fence)."""
+    addresses, stubs, dataset, _ = kept_snapshots
+
+    def copy_then_delete(source_stub, target_stub, snapshot, timeout=None):
+        copied = copy_snapshot(source_stub, target_stub, snapshot, timeout)
+        source_stub.DeleteDataset(ix.DeleteDatasetRequest(name=dataset))  # where the gateway finds it
+        return copied
+
+    with rebalance.Primaries(addresses) as primaries, mock.patch.object(rebalance, "copy_snapshot",
+                                                                       copy_then_delete):
+        [done] = rebalance.rebalance(primaries)
+    assert done.status == "skipped" and "deleted on" in done.reason and "held" not in done.reason
+    for stub in stubs.values():
+        assert dataset not in [d.name for d in stub.ListDatasets(ix.ListDatasetsRequest()).datasets]
+
+
+def test_a_moved_dataset_is_found_on_its_new_primary_while_the_old_one_is_down(tmp_path):
+    """The gateway remembers where it found a dataset, and forgot it only when that primary said
+    the dataset was gone: once it was moved and its old primary went down, every call about it
+    answered UNAVAILABLE, though its new primary served it."""
+    (old, old_channel, old_address), (new, new_channel, new_address) = (
+        serve_index(tmp_path / name) for name in ("old", "new"))
+    addresses = [old_address, new_address]
+    dataset = names_owned(addresses, new_address, 1, "moved")[0]
+    index_pb2_grpc.IndexServiceStub(old_channel).CreateDataset(ix.CreateDatasetRequest(name=dataset))
+    latency = prom.Histogram("latency", "", ("backend", "method", "code"), registry=prom.CollectorRegistry())
+    primaries = IndexPrimaries([Backend("index", address, index_pb2_grpc.IndexServiceStub, "index", 5.0, 64, latency)
+                                for address in addresses])
+    try:
+        primaries.call("GetDataset", ix.GetDatasetRequest(name=dataset))  # found on the old one, remembered
+        with rebalance.Primaries(addresses) as moving:
+            assert [m.status for m in rebalance.rebalance(moving)] == ["moved"]
+        old_channel.close()
+        old.stop(0)
+        assert primaries.call("GetDataset", ix.GetDatasetRequest(name=dataset)).dataset.name == dataset
+        primaries.call("PutItems", ix.PutItemsRequest(dataset=dataset, items=[ix.Item(id="a", image=image(1))]))
+    finally:
+        primaries.close()
+        new_channel.close()
+        new.stop(0)
 
 
 def test_writes_during_a_move_are_held_never_lost(kept_snapshots):

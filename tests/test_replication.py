@@ -21,6 +21,11 @@ from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.processes import free_port, start_service, stop_service
 from convsearch.tensors import to_tensor
+from convsearch_index.changes import ChangeLog
+from convsearch_index.engine import CollectionKey, Index
+from convsearch_index.follower import Follower
+from convsearch_index.records import ItemRecord
+from convsearch_index.replication import change_message
 from convsearch_index.server import SERVICE_NAME
 from tests.conftest import damage_collection, serve_index
 
@@ -686,3 +691,31 @@ def test_a_pinned_change_log_keeps_its_changes_up_to_a_headroom():
         assert not changes.holds(changes.last - 6 - PINNED_HEADROOM * 20)
     changes.record("put_items", "d", label="x")
     assert not changes.holds(changes.last - 20)
+
+
+def test_changes_a_follower_applies_again_after_a_crash_leave_out_vectors_of_a_replaced_image(tmp_path):
+    """A follower records its position after a batch; killed mid-batch, it applies the batch's
+    changes again. An upsert replayed after the item's image was replaced (which had dropped the
+    vector) stored the vector again, for good: the primary had none, the follower served it."""
+    primary = Index(tmp_path / "p", fsync=False, changes=ChangeLog(1 << 20))
+    replica = Index(tmp_path / "f", fsync=False)
+    key = CollectionKey("m", "l", metric="euclidean")
+    primary.create_dataset("d")
+    primary.create_collection("d", key, 4)
+    primary.put_items("d", [ItemRecord("x", "c", image=b"the first image")])
+    before = primary.changes.last
+    primary.upsert_vectors("d", key.name, ["x"], np.ones((1, 4), np.float32))
+    primary.put_items("d", [ItemRecord("x", "c", image=b"the image that replaced it")])  # drops x's vector
+
+    def apply_after(position: int) -> None:
+        follower = Follower(replica, "127.0.0.1:1")
+        follower._stream_epoch, follower.position = primary.changes.epoch, position
+        follower._apply(pb.ChangeBatch(changes=[change_message(change) for change in primary.changes.after(
+            position, 1 << 30, 0)], primary_position=primary.changes.last))
+
+    apply_after(primary.changes.start - 1)
+    apply_after(before)  # again, from the position recorded before the crash
+    for index in (primary, replica):
+        assert index.collection("d", key.name).healthy().get(["x"])[0] == []
+    primary.close()
+    replica.close()

@@ -98,12 +98,18 @@ class IndexPrimaries:
 
     def _routed(self, dataset: str, method: str, request, remaining: float | None):
         """The call sent to the primary where the dataset is: where it was last found, else its
-        owner; when that one says the dataset does not exist, the others in placement order."""
+        owner; when that one says the dataset does not exist (or the one where it was found
+        cannot answer: it may have been moved), the others in placement order."""
         with self._lock:
             remembered = self._found.get(dataset)
         first = remembered or placement.owner(dataset, list(self.backends))
+        missing, unreachable = None, None
         try:
             return self.backends[first].call(method, request, remaining)
+        except Unavailable as exc:
+            if not remembered:
+                raise
+            unreachable = exc  # a rebalance may have moved it since: the others are asked
         except ConvsearchError as exc:
             if not _dataset_missing(exc):
                 raise
@@ -111,7 +117,6 @@ class IndexPrimaries:
         if remembered:
             with self._lock:
                 self._found.pop(dataset, None)
-        unreachable = None
         for name in placement.ranked(dataset, list(self.backends)):
             if name == first:
                 continue

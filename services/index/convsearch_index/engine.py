@@ -501,8 +501,10 @@ class Index:
         collection.check_vectors(ids, vectors)  # all of them, before the stale ones are left out
         with self._guard.read(), self._dataset_lock(dataset).read():
             stale: list[str] = []
+            # The digests go to the followers with the vectors: one replaying this change after a
+            # crash, its item's image replaced since (its vector then dropped), leaves it out.
+            current = self.records.digests(dataset, ids) if digests or self.changes is not None else {}
             if digests:
-                current = self.records.digests(dataset, ids)
                 fresh = [n for n, item_id in enumerate(ids) if current.get(item_id) == digests[n]]
                 stale = [item_id for n, item_id in enumerate(ids) if current.get(item_id) != digests[n]]
                 ids, vectors = [ids[n] for n in fresh], vectors[fresh]
@@ -511,7 +513,8 @@ class Index:
             # Logged for followers as soon as it is durable, so they apply it while the graph here
             # does (in dataset order: the order lock is held), not only after.
             counts = collection.upsert(ids, vectors, logged=lambda: self._record(
-                "upsert_vectors", dataset, collection=name, ids=list(ids), vectors=vectors))
+                "upsert_vectors", dataset, collection=name, ids=list(ids), vectors=vectors,
+                digests=[current.get(item_id, "") for item_id in ids]))
             return (*counts, stale)
 
     def search(self, dataset: str, name: str, queries: np.ndarray | list[str], k: int, ef: int = 0,

@@ -518,7 +518,10 @@ class Follower:
             elif write == "delete_collection":
                 index.delete_collection(m.dataset, m.collection)
             elif write == "upsert_vectors":
-                index.upsert_vectors(m.dataset, m.collection, list(m.ids), from_tensor(m.vectors, "vectors"))
+                # With the digests of the images the vectors were made from: a replay after a crash
+                # leaves out those of an image replaced since.
+                index.upsert_vectors(m.dataset, m.collection, list(m.ids), from_tensor(m.vectors, "vectors"),
+                                     list(m.image_digests))
             elif write == "put_attachment":
                 index.put_attachment(m.dataset, m.collection, m.key, m.version, m.data)
         except (NotFound, AlreadyExists, InvalidArgument) as exc:

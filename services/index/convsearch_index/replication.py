@@ -103,7 +103,8 @@ def change_message(change: Change) -> pb.Change:
         message.delete_collection.CopyFrom(pb.DeleteCollectionRequest(dataset=dataset, collection=fields["name"]))
     elif change.kind == "upsert_vectors":
         message.upsert_vectors.CopyFrom(pb.UpsertVectorsRequest(
-            dataset=dataset, collection=fields["collection"], ids=fields["ids"], vectors=to_tensor(fields["vectors"])))
+            dataset=dataset, collection=fields["collection"], ids=fields["ids"], vectors=to_tensor(fields["vectors"]),
+            image_digests=fields["digests"]))
     elif change.kind == "put_attachment":
         message.put_attachment.CopyFrom(pb.PutAttachmentRequest(
             dataset=dataset, collection=fields["collection"], key=fields["key"], version=fields["version"],
