@@ -69,6 +69,46 @@ def test_bad_input_gets_its_status_and_the_next_request_succeeds(strict, chelsea
     assert reply.pretrained and reply.layers[0].vectors.shape == [1, 1280]
 
 
+def bulk(stub, *messages: tuple[pb.EmbedConfig | None, list[bytes]]) -> list[pb.BulkEmbedResponse]:
+    requests, count = [], 0
+    for config, images in messages:
+        requests.append(pb.BulkEmbedRequest(config=config, images=[
+            pb.ImageInput(id=str(count + n), data=data) for n, data in enumerate(images)]))
+        count += len(images)
+    return list(stub.BulkEmbed(iter(requests), timeout=60))
+
+
+def test_a_stream_message_of_too_many_images_says_how_many_a_message_may_hold(strict, chelsea_jpeg):
+    with pytest.raises(grpc.RpcError) as error:  # it said "split it or use BulkEmbed", to a BulkEmbed
+        bulk(strict.stub, (pb.EmbedConfig(), [chelsea_jpeg] * 9))
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "9 images, over the limit of 8; send at most 8 images a message" in error.value.details()
+
+
+def test_a_stream_is_refused_at_its_config_when_an_image_answer_could_not_be_sent(chelsea_jpeg):
+    """Only Embed checked the size of its answer: a BulkEmbed stream whose answer for one image
+    was over the message limit ended at that image with gRPC's 'Sent message larger than max',
+    the images after it unanswered."""
+    service, channel = start_extractor(max_message_mb=1, max_flatten=500_000)
+    try:
+        stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
+        wide = pb.EmbedConfig(layers=["_conv_stem"], pooling=common_pb2.POOLING_FLATTEN)  # 1.53 MiB an image
+        with pytest.raises(grpc.RpcError) as error:
+            bulk(stub, (wide, [chelsea_jpeg]))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "an image's answer would be 1.53 MiB, over the message limit of 1 MiB" in error.value.details()
+        # The same settings spelled otherwise (the defaults named) are no change of config; they were refused.
+        spelled = pb.EmbedConfig(model="efficientnet_lite0", layers=["_conv_head"], pooling=common_pb2.POOLING_AVG)
+        answers = bulk(stub, (pb.EmbedConfig(layers=["_conv_head"]), [chelsea_jpeg]), (spelled, [chelsea_jpeg]))
+        assert [answer.WhichOneof("result") for answer in answers] == ["vectors", "vectors"]
+        with pytest.raises(grpc.RpcError) as changed:
+            bulk(stub, (pb.EmbedConfig(), [chelsea_jpeg]), (pb.EmbedConfig(layers=["_conv_stem"]), [chelsea_jpeg]))
+        assert "stream message holding image 1 changes the config" in changed.value.details()
+    finally:
+        channel.close()
+        service.stop(1.0)
+
+
 def test_unavailable_models_say_why(strict):
     models = {m.name: m for m in strict.stub.ListModels(pb.ListModelsRequest()).models}
     assert models["efficientnet_lite0"].available

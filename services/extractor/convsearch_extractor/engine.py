@@ -23,6 +23,8 @@ from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, Model
 
 BATCH_CHOICES = (32, 64, 128, 256)  # a model worker's batch sizes tried at warm-up on CUDA
 Alive = Callable[[], bool]
+MIB = 1 << 20
+_LAYER_FRAMING = 256  # bytes of a layer's framing in an answer (its name, shape, tags), at most
 log = logging.getLogger("convsearch.extractor")
 
 
@@ -184,14 +186,20 @@ class Extractor:
         self.pool.acquire(model)
         return spec, dims
 
-    def check_count(self, count: int, what: str) -> None:
+    def check_count(self, count: int, what: str, hint: str = "split it or use BulkEmbed") -> None:
         """RESOURCE_EXHAUSTED when a request carries too many images; INVALID_ARGUMENT for none."""
         if count == 0:
             raise InvalidArgument(f"{what} has no images; send at least one")
         if count > self.limits.max_images:
-            raise ResourceExhausted(
-                f"{what} has {count} images, over the limit of {self.limits.max_images}; "
-                "split it or use BulkEmbed")
+            raise ResourceExhausted(f"{what} has {count} images, over the limit of {self.limits.max_images}; {hint}")
+
+    def check_answer(self, dims: dict[str, int], images: int, what: str, hint: str) -> None:
+        """RESOURCE_EXHAUSTED when the vectors of `images` images at these layers would make a
+        message over the limit."""
+        size = images * (sum(dims.values()) * 4 + _LAYER_FRAMING * len(dims))
+        if size > self.limits.max_response_bytes:
+            raise ResourceExhausted(f"{what} would be {size / MIB:.2f} MiB, over the message limit of "
+                                    f"{self.limits.max_response_bytes / MIB:g} MiB; {hint}")
 
     def _embed_chunks(self, spec: EmbedSpec, images: list[bytes], first_index: int, strict: bool, alive: Alive
                       ) -> Iterator[tuple[list[int], Future] | tuple[int, imaging.ImageError]]:
@@ -284,11 +292,7 @@ class Extractor:
         """{layer: (N, D)} for every image; any bad image raises InvalidArgument naming its index.
         Once the client is gone (`alive` false) the work stops and Cancelled is raised."""
         self.check_count(len(images), "the request")
-        size = len(images) * sum(dims.values()) * 4
-        if size > self.limits.max_response_bytes:
-            raise ResourceExhausted(
-                f"the answer would be {size >> 20} MiB, over the message limit of "
-                f"{self.limits.max_response_bytes >> 20} MiB; send fewer images or use BulkEmbed")
+        self.check_answer(dims, len(images), "the answer", "send fewer images or use BulkEmbed")
         chunks = _submitted(self._embed_chunks(spec, images, 0, True, alive), alive)
         vectors = gather([future for _, future in chunks]).result()
         order = [i for indices, _ in chunks for i in indices]
@@ -301,7 +305,8 @@ class Extractor:
                    ) -> Future:
         """Starts embedding images independently; the future gives one ImageResult per image,
         or Cancelled once the client is gone (`alive` false)."""
-        self.check_count(len(images), f"the stream message holding image {first_index}")
+        self.check_count(len(images), f"the stream message holding image {first_index}",
+                         f"send at most {self.limits.max_images} images a message")
         return self._jobs.submit(self._embed_each, spec, images, first_index, alive)
 
     def _embed_each(self, spec: EmbedSpec, images: list[bytes], first_index: int, alive: Alive

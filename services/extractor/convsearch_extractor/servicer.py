@@ -97,13 +97,15 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         try:
             for message in request_iterator:
                 if message.HasField("config"):
-                    if config is not None and message.config != config:
-                        raise InvalidArgument(
-                            f"stream message holding image {count} changes the config; "
-                            "open a new stream for another config")
                     if config is None:
                         config = message.config
-                        spec, _ = self._resolve(config)
+                        spec, dims = self._resolve(config)
+                        self.extractor.check_answer(dims, 1, "an image's answer", "ask for fewer layers, another "
+                                                    "pooling than flatten, or raise --max-message-mb")
+                    elif message.config != config and self._resolve(message.config)[0] != spec:
+                        raise InvalidArgument(  # the same settings spelled otherwise (defaults named) are no change
+                            f"stream message holding image {count} changes the config; "
+                            "open a new stream for another config")
                 if spec is None:
                     raise InvalidArgument("the first message of a BulkEmbed stream must carry a config")
                 if not message.images:
