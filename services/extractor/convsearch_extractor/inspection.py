@@ -2,16 +2,19 @@
 map upsampled and laid over the image (the live counterpart of a model explorer)."""
 
 import io
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
 
-from convsearch.errors import InvalidArgument
+from convsearch.errors import Cancelled, InvalidArgument
 from convsearch.inspection import Inspection
 from convsearch_extractor.imaging import ImageError, crop_box, open_upright
 from convsearch_extractor.runtime import ModelPool
 
 DEFAULT_TOP = 8  # channels an inspection shows when not told how many
+MAX_TOP = 64  # the most channels one inspection shows
+OVERLAY_SIDE = 1024  # the longest side of an overlay: the image is scaled down to it
 
 
 def _heat(values: np.ndarray) -> np.ndarray:
@@ -39,9 +42,11 @@ def overlay(image: Image.Image, activation: np.ndarray, box: tuple[float, float,
     return out.getvalue()
 
 
-def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_pixels: int) -> Inspection:
+def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_pixels: int,
+            alive: Callable[[], bool] = lambda: True) -> Inspection:
     """The `top` channels of `layer` with the largest mean activation for the image `data`; 0:
-    DEFAULT_TOP, or every channel of a layer with fewer."""
+    DEFAULT_TOP, or every channel of a layer with fewer. Each overlay is the image scaled down to
+    OVERLAY_SIDE at most; once the client is gone (`alive` false), no further one is drawn."""
     spec = pool.spec(model)
     layer_info = pool.graph(model).layers.get(layer)
     if layer_info is None or len(layer_info.output_shape) != 3:
@@ -53,10 +58,12 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
         raise InvalidArgument(f"layer {layer!r} of {model} has no (C, H, W) feature map to inspect; "
                               f"try one of {', '.join(maps)}")
     top = top or min(DEFAULT_TOP, layer_info.output_shape[0])
-    if not 1 <= top <= layer_info.output_shape[0]:
-        raise InvalidArgument(f"top_channels {top} is out of range; the layer has {layer_info.output_shape[0]}")
+    most = min(MAX_TOP, layer_info.output_shape[0])
+    if not 1 <= top <= most:
+        raise InvalidArgument(f"top_channels {top} is out of range; use 1 to {most} (the layer has "
+                              f"{layer_info.output_shape[0]} channels)", field="top_channels")
     try:
-        image = open_upright(data, max_pixels)
+        image = open_upright(data, max_pixels, OVERLAY_SIDE)  # a JPEG at a reduced scale still over it
     except ImageError as exc:
         raise InvalidArgument(f"the image {exc}") from None
     box = crop_box(*image.size, spec.preprocess)
@@ -67,6 +74,12 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
     maps = loaded.feature_maps(pixels, layer)
     means = maps.mean(axis=(1, 2))
     strongest = np.argsort(-means, kind="stable")[:top]
+    image.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE))
+    box = crop_box(*image.size, spec.preprocess)
+    channels = []
+    for channel in strongest:
+        if not alive():
+            raise Cancelled("the client cancelled the call or its deadline passed; no further overlay was drawn")
+        channels.append((int(channel), float(means[channel]), overlay(image, maps[channel], box)))
     return Inspection(model, layer, layer_info.output_shape, layer_info.parameter_count, loaded.pretrained,
-                      image.width, image.height,
-                      tuple((int(c), float(means[c]), overlay(image, maps[c], box)) for c in strongest))
+                      image.width, image.height, tuple(channels))

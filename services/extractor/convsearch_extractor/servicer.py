@@ -66,7 +66,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     def InspectLayer(self, request, context):
         extractor = self.extractor
         result = inspect(extractor.pool, request.model or extractor.default_model, request.layer, request.image,
-                         request.top_channels, extractor.limits.max_pixels)
+                         request.top_channels, extractor.limits.max_pixels, context.is_active)
         return extractor_pb2.InspectLayerResponse(
             model=result.model, layer=result.layer, output_shape=result.output_shape,
             parameter_count=result.parameter_count, pretrained=result.pretrained, width=result.width,
