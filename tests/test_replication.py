@@ -21,6 +21,7 @@ from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.processes import free_port, start_service, stop_service
 from convsearch.tensors import to_tensor
+from convsearch_index import replication
 from convsearch_index.changes import ChangeLog
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.follower import Follower
@@ -719,3 +720,54 @@ def test_changes_a_follower_applies_again_after_a_crash_leave_out_vectors_of_a_r
         assert index.collection("d", key.name).healthy().get(["x"])[0] == []
     primary.close()
     replica.close()
+
+
+def test_a_dataset_restored_at_the_primary_is_read_at_a_follower_only_once_its_copy_is_whole(tmp_path, monkeypatch):
+    """A restore reaches the followers as a copy in the stream, which filled the dataset in place
+    while they served it: reads saw it half restored, and a follower whose primary was lost
+    mid-copy kept serving it so, and could be promoted with it."""
+    monkeypatch.setattr(replication, "ITEMS_PER_MESSAGE", 2)
+    held, copy_messages = threading.Event(), replication._copy_messages
+
+    def held_copy(dataset, copy):
+        for number, message in enumerate(copy_messages(dataset, copy)):
+            if dataset == "restored" and number == 3:  # its header and two pages of items are sent
+                held.wait(30)
+            yield message
+
+    monkeypatch.setattr(replication, "_copy_messages", held_copy)
+    primary, primary_channel, address = serve_index(tmp_path / "p", fsync=False)
+    stub = _stub(primary_channel)
+    stub.CreateDataset(pb.CreateDatasetRequest(name="src"))
+    stub.PutItems(pb.PutItemsRequest(dataset="src", items=[pb.Item(id=f"i{n}", image=b"%d" % n) for n in range(10)]))
+    snapshot = stub.SnapshotDataset(pb.SnapshotDatasetRequest(dataset="src")).snapshot
+    follower, follower_channel, _ = serve_index(tmp_path / "f", follow=address, fsync=False)
+    reader = _stub(follower_channel)
+    try:
+        version = stub.GetDataset(pb.GetDatasetRequest(name="src")).dataset.version
+        reader.GetDataset(pb.GetDatasetRequest(name="src", min_version=version), timeout=10)
+        stub.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snapshot, dataset="restored"))
+        for _ in range(200):
+            try:
+                found = reader.GetDataset(pb.GetDatasetRequest(name="restored"), timeout=5).dataset
+                assert found.item_count == 10, f"read half restored: {found.item_count} items of 10"
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    assert "is being copied from the primary" in exc.details()
+                    break
+                assert exc.code() == grpc.StatusCode.NOT_FOUND  # its copy has not begun
+            time.sleep(0.05)
+        else:
+            pytest.fail("the copy never began")
+        primary_channel.close()
+        primary.stop(0)  # lost mid-copy
+        held.set()
+        with pytest.raises(grpc.RpcError) as unread:
+            reader.GetDataset(pb.GetDatasetRequest(name="restored"), timeout=5)
+        assert unread.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert reader.GetDataset(pb.GetDatasetRequest(name="src"), timeout=5).dataset.item_count == 10
+    finally:
+        follower_channel.close()
+        follower.stop(0.5)
+    with pytest.raises(SystemExit, match="incomplete copy of dataset 'restored'.*cannot become a primary"):
+        serve_index(tmp_path / "f", fsync=False, promote=True)

@@ -59,6 +59,7 @@ from convsearch.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    shown,
 )
 from convsearch.grpc_errors import abort
 from convsearch.index.v1 import index_pb2 as pb
@@ -259,6 +260,9 @@ class Follower:
         self.epoch: str = state.get("epoch", "")
         self.position: int = state.get("position", 0)
         self.ready = bool(self.epoch)  # holds a consistent copy (maybe old) to serve
+        # A dataset whose copy in the stream is under way, or was cut short: not read here until
+        # a later position is recorded (its copy sent again, or its deletion).
+        self._copying: str = state.get("copying", "")
         damaged = [f"{info.dataset}/{info.key.name}" for info in index.all_collections() if info.damage]
         if damaged:
             log.error("collections damaged here (%s): copying everything from the primary again", ", ".join(damaged))
@@ -413,6 +417,8 @@ class Follower:
                              f"{self._copy.dataset}")
         self._incoming.mkdir(parents=True, exist_ok=True)
         dataset = message.dataset
+        if self.ready:  # in the stream (restored at the primary): --promote refuses a data dir it was cut short in
+            self._record_state(self.epoch, self.position, copying=dataset.name)
         with contextlib.suppress(NotFound):
             self.index.delete_dataset(dataset.name)
         self.index.create_dataset(dataset.name, dataset.description, dataset.create_time.ToNanoseconds() / 1e9)
@@ -531,9 +537,15 @@ class Follower:
 
     def _advance(self, epoch: str, position: int) -> None:
         """Records the position reached, after the writes it stands for are durable."""
-        durable.write_file(self._state_path, json.dumps({"epoch": epoch, "position": position,
-                                                         "primary": self.primary}), fsync=False)
+        self._record_state(epoch, position)
         self._reach(epoch, position)
+
+    def _record_state(self, epoch: str, position: int, copying: str = "") -> None:
+        """Writes the state file: the position, and the dataset whose copy is under way, if any."""
+        state = {"epoch": epoch, "position": position, "primary": self.primary}
+        durable.write_file(self._state_path, json.dumps({**state, "copying": copying} if copying else state),
+                           fsync=False)
+        self._copying = copying
 
     def _reach(self, epoch: str, position: int) -> None:
         """Lets reads waiting for `position` go on (its writes are applied and durable); the
@@ -560,6 +572,12 @@ class Follower:
             raise Unavailable(f"this index is copying its primary {self.primary} whole; retry, or read from the "
                               "primary", reason="FOLLOWER_SYNCING", retry_after_s=1.0,
                               metadata={"primary": self.primary})
+        copying = self._copying
+        if copying and copying in (getattr(request, "dataset", None), getattr(request, "name", None)):
+            raise Unavailable(f"dataset {shown(copying)} is being copied from the primary {self.primary} (it was "
+                              "restored there), and is not whole here yet; read it from the primary",
+                              reason="FOLLOWER_SYNCING", retry_after_s=1.0,
+                              metadata={"primary": self.primary, "dataset": copying})
         wanted = getattr(request, "min_version", 0)
         if wanted <= self.position:
             return

@@ -52,7 +52,12 @@ def claim_role(index: Index, follow: str, promote: bool = False) -> None:
                 f"data dir {index.data_dir} is a follower's copy of {primary}: started without --follow it would take "
                 f"writes {primary} never sees. Start it with --follow {primary}, or with --promote to make it a "
                 "primary for good (then point the followers at it)")
-        position = read_state(index.data_dir / STATE_FILE).get("position")
+        state = read_state(index.data_dir / STATE_FILE)
+        position = state.get("position")
+        if state.get("copying"):
+            raise FailedPrecondition(
+                f"data dir {index.data_dir} holds an incomplete copy of dataset {state['copying']!r} (its copy from "
+                f"{primary} was cut short): it cannot become a primary. Start it with --follow to copy again")
         if position is None:
             raise FailedPrecondition(
                 f"data dir {index.data_dir} holds an incomplete copy of {primary} (a whole copy was under way, or its "
