@@ -221,7 +221,7 @@ class Index:
             if marker.name in self._labels:
                 log.warning("dataset %s was being restored from snapshot %s when the index stopped: deleting "
                             "what of it was restored; restore it again", marker.name, marker.read_text())
-                self.delete_dataset(marker.name)
+                self.delete_dataset(marker.name, logged=False)
             marker.unlink()
         damaged = [info for info in self._collections.values() if info.damage]
         for info in damaged:
@@ -297,7 +297,10 @@ class Index:
                            metadata={"dataset": name})
 
     @_ordered("name")
-    def create_dataset(self, name: str, description: str = "", created_at: float | None = None) -> DatasetRecord:
+    def create_dataset(self, name: str, description: str = "", created_at: float | None = None,
+                       logged: bool = True) -> DatasetRecord:
+        """A new, empty dataset; `logged` false keeps it from the followers (a restore: they are
+        given the dataset whole, as a copy, once it is)."""
         check_name(name)
         created_at = time.time() if created_at is None else created_at
         with self._guard.read(), self._meta:
@@ -307,7 +310,8 @@ class Index:
                                     metadata={"dataset": name})
             self.records.create_dataset(name, description, created_at)
             self._labels[name] = {}
-            self._record("create_dataset", name, description=description, created_at=created_at)
+            if logged:
+                self._record("create_dataset", name, description=description, created_at=created_at)
         return self.dataset(name)
 
     def dataset(self, name: str) -> DatasetRecord:
@@ -318,7 +322,9 @@ class Index:
         return [self.records.dataset(name) for name in self.records.dataset_names()]
 
     @_ordered("name")
-    def delete_dataset(self, name: str) -> None:
+    def delete_dataset(self, name: str, logged: bool = True) -> None:
+        """Deletes a dataset and its collections; `logged` false for one the followers were never
+        given (a restore that failed)."""
         self._require_dataset(name)
         with self._guard.read(), self._meta:
             for key in [k for k in self._collections if k[0] == name]:
@@ -326,7 +332,8 @@ class Index:
             self.records.delete_dataset(name)
             del self._labels[name]
             self._fences.pop(name, None)
-            self._record("delete_dataset", name)
+            if logged:
+                self._record("delete_dataset", name)
 
     # ---- items -------------------------------------------------------------------------
 
@@ -681,13 +688,13 @@ class Index:
             marker = self.data_dir / RESTORING / dataset  # a crash before the end: deleted at the next start
             marker.parent.mkdir(exist_ok=True)
             durable.write_file(marker, snapshot, self.fsync)
-            self.create_dataset(dataset, f"restored from {snapshot}")
+            self.create_dataset(dataset, f"restored from {snapshot}", logged=False)
             try:
                 self.fence(dataset, fence_ttl_s)
                 self._restore_contents(dataset, work, manifest)
             except Exception as exc:
                 try:
-                    self.delete_dataset(dataset)  # followers, given its creation, are given its deletion
+                    self.delete_dataset(dataset, logged=False)
                     marker.unlink()
                 except Exception:  # noqa: BLE001 - logged; the restore's own error is the one to report
                     log.exception("could not remove the partly restored dataset %s", dataset)
