@@ -507,14 +507,17 @@ class VectorCollection:
 
     # ---- operations --------------------------------------------------------------------
 
-    def check_vectors(self, ids: Sequence[str], vectors: np.ndarray) -> None:
-        """INVALID_ARGUMENT unless `vectors` are one finite row of the collection's dimension per
-        id, each id once, each row's norm at most MAX_NORM."""
+    def check_rows(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """INVALID_ARGUMENT unless `vectors` are one row of the collection's dimension per id."""
         if vectors.ndim != 2 or vectors.shape[1] != self.spec.dimension:
             raise InvalidArgument(f"vectors have shape {list(vectors.shape)}; this collection needs "
                                   f"[N, {self.spec.dimension}]")
         if len(ids) != len(vectors):
             raise InvalidArgument(f"{len(ids)} ids for {len(vectors)} vectors; send one id per row")
+
+    def _check_vectors(self, ids: Sequence[str], vectors: np.ndarray) -> None:
+        """check_rows, and each id once, each row finite, of norm at most MAX_NORM."""
+        self.check_rows(ids, vectors)
         if not len(ids):
             raise InvalidArgument("no vectors given; send at least one")
         if len(set(ids)) != len(ids):
@@ -556,7 +559,7 @@ class VectorCollection:
         is called once the batch is in the log (durable: replayed after a crash) and before the
         graph takes it, which can take long (an in-place update costs hnswlib ~7x an insert)."""
         vectors = np.asarray(vectors, np.float32)
-        self.check_vectors(ids, vectors)
+        self._check_vectors(ids, vectors)
         with self._writing():
             self._log(wal.encode(wal.UPSERT, list(ids), vectors))
             logged()
@@ -603,7 +606,8 @@ class VectorCollection:
                                   f"[Q, {self.spec.dimension}]")
         if not np.isfinite(queries).all():
             raise InvalidArgument("a query vector has NaN or infinite values; send finite numbers")
-        if (_norms(queries) > MAX_NORM).any():
+        norms = _norms(queries)
+        if (norms > MAX_NORM).any():
             raise InvalidArgument(f"a query vector has a norm over the limit of {MAX_NORM:g} (its distances would "
                                   "overflow float32); scale it down")
         ef = ef or self.spec.ef
@@ -619,7 +623,7 @@ class VectorCollection:
             use_exact = exact or s.graph is None or (
                 keep is not None and (candidates < exact_below or candidates < 0.05 * len(s.slot)))
             if not use_exact:
-                found = self._graph_search(queries, min(k, candidates), ef, live if keep is not None else None)
+                found = self._graph_search(queries, norms, min(k, candidates), ef, live if keep is not None else None)
                 if found is not None:
                     return found, False
             slots, distances = exact_knn(queries, self._rows, np.flatnonzero(live), k, self.spec.metric,
@@ -630,10 +634,10 @@ class VectorCollection:
         by_slot = self._s.ids.__getitem__
         return [(list(map(by_slot, row)), row_dist) for row, row_dist in zip(slots.tolist(), distances, strict=True)]
 
-    def _graph_search(self, queries: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
+    def _graph_search(self, queries: np.ndarray, norms: np.ndarray, k: int, ef: int, allowed: np.ndarray | None):
         graph = self._s.graph
         if self.spec.metric == "cosine":
-            queries = queries / np.maximum(_norms(queries), 1e-30)[:, None]
+            queries = queries / np.maximum(norms, 1e-30)[:, None]
         if ef != self.spec.ef:
             graph.set_ef(ef)
         try:

@@ -505,7 +505,7 @@ class Index:
         if digests and len(digests) != len(ids):
             raise InvalidArgument(f"{len(digests)} image digests for {len(ids)} ids; send one per id, or none")
         vectors = np.asarray(vectors, np.float32)
-        collection.check_vectors(ids, vectors)  # all of them, before the stale ones are left out
+        collection.check_rows(ids, vectors)  # all of them, before the stale ones are left out
         with self._guard.read(), self._dataset_lock(dataset).read():
             stale: list[str] = []
             # The digests go to the followers with the vectors: one replaying this change after a

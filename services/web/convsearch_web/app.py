@@ -40,10 +40,10 @@ class BodyLimit:
     declared length, before any of it is read; for a body of undeclared length (chunked), as
     soon as what was read passes the limit, so the rest is never read nor spooled to disk."""
 
-    def __init__(self, app, limit_mb: float):
+    def __init__(self, app, config: WebConfig):
         self.app = app
-        self.limit_mb = limit_mb
-        self.limit = int(limit_mb * 1024 * 1024) + UPLOAD_SLACK
+        self.limit_mb = config.max_upload_mb
+        self.limit = config.max_upload_bytes + UPLOAD_SLACK
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -100,7 +100,7 @@ def create_app(config: WebConfig) -> FastAPI:
     app.state.gateway_serving = gateway_serving
     errors.install(app)
 
-    app.add_middleware(BodyLimit, limit_mb=config.max_upload_mb)
+    app.add_middleware(BodyLimit, config=config)
 
     @app.middleware("http")
     async def refuse_other_sites(request: Request, call_next):
