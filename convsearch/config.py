@@ -36,7 +36,8 @@ def parse_config(cls: type, prog: str, env_prefix: str, argv: Sequence[str] | No
         env = f"{env_prefix}_{field.name.upper()}"
         flag = "--" + field.name.replace("_", "-")
         default = field.default
-        help_text = f"{field.metadata.get('help', '')} (env {env}; default {default!r})"
+        # argparse formats help with %: a literal one ("5%") is doubled.
+        help_text = f"{field.metadata.get('help', '')} (env {env}; default {default!r})".replace("%", "%%")
         convert = _parse_bool if kind is bool else kind
         if env in os.environ:
             try:
