@@ -162,6 +162,30 @@ def test_ingest_fails_bombs_header_only_and_truncated_items_and_stores_none_of_t
     assert thumb.mime_type == "image/jpeg" and max(thumb.width, thumb.height) == 32
 
 
+def test_ingest_fails_an_item_with_too_much_metadata_or_too_long_a_label_and_search_keeps_answering(
+        stack, good_jpeg):
+    """Metadata had no limit: six items with 12 MiB each made every later Search of the dataset
+    fail (its answer over the message limit) for every reader; a label over 256 characters
+    failed the whole message at the index instead of its item."""
+    name = dataset(stack, "big-metadata")
+    results = list(stack.gateway.Ingest(iter([gw.IngestRequest(dataset=name, items=[
+        gw.Item(id="huge", image=good_jpeg, metadata={"blob": "x" * (1 << 20)}),
+        gw.Item(id="many", image=good_jpeg, metadata={f"k{i}": "v" for i in range(65)}),
+        gw.Item(id="long-label", image=good_jpeg, label="l" * 257),
+        gw.Item(id="fine", image=good_jpeg, label="shoe", metadata={"sku": "123", "note": "y" * 10_000}),
+    ])])))
+    assert [(r.id, r.status) for r in results] == [
+        ("huge", gw.INGEST_STATUS_FAILED), ("many", gw.INGEST_STATUS_FAILED),
+        ("long-label", gw.INGEST_STATUS_FAILED), ("fine", gw.INGEST_STATUS_STORED)]
+    assert "use at most 16384" in results[0].error and "65 entries" in results[1].error
+    assert "257 characters" in results[2].error
+    assert stored(stack, name, ["huge", "many", "long-label", "fine"]) == ["fine"]
+    with pytest.raises(grpc.RpcError) as error:  # the index refuses them too, whoever writes
+        stack.index.PutItems(ix.PutItemsRequest(dataset=name, items=[
+            ix.Item(id="direct", image=good_jpeg, metadata={"blob": "x" * (1 << 20)})]))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'direct'" in error.value.details()
+
+
 def test_a_stored_bomb_is_refused_by_get_image_without_decoding(stack):
     name = dataset(stack, "stored-bomb")
     stack.index.PutItems(ix.PutItemsRequest(dataset=name, items=[ix.Item(id="bomb", image=bomb_png(10_000))]))

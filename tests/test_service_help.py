@@ -3,6 +3,7 @@
 import dataclasses
 
 import pytest
+
 from convsearch_extractor.config import ExtractorConfig
 from convsearch_extractor.config import load_config as extractor_config
 from convsearch_gateway.config import GatewayConfig

@@ -6,12 +6,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from convsearch.errors import ConvsearchError, InvalidArgument, shown
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.index.v1 import index_pb2
+from convsearch.item_limits import item_problem
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
 from convsearch_gateway.images import check_image
 from convsearch_gateway.indexing import index_items
-
-MAX_ID = 256
 
 
 @dataclasses.dataclass
@@ -25,10 +24,10 @@ class IngestResult:
 
 
 def _problem(item: index_pb2.Item, max_pixels: int) -> str:
-    """Why an item cannot be stored ("" if it can): a bad id, or an image over the pixel limit
-    (checked on its header, never decoded) or one that does not decode completely."""
-    if not item.id or len(item.id) > MAX_ID:
-        return f"item id must have 1 to {MAX_ID} characters (got {len(item.id)})"
+    """Why an item cannot be stored ("" if it can): a bad id, label or metadata, or an image over
+    the pixel limit (checked on its header, never decoded) or one that does not decode completely."""
+    if problem := item_problem(item.id, item.label, item.metadata):
+        return problem
     try:
         check_image(item.image, max_pixels)
     except InvalidArgument as exc:

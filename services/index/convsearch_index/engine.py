@@ -42,6 +42,7 @@ from convsearch.errors import (
     Unavailable,
     shown,
 )
+from convsearch.item_limits import MAX_ID, item_problem
 from convsearch.naming import collection_name
 from convsearch.rwlock import RWLock
 from convsearch_index import durable
@@ -55,7 +56,6 @@ log = logging.getLogger("convsearch.index")
 NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 SNAPSHOT_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what a snapshot name may be at all
 SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[0-9a-f]{6}")
-MAX_ID = 256
 COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
 MAX_FENCE_S = 24 * 3600.0  # longest a dataset's writes may be held (FenceDataset)
 RESTORING = "restoring"  # DATA_DIR/restoring/<dataset>: a restore under way (its snapshot's name inside)
@@ -353,8 +353,8 @@ class Index:
         if len(set(ids)) != len(ids):
             raise InvalidArgument("an item id appears twice in the batch; send each item once")
         for item in items:
-            if len(item.label) > MAX_ID:
-                raise InvalidArgument(f"label of item {shown(item.id)} is longer than {MAX_ID} characters")
+            if problem := item_problem(item.id, item.label, item.metadata):
+                raise InvalidArgument(problem)
         if not keep_digests:
             for item in items:
                 item.digest = image_digest(item.image)
