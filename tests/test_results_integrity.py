@@ -306,3 +306,35 @@ def test_scoring_edge_cases_match_brute_force(random_gateway, index):
         assert score.map_at_k == pytest.approx(mean_ap, rel=1e-6)
         assert score.per_label_score == pytest.approx(per_label, rel=1e-6)
         assert score.per_label_score["sandal"] == score.per_label_score["shirt"] == 0
+
+
+def test_relabeling_items_makes_stored_evaluations_stale(random_gateway):
+    """A relabeled item changes no vector, so its collection's version stayed and Evaluate
+    answered the old scores as cached (keyed by the old labels), and Compare listed them as current."""
+    ids = ["sandal/t10k-00008", "sandal/t10k-00021", "bag/t10k-00018", "bag/t10k-00030"]
+    collection = f"{LITE0}/_conv_head/avg/cosine"
+    with Client(random_gateway) as client:
+        client.create_dataset("relabel")
+        list(client.ingest("relabel", items(*ids)))
+        first, = list(client.evaluate("relabel", configurations=[HEAD]))[-1].results
+        assert set(first.per_label_score) == {"sandal", "bag"}
+        again, = list(client.evaluate("relabel", configurations=[HEAD]))[-1].results
+        assert again.cached  # nothing changed: reused
+        list(client.ingest("relabel", [(i, "shoe", ITEMS[i][1]) for i in ids[:2]]))  # the same images
+        assert collection in client.compare("relabel").stale
+        score, = list(client.evaluate("relabel", configurations=[HEAD]))[-1].results
+        assert not score.cached and set(score.per_label_score) == {"shoe", "bag"}
+        assert collection not in client.compare("relabel").stale
+
+
+def test_evaluating_a_dataset_without_labels_is_refused(random_gateway):
+    """It answered a 'best' configuration, at 0% over 0 queries."""
+    with Client(random_gateway) as client:
+        client.create_dataset("no-labels")
+        with pytest.raises(FailedPrecondition, match="no labeled items") as refused:
+            list(client.evaluate("no-labels", configurations=[HEAD]))
+        list(client.ingest("no-labels", items(unlabeled=("bag/t10k-00018", "coat/t10k-00006"))))
+        with pytest.raises(FailedPrecondition, match=r"no labeled items \(2 items\)") as refused:
+            list(client.evaluate("no-labels", configurations=[HEAD]))
+        assert refused.value.reason == "NO_LABELED_ITEMS"
+        assert client.dataset("no-labels").collection_count == 0  # refused before any indexing

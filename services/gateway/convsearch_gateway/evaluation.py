@@ -1,7 +1,9 @@
 """Evaluation: how well each configuration captures what a labeled dataset's images have in
 common. Every labeled item queries the index (in batches, itself left out); its ranked labels
 give the ConvNet Playground search score, precision@k and average precision@k. Results are kept
-with the collection (as an attachment with the collection's version) and reused until it changes.
+with the collection (as an attachment with the collection's version and a digest of the dataset's
+ids and labels) and reused until either changes: a relabeled item changes no vector, but it
+changes every score.
 
 Edge cases, as the API states them: unlabeled items are not queries, but they are among the
 others' results, where they count as misses; an item alone in its class can only score 0 and
@@ -11,16 +13,18 @@ ranks there are, while precision@k still divides by k.
 
 import collections
 import dataclasses
+import hashlib
 import json
 from collections.abc import Iterator, Sequence
 
+from convsearch.errors import FailedPrecondition
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
 from convsearch_gateway.indexing import all_items, fill_collections, missing_ids, prepared_collections
 
-ATTACHMENT = "evaluation/2"  # 2: with single_item_classes and weights; results stored before are recomputed
+ATTACHMENT = "evaluation/3"  # 3: with labels_digest; results stored before are recomputed
 QUERY_BATCH = 256
 
 
@@ -46,6 +50,7 @@ class Score:
     single_item_classes: int
     weights: str  # fingerprint of the weights that made the collection's vectors
     per_query: dict[str, float]
+    labels_digest: str  # of the dataset's (id, label) pairs when it was scored
     cached: bool = False
 
 
@@ -72,10 +77,16 @@ def query_metrics(label: str, ranked: Sequence[str], k: int, relevant: int) -> t
     return search_score(label, ranked[:TOP]), precision, total / denominator if denominator else 0.0
 
 
-def score_target(backends: Backends, dataset: str, target: Target, labeled: dict[str, str], unlabeled: int,
-                 total_items: int, k: int, weights: str) -> Score:
+def labels_digest(items: Sequence[tuple[str, str]]) -> str:
+    """What identifies a dataset's (id, label) pairs, in id order."""
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:32]
+
+
+def score_target(backends: Backends, dataset: str, target: Target, items: Sequence[tuple[str, str]], k: int,
+                 weights: str) -> Score:
     """Queries the index once per QUERY_BATCH labeled items and scores the configuration; the
     items without a vector in it (their image could not be embedded) are left out."""
+    labeled = {item_id: label for item_id, label in items if label}
     without = missing_ids(backends, dataset, target.collection, list(labeled))
     labeled = {item_id: label for item_id, label in labeled.items() if item_id not in without}
     sizes = collections.Counter(labeled.values())
@@ -100,18 +111,33 @@ def score_target(backends: Backends, dataset: str, target: Target, labeled: dict
         metric=target.metric, mean_score=sum(per_query.values()) / count, precision_at_k=sum(precisions) / count,
         map_at_k=sum(aps) / count, k=k,
         per_label_score={label: sum(scores) / len(scores) for label, scores in sorted(by_label.items())},
-        queries=len(per_query), unlabeled=unlabeled, dimension=target.dimension,
-        parameter_count=target.parameter_count, small_dataset=total_items <= TOP,
-        single_item_classes=sum(size == 1 for size in sizes.values()), weights=weights, per_query=per_query)
+        queries=len(per_query), unlabeled=sum(not label for _, label in items), dimension=target.dimension,
+        parameter_count=target.parameter_count, small_dataset=len(items) <= TOP,
+        single_item_classes=sum(size == 1 for size in sizes.values()), weights=weights, per_query=per_query,
+        labels_digest=labels_digest(items))
 
 
-def stored_score(backends: Backends, dataset: str, collection: str) -> tuple[Score | None, bool]:
-    """(the stored evaluation of a collection or None, whether it is current)."""
+def stored_score(backends: Backends, dataset: str, collection: str, digest: str) -> tuple[Score | None, bool]:
+    """(the stored evaluation of a collection or None, whether it is current: its collection
+    unchanged since, and the dataset's ids and labels those of `digest`)."""
     reply = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
         dataset=dataset, collection=collection, key=ATTACHMENT))
     if not reply.found:
         return None, False
-    return Score(**json.loads(reply.data)), reply.version == reply.current_version
+    score = Score(**json.loads(reply.data))
+    return score, reply.version == reply.current_version and score.labels_digest == digest
+
+
+def labeled_items(backends: Backends, dataset: str) -> list[tuple[str, str]]:
+    """(id, label) of every item, in id order; FAILED_PRECONDITION when none has a label."""
+    items = all_items(backends, dataset)
+    if not any(label for _, label in items):
+        raise FailedPrecondition(
+            f"dataset {dataset!r} has no labeled items ({len(items)} items): an evaluation scores how well "
+            "labeled items find their own class; give the items labels (e.g. ingest a folder of class folders)",
+            reason="NO_LABELED_ITEMS", resource_type="dataset", resource_name=dataset,
+            metadata={"dataset": dataset, "items": str(len(items))})
+    return items
 
 
 def _rank(score: Score) -> tuple[float, str]:
@@ -123,22 +149,21 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
              batch_size: int = 32) -> Iterator[EvaluationProgress]:
     """Indexes what is missing, then scores every target (reusing current stored results). A
     failed run deletes the collections it created that are still empty."""
+    items = labeled_items(backends, dataset)
+    digest = labels_digest(items)
     with prepared_collections(backends, dataset, targets) as weights:
         for progress in fill_collections(backends, dataset, targets, weights, batch_size):
             yield EvaluationProgress("indexing", progress.done, progress.total)
-        items = all_items(backends, dataset)
-        labeled = {item_id: label for item_id, label in items if label}
         results = []
         for done, target in enumerate(targets, 1):
-            stored, current = stored_score(backends, dataset, target.collection)
+            stored, current = stored_score(backends, dataset, target.collection, digest)
             if stored is not None and current and stored.k == k and not recompute:
                 stored.cached = True
                 results.append(stored)
             else:
                 version = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
                     dataset=dataset, collection=target.collection)).collection.version
-                score = score_target(backends, dataset, target, labeled, len(items) - len(labeled), len(items), k,
-                                     weights[target.collection])
+                score = score_target(backends, dataset, target, items, k, weights[target.collection])
                 backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
                     dataset=dataset, collection=target.collection, key=ATTACHMENT, version=version,
                     data=json.dumps(dataclasses.asdict(score)).encode()))
@@ -151,9 +176,10 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
 def compare(backends: Backends, dataset: str) -> tuple[list[Score], list[str]]:
     """(current stored evaluations, best first; collections whose evaluation is stale or missing)."""
     collections_ = backends.index.call("ListCollections", index_pb2.ListCollectionsRequest(dataset=dataset))
+    digest = labels_digest(all_items(backends, dataset))
     ranked, stale = [], []
     for collection in collections_.collections:
-        stored, current = stored_score(backends, dataset, collection.name)
+        stored, current = stored_score(backends, dataset, collection.name, digest)
         if stored is not None and current:
             ranked.append(stored)
         else:
