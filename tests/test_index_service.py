@@ -198,8 +198,14 @@ def test_restart_keeps_everything(tmp_path):
 
 
 def test_snapshot_and_restore(index):
+    """Items, collections and their stored results (an evaluation, still current: a restore, or
+    a rebalance's move, lost them)."""
     stub = index.stub
     vectors = fill(stub)
+    version = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)
+                                      ).collection.version
+    stub.PutAttachment(pb.PutAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation",
+                                               version=version, data=b'{"score": 1}'))
     snap = stub.SnapshotDataset(pb.SnapshotDatasetRequest(dataset="shoes"))
     assert snap.size_bytes > 0 and "/" not in snap.snapshot  # no server paths in replies
     stub.DeleteDataset(pb.DeleteDatasetRequest(name="shoes"))
@@ -209,6 +215,8 @@ def test_snapshot_and_restore(index):
     assert hits[0][0][0] == "i000"
     items = stub.GetItems(pb.GetItemsRequest(dataset="shoes2", ids=["i007"], include_images=True)).items
     assert items[0].image == b"img7" and items[0].label == "b"
+    got = stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes2", collection=COLLECTION, key="evaluation"))
+    assert got.found and got.data == b'{"score": 1}' and got.version == got.current_version == version
 
 
 def test_search_by_stored_items(index):

@@ -707,7 +707,7 @@ class Index:
 
     def _restore_contents(self, dataset: str, work: pathlib.Path, manifest: dict) -> None:
         """Fills a restored dataset from an extracted snapshot; raises when any of it fails."""
-        self.records.import_items(work / "records.sqlite", manifest["dataset"], dataset)
+        self.records.import_dataset(work / "records.sqlite", manifest["dataset"], dataset)
         self._labels[dataset] = self.records.labels(dataset)
         for entry in manifest["collections"]:
             relative = pathlib.Path("collections") / uuid.uuid4().hex

@@ -246,22 +246,26 @@ class Records:
         return (rows[0][0], bytes(rows[0][1])) if rows else None
 
     def export_dataset(self, dataset: str, path: pathlib.Path) -> None:
-        """Copies a dataset's rows into a new SQLite file (for snapshots)."""
+        """Copies a dataset's rows, its stored results (attachments) included, into a new SQLite
+        file (for snapshots)."""
         fresh = sqlite3.connect(path)
         fresh.executescript(_SCHEMA)
         fresh.close()
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
             try:
-                for table, column in (("datasets", "name"), ("items", "dataset"), ("collections", "dataset")):
+                for table, column in (("datasets", "name"), ("items", "dataset"), ("collections", "dataset"),
+                                      ("attachments", "dataset")):
                     self._db.execute(f"INSERT INTO snapshot.{table} SELECT * FROM main.{table} WHERE {column} = ?",
                                      (dataset,))
             finally:
                 self._db.execute("DETACH DATABASE snapshot")
 
-    def import_items(self, path: pathlib.Path, source: str, target: str) -> None:
-        """Copies items of dataset `source` from a snapshot file into dataset `target`, all or
-        none: a snapshot file that fails SQLite's check, or its reading, adds nothing."""
+    def import_dataset(self, path: pathlib.Path, source: str, target: str) -> None:
+        """Copies the items and stored results (attachments) of dataset `source` from a snapshot
+        file into dataset `target`, all or none: a snapshot file that fails SQLite's check, or
+        its reading, adds nothing. The results keep their collections' versions, which the
+        collections' checkpoints keep too."""
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
             try:
@@ -271,11 +275,17 @@ class Records:
                     raise sqlite3.DatabaseError(f"its items fail SQLite's check: {found}")
                 columns = [row[1] for row in self._db.execute("PRAGMA snapshot.table_info(items)")]
                 digest = "digest" if "digest" in columns else "''"  # snapshots from before digests
+                results = bool(self._db.execute("SELECT 1 FROM snapshot.sqlite_master WHERE name = 'attachments'")
+                               .fetchall())  # snapshots from before stored results have none
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.execute("INSERT INTO main.items (dataset, id, label, metadata, image, digest) "
                                      f"SELECT ?, id, label, metadata, image, {digest} "
                                      "FROM snapshot.items WHERE dataset = ?", (target, source))
+                    if results:
+                        self._db.execute("INSERT INTO main.attachments (dataset, collection, key, version, data) "
+                                         "SELECT ?, collection, key, version, data FROM snapshot.attachments "
+                                         "WHERE dataset = ?", (target, source))
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
