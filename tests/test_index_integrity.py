@@ -597,7 +597,17 @@ def damage_the_items_midway(folder):
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items, damage_the_items_midway])
+def damage_the_manifest_with_a_path(folder):
+    """A folder outside the snapshot (here a live collection's checkpoint): restoring it copied any
+    directory the process can read into the data folder."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    live = next((folder.parent / "collections").iterdir())
+    manifest["collections"][0]["folder"] = str(live / json.loads((live / "CURRENT").read_text())["checkpoint"])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items, damage_the_items_midway,
+                                    damage_the_manifest_with_a_path])
 def test_a_snapshot_that_fails_its_checks_restores_nothing_not_even_for_followers(tmp_path, damage):
     index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
     index.create_dataset("shoes")

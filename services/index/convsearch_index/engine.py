@@ -710,6 +710,8 @@ class Index:
         self.records.import_dataset(work / "records.sqlite", manifest["dataset"], dataset)
         self._labels[dataset] = self.records.labels(dataset)
         for entry in manifest["collections"]:
+            if not re.fullmatch(r"collection-\d+", str(entry["folder"])):
+                raise ValueError(f"its manifest names a folder {shown(entry['folder'])} outside the snapshot")
             relative = pathlib.Path("collections") / uuid.uuid4().hex
             try:  # the copy outside the index's locks: other datasets' calls go on meanwhile
                 install_checkpoint(work / entry["folder"], self.data_dir / relative, self.fsync)
