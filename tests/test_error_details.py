@@ -19,6 +19,7 @@ from convsearch.errors import DOMAIN, InvalidArgument, NotFound, ResourceExhaust
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.grpc_errors import MAX_DETAILS, details_of, to_rpc_status
 from convsearch.image_limits import ImageError, describe, load_checked, open_checked
+from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch_gateway.auth import RETRY_AFTER_MS
 from tests.conftest import running_backends, running_gateway, serve_index
 
@@ -154,6 +155,26 @@ def test_a_backend_that_is_down_is_unavailable_with_a_retry_delay(backends, tmp_
         with Client(address, timeout_s=30) as client, pytest.raises(Exception) as raised:
             client.dataset("cats")
         assert raised.value.reason == "BACKEND_UNAVAILABLE" and raised.value.retry_after_s > 0
+
+
+def test_a_backends_own_unavailable_passes_through_with_its_reason(backends, tmp_path):
+    """The gateway turned every UNAVAILABLE into BACKEND_UNAVAILABLE "check that it is running",
+    so a dataset being moved (DATASET_MOVING, with its retry delay) read as a dead index."""
+    extractor_address, _ = backends
+    index, index_channel, index_address = serve_index(tmp_path)
+    ix_stub = index_pb2_grpc.IndexServiceStub(index_channel)
+    ix_stub.CreateDataset(index_pb2.CreateDatasetRequest(name="moving"))
+    ix_stub.FenceDataset(index_pb2.FenceDatasetRequest(dataset="moving", ttl_s=60))
+    try:
+        with served_gateway(extractor_address, index_address) as (stub, address):
+            error = failed(stub.DeleteItems, gateway_pb2.DeleteItemsRequest(dataset="moving", ids=["a"]))
+            assert error.code() == grpc.StatusCode.UNAVAILABLE and "being moved" in error.details()
+            found = details(error)
+            assert found[error_details_pb2.ErrorInfo].reason == "DATASET_MOVING"
+            assert found[error_details_pb2.RetryInfo].retry_delay.ToMilliseconds() > 0
+    finally:
+        index_channel.close()
+        index.stop(0)
 
 
 def test_an_ingested_non_image_is_described_without_our_objects(gateway):

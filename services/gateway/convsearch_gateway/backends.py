@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from convsearch.channels import create_channel
 from convsearch.errors import ConvsearchError, Unavailable
 from convsearch.extractor.v1 import extractor_pb2_grpc
-from convsearch.grpc_errors import error_from_call
+from convsearch.grpc_errors import error_from_call, status_of_call
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.observability import LATENCY_BUCKETS, CallObserver
 from convsearch.placement import parse_primaries
@@ -53,9 +53,12 @@ class Backend:
 
     def error(self, exc: grpc.RpcError) -> ConvsearchError:
         """The domain error for a failed call, with the google.rpc.Status details the backend sent
-        (reason, field violations, resource, retry delay), so they pass through to the client;
-        unreachable backends are named with their address and come with a retry delay."""
-        if exc.code() in _UNREACHABLE:
+        (reason, field violations, resource, retry delay), so they pass through to the client,
+        an UNAVAILABLE the backend itself answered (a dataset being moved) included; a backend
+        that could not be reached (no details: gRPC's own status) is named with its address and
+        comes with a retry delay."""
+        status = status_of_call(exc)
+        if exc.code() in _UNREACHABLE and not (status is not None and status.details):
             return Unavailable(f"the {self.name} at {self.address} is unavailable ({exc.code().name}: "
                                f"{exc.details()}); check that it is running", reason="BACKEND_UNAVAILABLE",
                                retry_after_s=UNAVAILABLE_RETRY_S, metadata={"backend": self.name})
