@@ -218,7 +218,7 @@ def test_the_gateway_probes_pass_against_a_tls_gateway(certs, tmp_path):
                  "/etc/convsearch/backend-tls/tls.key": certs / "gateway-client.key"}
         for kind in ("startupProbe", "livenessProbe"):
             assert _run_probe(container[kind]["exec"]["command"], files, 50051, address) == 0, kind
-        # readiness follows the backends, which are not there: NOT_SERVING (1), not unreachable (3)
+        # readiness waits for the backends to have been up; they are not there: NOT_SERVING (1), not unreachable (3)
         assert _run_probe(container["readinessProbe"]["exec"]["command"], files, 50051, address) == 1
         compose = yaml.safe_load((ROOT / "docker-compose.mtls.yml").read_text())
         test = compose["services"]["gateway"]["healthcheck"]["test"]

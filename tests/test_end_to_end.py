@@ -159,8 +159,10 @@ def test_a_stopped_backend_gives_a_fast_clear_unavailable_and_recovers(stack, cl
         with pytest.raises(Unavailable, match=f"the {name} at {address} is unavailable"):
             client.search("fashion200", image=image, configuration=LAST, k=3)
         assert time.monotonic() - started < 5.0
-        wait_for_health(stack, "NOT_SERVING")
         wait_for_health(stack, "NOT_SERVING", f"{GATEWAY}/{name}")
+        # The gateway stays ready: a Kubernetes readiness probe on it must not empty its Service
+        # (and the web page's) while one backend restarts.
+        assert gateway_health(stack) == "SERVING"
         if name == "extractor":  # what needs only the index still works
             assert client.search("fashion200", item_id="bag/t10k-00018", configuration=LAST, k=3).hits
         stack.processes[name], _ = start_service(command, *args, service=service, port=int(address.rsplit(":")[1]))

@@ -22,12 +22,16 @@ log = logging.getLogger("convsearch.gateway")
 
 
 class _GatewayService(RunningService):
-    """Health follows the backends: SERVING when both are, per capability otherwise."""
+    """Ready (its service name SERVING) once both backends have been up, and from then on until
+    it stops: a backend's outage is the same for every gateway, so taking them all out of their
+    Service would only turn clear UNAVAILABLE answers (and the reads a follower or the index
+    alone can serve) into refused connections. The per-capability names follow the backends."""
 
     def __init__(self, backends: Backends, interval_s: float, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.backends = backends
         self._interval_s = interval_s
+        self._ready = False
 
     def start(self) -> None:
         super().start()
@@ -41,7 +45,8 @@ class _GatewayService(RunningService):
         def status(up: bool):
             return health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
 
-        self.set_serving(extractor_up and index_up)
+        self._ready = self._ready or (extractor_up and index_up)
+        self.set_serving(self._ready)
         self.health.set(INDEX_HEALTH, status(index_up))
         self.health.set(EXTRACTOR_HEALTH, status(extractor_up))
 
