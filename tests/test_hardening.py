@@ -359,6 +359,9 @@ def bad_requests(stack):
     for size in (-3, 1000):  # -3 was taken; 1000 failed mid-run with the extractor's limit of a stream message
         calls.append((lambda size=size: list(g.IndexDataset(gw.IndexDatasetRequest(dataset="shoes", batch_size=size))),
                       "INVALID_ARGUMENT", f"batch_size {size} is out of range; use 1 to 256"))
+    calls.append((lambda: list(g.Evaluate(gw.EvaluateRequest(dataset="shoes", models=["pixels"],  # scored at p 2
+                                                             metrics=[common_pb2.METRIC_MINKOWSKI]))),
+                  "INVALID_ARGUMENT", "minkowski needs its p"))
     for p in (0.0, -1.0, float("nan"), float("inf"), 1e300):
         calls.append((lambda p=p: g.Search(gw.SearchRequest(dataset="shoes", item_id="a", configuration=minkowski(p))),
                       "INVALID_ARGUMENT", "minkowski p must be >= 1"))

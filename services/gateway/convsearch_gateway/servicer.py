@@ -170,6 +170,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         configurations = [configuration(c) for c in request.configurations]
         if not configurations:
             metrics = [metric_name(m, "metrics") for m in request.metrics] or ["cosine"]
+            if "minkowski" in metrics:  # models x metrics carry no p, and none is assumed
+                raise InvalidArgument("metrics: minkowski needs its p; give configurations with minkowski_p "
+                                      "(1 to 100) instead of models x metrics", reason="MINKOWSKI_P_REQUIRED",
+                                      field="metrics")
             models = list(request.models) or [m.name for m in self.catalog.models(remaining).models if m.available]
             configurations = [Configuration(model, metric=metric) for model in models for metric in metrics]
         targets = self.catalog.targets(configurations, remaining)
