@@ -3,9 +3,10 @@ and the demo. Tables for people, --json for scripts; errors as one line.
 
 Exit codes: 0 done, 1 the request failed (for `rebalance`: a dataset was skipped), 2 bad usage,
 3 a service is unavailable, 130 interrupted.
-Bad usage (2) includes a file named on the command line that cannot be read and, for `up`, a port
-it needs that another process holds. --gateway defaults to CONVSEARCH_GATEWAY; --json, --gateway,
---api-key and --tls-* go before or after the subcommand.
+Bad usage (2) includes a file named on the command line that cannot be read, a malformed address
+or port and, for `up`, a port it needs that another process holds. Under --json a failure also
+prints {"error": {"code", "reason", "message", "metadata"}} on stdout. --gateway defaults to
+CONVSEARCH_GATEWAY; --json, --gateway, --api-key and --tls-* go before or after the subcommand.
 """
 
 import argparse
@@ -26,10 +27,10 @@ from collections.abc import Iterator
 from convsearch.api_keys import ENV_API_KEY, ROLES, key_line, new_key
 from convsearch.channels import create_channel
 from convsearch.client import Client
-from convsearch.config import check_address
+from convsearch.config import check_address, check_port
 from convsearch.embedding import Configuration
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
-from convsearch.errors import ConvsearchError, NotFound, Unavailable
+from convsearch.errors import AlreadyExists, ConvsearchError, NotFound, Unavailable
 from convsearch.health import wait_until_serving
 from convsearch.local import GATEWAY, LocalStack
 from convsearch.placement import parse_primaries
@@ -93,53 +94,159 @@ def read_file(path: str, option: str) -> bytes:
         raise UsageError(f"{option} {path}: cannot read it ({exc.strerror or exc})") from None
 
 
-def read_items(path: pathlib.Path) -> Iterator[tuple[str, str, bytes]]:
-    """(id, label, bytes) from an ImageFolder-style folder (sub-folders are labels) or a CSV
-    manifest of path,label (paths relative to the manifest). Ids are paths without extension."""
+def checked_address(address: str, what: str) -> str:
+    """`address` when it is host:port; UsageError (exit 2) naming it otherwise."""
+    try:
+        check_address(address, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return address
+
+
+def output_folder(path: str, option: str) -> pathlib.Path:
+    """The folder the user named for output, made if missing; UsageError (exit 2) when it cannot be."""
+    folder = pathlib.Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{option} {path}: is a file, not a folder; name a folder") from None
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: cannot make the folder ({exc.strerror or exc})") from None
+    return folder
+
+
+Source = tuple[str, str, pathlib.Path]
+"""An image to ingest: (id, label, file)."""
+
+
+def image_files(path: pathlib.Path) -> list[Source]:
+    """The images of an ImageFolder-style folder (sub-folders are labels) or of a CSV manifest of
+    path,label. Ids are paths without extension, relative to the folder or the manifest's folder.
+    UsageError (exit 2) for a missing or empty source, or two images that would get one id."""
     if not path.exists():
         raise UsageError(f"{path}: no such folder or file")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise UsageError(f"{path} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-        for file in files:
-            relative = file.relative_to(path)
-            label = relative.parts[0] if len(relative.parts) > 1 else ""
-            yield str(relative.with_suffix("")), label, file.read_bytes()
+        sources = folder_images(path)
     elif path.suffix.lower() == ".csv":
-        try:
-            handle = open(path, newline="")
-        except OSError as exc:
-            raise UsageError(f"{path}: cannot read it ({exc.strerror or exc})") from None
-        with handle:
-            for row in csv.reader(handle):
-                if not row or row[0] == "path":
-                    continue
-                file = path.parent / row[0]
-                if not file.is_file():
-                    raise UsageError(f"{path}: {row[0]} not found (paths are relative to the manifest)")
-                yield str(pathlib.Path(row[0]).with_suffix("")), row[1] if len(row) > 1 else "", file.read_bytes()
+        sources = manifest_images(path)
     else:
         raise UsageError(f"{path} is neither a folder of images nor a .csv manifest")
+    check_unique_ids(sources)
+    return sources
+
+
+def folder_images(folder: pathlib.Path) -> list[Source]:
+    """The regular files (or links to them) with an image suffix under `folder`, skipping hidden
+    entries (a name starting with `.`, e.g. .git/ or macOS ._x.png) and whatever else is not a file
+    (a folder named x.png, a broken link)."""
+    files = sorted(file for file in folder.rglob("*") if file.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in file.relative_to(folder).parts) and file.is_file())
+    if not files:
+        raise UsageError(f"{folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}; hidden ones are skipped)")
+    sources = []
+    for file in files:
+        relative = file.relative_to(folder)
+        sources.append((str(relative.with_suffix("")), relative.parts[0] if len(relative.parts) > 1 else "", file))
+    return sources
+
+
+def manifest_images(manifest: pathlib.Path) -> list[Source]:
+    """The rows of a CSV manifest (UTF-8, with or without Excel's BOM; cells stripped of spaces;
+    a first cell `path` is a header)."""
+    try:
+        with open(manifest, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.reader(handle)
+            rows = [(reader.line_num, [cell.strip() for cell in row]) for row in reader]
+    except UnicodeDecodeError:
+        raise UsageError(f"{manifest}: not UTF-8 text; save it as CSV UTF-8") from None
+    except OSError as exc:
+        raise UsageError(f"{manifest}: cannot read it ({exc.strerror or exc})") from None
+    return [manifest_row(manifest, line, row) for line, row in rows if any(row) and row[0] != "path"]
+
+
+def manifest_row(manifest: pathlib.Path, line: int, row: list[str]) -> Source:
+    """A manifest row's image: a path relative to the manifest's folder, or an absolute one under it."""
+    given = pathlib.Path(row[0])
+    if given.is_absolute():
+        folder = manifest.parent.resolve()
+        try:
+            given = (given.parent.resolve() / given.name).relative_to(folder)
+        except ValueError:
+            raise UsageError(f"{manifest} line {line}: {row[0]} is outside the manifest's folder {folder}; "
+                             "ids are paths relative to it, so list files under it") from None
+    file = manifest.parent / given
+    if not file.is_file():
+        raise UsageError(f"{manifest} line {line}: {row[0]} not found (paths are relative to the manifest)")
+    return str(given.with_suffix("")), row[1] if len(row) > 1 else "", file
+
+
+def check_unique_ids(sources: list[Source]) -> None:
+    """UsageError naming both files when two images would get one id (one would replace the other)."""
+    seen = {}
+    for item_id, _, file in sources:
+        if item_id in seen:
+            raise UsageError(f"{seen[item_id]} and {file} would both be item {item_id!r} (an id is the path "
+                             "without its extension, so one would replace the other): rename or remove one")
+        seen[item_id] = file
+
+
+def read_items(path: pathlib.Path) -> Iterator[tuple[str, str, bytes]]:
+    """(id, label, bytes) of each image of a folder or CSV manifest (see image_files); a file that
+    cannot be read raises OSError (`convsearch ingest` reports it as a failed item instead)."""
+    for item_id, label, file in image_files(path):
+        yield item_id, label, file.read_bytes()
+
+
+def minkowski_p(args, metrics, option: str) -> float:
+    """--p when minkowski is among the metrics (required: the gateway refuses an unset p rather
+    than assume 2); other metrics ignore p."""
+    if "minkowski" not in metrics:
+        return Configuration.minkowski_p
+    if args.p is None:
+        raise UsageError(f"{option} minkowski needs --p, its p (1 to 100; chebyshev is p = infinity)")
+    return args.p
 
 
 def configuration(args) -> Configuration:
-    return Configuration(args.model, tuple(args.layers or ()), args.pooling, args.metric, args.p)
+    return Configuration(args.model, tuple(args.layers or ()), args.pooling, args.metric,
+                         minkowski_p(args, [args.metric], "--metric"))
 
 
-def run_ingest(client: Client, dataset: str, path: pathlib.Path) -> dict:
-    items = list(read_items(path))
+def ensure_dataset(client: Client, dataset: str) -> None:
+    """Creates the dataset unless it exists; another ingest creating it meanwhile is no failure."""
     try:
         client.dataset(dataset)
     except NotFound:
-        client.create_dataset(dataset)
+        try:
+            client.create_dataset(dataset)
+        except AlreadyExists:
+            pass
+
+
+def run_ingest(client: Client, dataset: str, path: pathlib.Path) -> dict:
+    """Ingests a folder or manifest, reading each file as it is sent; a file that cannot be read
+    is a failed item, like an image the gateway refuses."""
+    sources = image_files(path)
+    ensure_dataset(client, dataset)
     counts = {"stored": 0, "replaced": 0, "failed": 0}
     failures = []
-    for done, result in enumerate(client.ingest(dataset, items), 1):
+
+    def readable():
+        for item_id, label, file in sources:
+            try:
+                data = file.read_bytes()
+            except OSError as exc:
+                counts["failed"] += 1
+                failures.append(f"{item_id}: cannot read {file} ({exc.strerror or exc})")
+                continue
+            yield item_id, label, data
+
+    for result in client.ingest(dataset, readable()):
         counts[result.status] += 1
         if result.error:
             failures.append(f"{result.id}: {result.error}")
-        progress("ingest", done, len(items), final=done == len(items))
+        progress("ingest", sum(counts.values()), len(sources))
+    progress("ingest", sum(counts.values()), len(sources), final=True)
     for failure in failures[:10]:
         print(f"  failed {failure}", file=sys.stderr)
     return {"dataset": dataset, **counts}
@@ -216,6 +323,10 @@ def check_up_ports(args) -> None:
     ports = up_ports(args)
     chosen = [port for port in ports.values() if port]
     for service, port in ports.items():
+        try:
+            check_port(port, UP_PORT_OPTIONS[service])
+        except ValueError as exc:
+            raise UsageError(f"{exc} (0: a free one)") from None
         if port and chosen.count(port) > 1:
             raise UsageError(f"port {port} is given to more than one service; pass different --port, "
                              "--extractor-port, --index-port and --web-port")
@@ -260,12 +371,10 @@ def up_failed(args, stack: LocalStack, exited: list[str]) -> int:
         log = logs.get(service, "")
         if "cannot listen on" in log:
             port = getattr(args, UP_PORT_OPTIONS[service].lstrip("-").replace("-", "_"))
-            print(f"convsearch: {busy_port_message(args.host, port, service)}", file=sys.stderr)
-            return 2
+            return failed(args, UsageError(busy_port_message(args.host, port, service)), 2, prefix="")
     last_lines = "\n".join(logs.get(exited[0], "").strip().splitlines()[-10:])
-    print(f"convsearch: the {exited[0]} exited; stopped the others. Its last log lines:\n{last_lines}",
-          file=sys.stderr)
-    return 1
+    return failed(args, RuntimeError(f"the {exited[0]} exited; stopped the others. Its last log lines:\n{last_lines}"),
+                  1, prefix="")
 
 
 def cmd_models(args, client: Client) -> int:
@@ -337,9 +446,20 @@ def run_evaluate(client: Client, dataset: str, **options):
     return last.results
 
 
+def evaluated(args, client: Client) -> dict:
+    """What `evaluate` scores: models x metrics, or with minkowski (whose p the gateway takes only
+    in a configuration) the same as explicit configurations carrying --p."""
+    metrics = args.metrics or []
+    if "minkowski" not in metrics:
+        return {"models": args.models or (), "metrics": metrics}
+    p = minkowski_p(args, metrics, "--metrics")
+    models = args.models or [model.name for model in client.models() if model.available]
+    return {"configurations": [Configuration(model, metric=metric, minkowski_p=p)
+                               for model in models for metric in metrics]}
+
+
 def cmd_evaluate(args, client: Client) -> int:
-    results = run_evaluate(client, args.dataset, models=args.models or (), metrics=args.metrics or (), k=args.k,
-                           recompute=args.recompute)
+    results = run_evaluate(client, args.dataset, **evaluated(args, client), k=args.k, recompute=args.recompute)
     columns = ["model", "layer", "metric", "score", f"P@{args.k}", f"mAP@{args.k}", "dims", "params", "weights"]
     emit(args, results, score_rows(results), columns)
     if results and not args.json:
@@ -400,11 +520,12 @@ def cmd_project(args, client: Client) -> int:
 
 
 def cmd_inspect(args, client: Client) -> int:
+    if args.id and not args.dataset:
+        raise UsageError("--id needs --dataset, the dataset the item is in")
     image = read_file(args.image, "--image") if args.image else None
+    out = output_folder(args.out, "--out")
     found = client.inspect(args.layer, image=image, dataset=args.dataset or "", item_id=args.id or "",
                            model=args.model, top_channels=args.top)
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for rank, (channel, mean, png) in enumerate(found.channels, 1):
         path = out / f"{found.layer.replace('/', '_')}-{rank:02d}-channel{channel}.png"
@@ -513,7 +634,8 @@ def demo(client: Client) -> int:
 
 
 def cmd_demo(args) -> int:
-    channel = create_channel(args.gateway, credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
+    channel = create_channel(checked_address(args.gateway, "--gateway"),
+                             credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
     try:
         wait_until_serving(channel, GATEWAY, timeout_s=1.0)
         running = True
@@ -531,6 +653,9 @@ def cmd_demo(args) -> int:
 
 
 # ---- parsing -----------------------------------------------------------------------------
+
+MINKOWSKI_P_HELP = "p of the minkowski metric, 1 to 100: required with minkowski, ignored by other metrics"
+
 
 def add_output_options(parser: argparse.ArgumentParser, default=False) -> None:
     parser.add_argument("--json", action="store_true", default=default,
@@ -620,7 +745,7 @@ def parser() -> argparse.ArgumentParser:
         command.add_argument("--layers", "--layer", nargs="*", help=layers_help)
         command.add_argument("--pooling", default="avg", choices=list(POOLING_ENUMS))
         command.add_argument("--metric", default="cosine", choices=list(METRIC_ENUMS))
-        command.add_argument("--p", type=float, default=2.0, help="minkowski p")
+        command.add_argument("--p", type=float, help=MINKOWSKI_P_HELP)
 
     index = commands.add_parser("index", help="embed and index a dataset at a configuration")
     add_configuration(index, "default: the model's featured layers")
@@ -637,6 +762,7 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", required=True)
     evaluate.add_argument("--models", nargs="*", help="default: every available model, at its featured layers")
     evaluate.add_argument("--metrics", nargs="*", choices=list(METRIC_ENUMS), help="default: cosine")
+    evaluate.add_argument("--p", type=float, help=MINKOWSKI_P_HELP)
     evaluate.add_argument("--k", type=int, default=15, help="k of P@k and mAP@k")
     evaluate.add_argument("--recompute", action="store_true", help="ignore stored results")
     evaluate.add_argument("--plot", help="write a chart of mean score per layer for each model to this PNG")
@@ -722,16 +848,17 @@ def cmd_health(args) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = create_channel(args.address, credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
+    channel = create_channel(checked_address(args.address, "address"),
+                             credentials=client_credentials(args.tls_ca, args.tls_cert, args.tls_key))
     try:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=args.service),
                                                           timeout=args.timeout)
     except grpc.RpcError as exc:
         if exc.code() == grpc.StatusCode.NOT_FOUND:
-            print(f"{args.address}: no health status for service {args.service!r}", file=sys.stderr)
-            return 1
-        print(f"{args.address}: unreachable ({exc.code().name}: {exc.details()})", file=sys.stderr)
-        return 3
+            raise NotFound(f"{args.address}: no health status for service {args.service!r}",
+                           metadata={"address": args.address, "service": args.service}) from None
+        raise Unavailable(f"{args.address}: unreachable ({exc.code().name}: {exc.details()})",
+                          metadata={"address": args.address}) from None
     finally:
         channel.close()
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -747,36 +874,60 @@ HANDLERS = {"models": cmd_models, "datasets": cmd_datasets, "ingest": cmd_ingest
             "snapshot": cmd_snapshot}
 
 
+LOCAL_ERRORS = ((UsageError, "INVALID_ARGUMENT", "USAGE"), (TLSError, "INVALID_ARGUMENT", "TLS"),
+                (KeyboardInterrupt, "CANCELLED", "INTERRUPTED"))
+"""(exception, code, reason) of the failures the CLI meets itself, for --json's error object."""
+
+
+def error_object(exc: BaseException, message: str) -> dict:
+    """--json's description of a failure: a service's code, reason and metadata, or the CLI's own."""
+    if isinstance(exc, ConvsearchError):
+        return {"code": exc.code, "reason": exc.reason, "message": message, "metadata": exc.metadata}
+    code, reason = next(((code, reason) for kind, code, reason in LOCAL_ERRORS if isinstance(exc, kind)),
+                        ("UNKNOWN", "LOCAL_ERROR"))
+    return {"code": code, "reason": reason, "message": message, "metadata": {"exception": type(exc).__name__}}
+
+
+def failed(args, exc: BaseException, exit_code: int, prefix: str | None = None) -> int:
+    """Reports a failure as one line on stderr (prefixed with the exception's type unless given)
+    and, under --json, as {"error": {...}} on stdout; returns the exit code."""
+    message = str(exc) or "interrupted"
+    prefix = f"{type(exc).__name__}: " if prefix is None else prefix
+    print(f"convsearch: {prefix}{message}", file=sys.stderr)
+    if getattr(args, "json", False):
+        print(json.dumps({"error": error_object(exc, message)}))
+    return exit_code
+
+
+def run_command(args) -> int:
+    if args.command == "up":
+        return cmd_up(args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    if args.command == "health":
+        return cmd_health(args)
+    if args.command == "rebalance":
+        return cmd_rebalance(args)
+    if args.command == "api-key":
+        return cmd_api_key(args)
+    with Client(checked_address(args.gateway, "--gateway"), **tls_options(args), api_key=args.api_key) as client:
+        return HANDLERS[args.command](args, client)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     try:
-        if args.command == "up":
-            return cmd_up(args)
-        if args.command == "demo":
-            return cmd_demo(args)
-        if args.command == "health":
-            return cmd_health(args)
-        if args.command == "rebalance":
-            return cmd_rebalance(args)
-        if args.command == "api-key":
-            return cmd_api_key(args)
-        with Client(args.gateway, **tls_options(args), api_key=args.api_key) as client:
-            return HANDLERS[args.command](args, client)
+        return run_command(args)
     except UsageError as exc:
-        print(f"convsearch: {exc}", file=sys.stderr)
-        return 2
+        return failed(args, exc, 2, prefix="")
     except Unavailable as exc:
-        print(f"convsearch: {exc}", file=sys.stderr)
-        return 3
+        return failed(args, exc, 3, prefix="")
     except TLSError as exc:
-        print(f"convsearch: TLS: {exc}", file=sys.stderr)
-        return 2
+        return failed(args, exc, 2, prefix="TLS: ")
     except (ConvsearchError, RuntimeError, OSError) as exc:
-        print(f"convsearch: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("convsearch: interrupted", file=sys.stderr)
-        return 130
+        return failed(args, exc, 1)
+    except KeyboardInterrupt as exc:
+        return failed(args, exc, 130, prefix="")
 
 
 if __name__ == "__main__":

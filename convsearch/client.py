@@ -21,7 +21,7 @@ from convsearch.api_keys import ENV_API_KEY, with_api_key
 from convsearch.channels import MIN_VERSION_KEY, VERSION_KEY, create_channel
 from convsearch.embedding import Configuration
 from convsearch.enums import metric_enum, pooling_enum
-from convsearch.errors import ConvsearchError, Unavailable
+from convsearch.errors import ConvsearchError, InvalidArgument, Unavailable, shown
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.grpc_errors import error_from_call
@@ -29,6 +29,9 @@ from convsearch.inspection import Inspection
 from convsearch.tls import client_credentials
 
 DEFAULT = Configuration()  # the default model at its featured layers, average pooling, cosine
+MAX_K = 1000  # the most results the gateway returns (Search's and Evaluate's k)
+INT32_MAX = 2**31 - 1
+PROJECTION_METHODS = {"pca": pb.PROJECTION_METHOD_PCA, "umap": pb.PROJECTION_METHOD_UMAP}
 _STATUS_NAMES = {pb.INGEST_STATUS_STORED: "stored", pb.INGEST_STATUS_REPLACED: "replaced",
                  pb.INGEST_STATUS_FAILED: "failed"}
 
@@ -205,6 +208,15 @@ def _configuration(configuration: Configuration) -> pb.Configuration:
                             minkowski_p=configuration.minkowski_p)
 
 
+def _k(k: int) -> int:
+    """k as the gateway takes it (0 means 15), refused here as the gateway would refuse it, even
+    where it does not fit the message."""
+    if not 0 <= k <= MAX_K:
+        raise InvalidArgument(f"k = {shown(k)} is out of range; use 1 to {MAX_K} (0 means 15)",
+                              reason="K_OUT_OF_RANGE", field="k", metadata={"k": str(k), "max_k": str(MAX_K)})
+    return k
+
+
 def _dataset(message, collections=()) -> Dataset:
     return Dataset(message.name, message.description, message.item_count, message.collection_count,
                    _time(message.create_time),
@@ -313,21 +325,35 @@ class Client:
     def ingest(self, dataset: str, items: Iterable[tuple], configurations: Sequence[Configuration] = (),
                batch: int = 32) -> Iterator[IngestResult]:
         """Stores items given as (id, label, image bytes) or (id, label, image bytes, metadata);
-        yields a result per item, in order. With configurations, embeds them at once."""
+        yields a result per item, in order. With configurations, embeds them at once.
+
+        Should iterating `items` raise, the items before are still sent (their results are
+        yielded) and the exception then propagates unchanged."""
+        raised = []  # what iterating `items` raised: it ends the stream, and is raised at its end
+
         def requests():
             first = True
             chunk = []
-            for item in items:
-                chunk.append(pb.Item(id=item[0], label=item[1] or "", image=item[2],
-                                            metadata=item[3] if len(item) > 3 else {}))
-                if len(chunk) == batch:
-                    yield self._ingest_message(dataset, configurations, chunk, first)
-                    first, chunk = False, []
+            try:
+                for item in items:
+                    chunk.append(pb.Item(id=item[0], label=item[1] or "", image=item[2],
+                                         metadata=item[3] if len(item) > 3 else {}))
+                    if len(chunk) == batch:
+                        yield self._ingest_message(dataset, configurations, chunk, first)
+                        first, chunk = False, []
+            except Exception as exc:  # raised again in the caller's thread, not lost in gRPC's
+                raised.append(exc)
             if chunk or first:
                 yield self._ingest_message(dataset, configurations, chunk, first)
 
-        for reply in self._stream("Ingest", requests()):
-            yield IngestResult(reply.id, _STATUS_NAMES.get(reply.status, "failed"), reply.error, reply.indexed)
+        try:
+            for reply in self._stream("Ingest", requests()):
+                yield IngestResult(reply.id, _STATUS_NAMES.get(reply.status, "failed"), reply.error, reply.indexed)
+        except ConvsearchError:
+            if not raised:
+                raise
+        if raised:
+            raise raised[0]
 
     @staticmethod
     def _ingest_message(dataset, configurations, chunk, first) -> pb.IngestRequest:
@@ -347,9 +373,12 @@ class Client:
     def search(self, dataset: str, image: bytes | None = None, item_id: str | None = None,
                configuration: Configuration = DEFAULT, k: int = 15, include_labels: Sequence[str] = (),
                exclude_labels: Sequence[str] = (), exact: bool = False) -> SearchResult:
-        """The k nearest items to an image or a stored item, under a configuration of one layer
-        (no layer: the model's last featured layer)."""
-        request = pb.SearchRequest(dataset=dataset, configuration=_configuration(configuration), k=k,
+        """The k nearest items to an image or a stored item (give one), under a configuration of
+        one layer (no layer: the model's last featured layer). k: 1 to 1000; 0 means 15."""
+        if image is not None and item_id is not None:
+            raise InvalidArgument("give image or item_id, not both", reason="QUERY_AMBIGUOUS", field="query",
+                                  metadata={"item": item_id})
+        request = pb.SearchRequest(dataset=dataset, configuration=_configuration(configuration), k=_k(k),
                                    include_labels=include_labels, exclude_labels=exclude_labels, exact=exact)
         if item_id is not None:
             request.item_id = item_id
@@ -362,7 +391,11 @@ class Client:
             reply.scored_results, reply.exact, reply.pretrained, reply.weights)
 
     def image(self, dataset: str, item_id: str, thumbnail_size: int = 0) -> bytes:
-        """An item's image bytes, or a thumbnail fitting thumbnail_size x thumbnail_size."""
+        """An item's image bytes (thumbnail_size 0), or a thumbnail fitting thumbnail_size x thumbnail_size."""
+        if not 0 <= thumbnail_size <= INT32_MAX:
+            raise InvalidArgument(f"thumbnail_size = {shown(thumbnail_size)} is out of range; use 0 for the original "
+                                  "image or a positive size in pixels", reason="THUMBNAIL_SIZE_OUT_OF_RANGE",
+                                  field="thumbnail_size", metadata={"thumbnail_size": str(thumbnail_size)})
         return self._call("GetImage", pb.GetImageRequest(dataset=dataset, item_id=item_id,
                                                          thumbnail_size=thumbnail_size)).image
 
@@ -371,7 +404,7 @@ class Client:
         """Scores configurations (explicit; or models x metrics at featured layers; or every
         available model); yields progress, the last with the results, best first."""
         request = pb.EvaluateRequest(dataset=dataset, configurations=[_configuration(c) for c in configurations],
-                                     models=models, metrics=[metric_enum(m) for m in metrics], k=k,
+                                     models=models, metrics=[metric_enum(m) for m in metrics], k=_k(k),
                                      recompute=recompute)
         for reply in self._stream("Evaluate", request):
             yield EvaluationProgress(reply.phase, reply.done, reply.total, reply.finished,
@@ -388,11 +421,12 @@ class Client:
     def project(self, dataset: str, configuration: Configuration = DEFAULT, method: str = "pca", seed: int = 0,
                 max_points: int = 5000) -> Projection:
         """2-D coordinates (pca or umap) of a collection's vectors with their ids and labels."""
-        methods = {"pca": pb.PROJECTION_METHOD_PCA, "umap": pb.PROJECTION_METHOD_UMAP}
-        if method not in methods:
-            raise ValueError(f"method must be pca or umap, not {method!r}")
+        if method not in PROJECTION_METHODS:
+            raise InvalidArgument(f"unknown projection method {shown(method)}; use pca or umap",
+                                  reason="PROJECTION_METHOD_UNKNOWN", field="method", metadata={"method": str(method)})
         reply = self._call("Project", pb.ProjectRequest(dataset=dataset, configuration=_configuration(configuration),
-                                                        method=methods[method], seed=seed, max_points=max_points))
+                                                        method=PROJECTION_METHODS[method], seed=seed,
+                                                        max_points=max_points))
         return Projection(tuple(reply.ids), tuple(reply.labels), tuple(reply.x), tuple(reply.y), reply.sampled,
                           reply.total, reply.collection)
 
