@@ -544,6 +544,7 @@ def test_the_web_page_reaches_the_gateway_and_is_probed_over_http(folder):
     env = {e["name"]: e for e in container["env"]}
     assert env["CONVSEARCH_WEB_GATEWAY"]["value"] == f"convsearch-gateway:{GRPC_PORT['gateway']}"
     assert env["CONVSEARCH_WEB_API_KEY"]["valueFrom"]["secretKeyRef"]["optional"] is True
+    assert env["CONVSEARCH_WEB_ALLOWED_HOSTS"]["value"] == WEB  # its Service's name; localhost is always allowed
     assert container["ports"] == [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
     paths = {kind: container[kind]["httpGet"]["path"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert paths == {"startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz"}

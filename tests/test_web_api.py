@@ -26,7 +26,7 @@ from convsearch.tls import channel_credentials
 from convsearch_gateway.config import GatewayConfig
 from convsearch_gateway.server import build_server as build_gateway
 from convsearch_web.app import create_app
-from convsearch_web.config import WebConfig
+from convsearch_web.config import WebConfig, load_config
 from convsearch_web.errors import http_status
 from convsearch_web.server import listen
 from tests.conftest import running_backends, running_gateway
@@ -36,6 +36,13 @@ DATASET = "shop"
 PIXELS = Configuration("pixels", ("8x8", "16x16"), metric="cosine")
 SEARCH = {"model": "pixels", "layer": "16x16", "pooling": "avg", "metric": "cosine"}
 PER_CLASS = 3
+PAGE = {"X-Requested-With": "convsearch"}  # what the page sends with every call
+
+
+def page_client(config: WebConfig, host: str = "localhost", headers: dict | None = None) -> TestClient:
+    """A client of the app as the page's scripts are (at http://localhost, with the page's header),
+    or with other headers, at another host name."""
+    return TestClient(create_app(config), base_url=f"http://{host}", headers=PAGE if headers is None else headers)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def gateway(backends):
 
 @pytest.fixture(scope="module")
 def web(gateway):
-    with TestClient(create_app(WebConfig(gateway=gateway, max_upload_mb=0.05))) as client:
+    with page_client(WebConfig(gateway=gateway, max_upload_mb=0.05)) as client:
         yield client
 
 
@@ -198,6 +205,7 @@ def test_a_chunked_upload_is_refused_once_past_the_limit_without_reading_the_res
         connection.putrequest("POST", f"/api/datasets/{DATASET}/search/image")
         connection.putheader("Content-Type", "multipart/form-data; boundary=b")
         connection.putheader("Transfer-Encoding", "chunked")
+        connection.putheader("X-Requested-With", "convsearch")
         connection.endheaders()
         envelope = b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
         for chunk in (envelope, *[bytes(256 << 10)] * 4):  # 1 MiB of a body that never ends
@@ -224,6 +232,73 @@ def test_a_page_of_another_site_cannot_use_the_api_through_a_visitors_browser(we
     for site in ("same-origin", "none"):  # the page itself; an address typed in
         assert web.get("/api/datasets", headers={"Sec-Fetch-Site": site}).status_code == 200
     assert web.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200  # a link to the page
+
+
+def collection_names(gateway: str) -> list[str]:
+    with Client(gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        return [c.name for c in client.dataset(DATASET).collections]
+
+
+def test_a_page_of_another_site_cannot_start_work_over_plain_http(web, gateway, png_bytes):
+    """Browsers send Sec-Fetch-Site only to secure or localhost origins: with the page at
+    http://host:8080 on a LAN, an <img> of the events URL on any page a visitor had open started
+    indexing (and evaluation), and a cross-site form could post an upload."""
+    other_site = TestClient(web.app, base_url="http://localhost")  # no Sec-Fetch-*, no page header
+    jobs = [(f"/api/datasets/{DATASET}/index/events", {"model": "pixels", "layers": "64x64", "metric": "manhattan"}),
+            (f"/api/datasets/{DATASET}/evaluate/events", {"models": "pixels", "metrics": "manhattan"})]
+    for path, params in jobs:
+        refused = error_of(other_site.get(path, params=params), 403, "PERMISSION_DENIED")
+        assert refused["reason"] == "CSRF" and "X-Requested-With: convsearch" in refused["message"]
+        forged = other_site.get(path, params=params, headers={"X-Requested-With": "XMLHttpRequest"})
+        assert error_of(forged, 403, "PERMISSION_DENIED")["reason"] == "CSRF"
+    assert not [name for name in collection_names(gateway) if name.endswith("/manhattan")]
+    form = {"file": ("query.png", png_bytes, "image/png")}
+    for path, data in ((f"/api/datasets/{DATASET}/search/image", SEARCH),
+                       ("/api/inspect", {"model": "pixels", "layer": "16x16"})):
+        assert error_of(other_site.post(path, data=data, files=form), 403, "PERMISSION_DENIED")["reason"] == "CSRF"
+    search = other_site.post(f"/api/datasets/{DATASET}/search", json={**SEARCH, "item_id": "coat/t10k-00006"})
+    assert error_of(search, 403, "PERMISSION_DENIED")["reason"] == "CSRF"
+    assert other_site.get("/api/datasets").status_code == 200  # reading: another site cannot see the answer
+    assert web.post(f"/api/datasets/{DATASET}/search", json={**SEARCH, "item_id": "coat/t10k-00006"}).status_code == 200
+
+
+def test_a_host_name_the_service_was_not_told_is_refused(web, gateway):
+    """DNS rebinding: a page at http://attacker.example:8080, its name then resolving to this
+    service, is same-origin with it (Sec-Fetch-Site: same-origin) and read the API."""
+    rebound = TestClient(web.app, base_url="http://attacker.example:8080", headers=PAGE)
+    for path in ("/api/datasets", "/"):
+        refused = error_of(rebound.get(path, headers={"Sec-Fetch-Site": "same-origin"}), 403, "PERMISSION_DENIED")
+        assert refused["reason"] == "HOST_NOT_ALLOWED" and "--allowed-hosts" in refused["message"], refused
+    assert rebound.get("/healthz").status_code == 200 and rebound.get("/readyz").status_code == 200  # probes by IP
+    for host in ("localhost:8080", "127.0.0.1:1234", "[::1]:8080", "LOCALHOST"):
+        assert TestClient(web.app, base_url=f"http://{host}").get("/api/datasets").status_code == 200, host
+    config = WebConfig(gateway=gateway, allowed_hosts="convsearch-web, Search.Example.org,[fd00::1]")
+    for host in ("convsearch-web:8080", "search.example.org", "[FD00::1]:80"):
+        with page_client(config, host) as allowed:
+            assert allowed.get("/api/datasets").status_code == 200, host
+    with page_client(config, "convsearch-web.attacker.example") as other:
+        assert error_of(other.get("/api/datasets"), 403, "PERMISSION_DENIED")["reason"] == "HOST_NOT_ALLOWED"
+    with page_client(WebConfig(gateway=gateway, allowed_hosts="*"), "anything.example:8080") as anyone:
+        assert anyone.get("/api/datasets").status_code == 200
+
+
+def test_the_allowed_hosts_flag_and_variable(monkeypatch, capsys):
+    monkeypatch.setenv("CONVSEARCH_WEB_ALLOWED_HOSTS", "convsearch-web,search.example.org")
+    assert load_config([]).allowed_hosts == "convsearch-web,search.example.org"
+    assert load_config(["--allowed-hosts", "*"]).allowed_hosts == "*"
+    with pytest.raises(SystemExit):
+        load_config(["--allowed-hosts", "http://search.example.org:8080"])
+    assert "not a host name" in capsys.readouterr().err
+
+
+def test_the_page_and_the_api_may_not_be_framed_nor_sniffed(web):
+    """Any site could show the page in an invisible frame and have a visitor click Index."""
+    rebound = TestClient(web.app, base_url="http://attacker.example")
+    for response in (web.get("/"), web.get("/static/app.js"), web.get("/api/datasets"),
+                     web.get("/api/datasets/nowhere"), rebound.get("/")):
+        assert response.headers["x-frame-options"] == "DENY", response.url
+        assert response.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert response.headers["x-content-type-options"] == "nosniff"
 
 
 @pytest.mark.parametrize("error, status", [
@@ -305,7 +380,7 @@ def test_a_failure_during_a_job_is_an_event_with_the_error(web):
 
 
 def test_an_unreachable_gateway_is_503(tmp_path):
-    with TestClient(create_app(WebConfig(gateway=f"127.0.0.1:{free_port()}", timeout_s=2.0))) as web:
+    with page_client(WebConfig(gateway=f"127.0.0.1:{free_port()}", timeout_s=2.0)) as web:
         assert web.get("/healthz").status_code == 200
         assert web.get("/readyz").status_code == 503
         error_of(web.get("/api/datasets"), 503, "UNAVAILABLE")
@@ -317,12 +392,12 @@ def test_the_api_key_is_sent_and_a_missing_one_is_401(gateway, backends, tmp_pat
     keys = tmp_path / "keys.txt"
     keys.write_text(key_line(key, "read") + "\n")
     with running_gateway(*backends, api_keys=str(keys)) as (_, _, address):
-        with TestClient(create_app(WebConfig(gateway=address, api_key=key))) as web:
+        with page_client(WebConfig(gateway=address, api_key=key)) as web:
             assert DATASET in [d["name"] for d in web.get("/api/datasets").json()]
             # a read key may not index: the gateway's PERMISSION_DENIED ends the stream as a 403 failure
             refused = events(web.get(f"/api/datasets/{DATASET}/index/events", params={"model": "pixels"}))
             assert refused[-1][0] == "failure" and refused[-1][1]["status"] == 403
-        with TestClient(create_app(WebConfig(gateway=address, api_key=""))) as web:
+        with page_client(WebConfig(gateway=address, api_key="")) as web:
             error_of(web.get("/api/datasets"), 401, "UNAUTHENTICATED")
 
 
@@ -358,8 +433,8 @@ def test_the_web_service_reaches_a_tls_gateway_with_its_ca(gateway, backends, tm
     subprocess.run([sys.executable, str(ROOT / "scripts" / "dev_certs.py"), "--out", str(certs)], check=True,
                    capture_output=True)
     with tls_gateway(backends, certs) as address:
-        with TestClient(create_app(WebConfig(gateway=address, tls_ca=str(certs / "ca.crt")))) as web:
+        with page_client(WebConfig(gateway=address, tls_ca=str(certs / "ca.crt"))) as web:
             assert DATASET in [d["name"] for d in web.get("/api/datasets").json()]
             assert web.get("/readyz").status_code == 200
-        with TestClient(create_app(WebConfig(gateway=address, timeout_s=2.0))) as web:  # plaintext to TLS
+        with page_client(WebConfig(gateway=address, timeout_s=2.0)) as web:  # plaintext to TLS
             error_of(web.get("/api/datasets"), 503, "UNAVAILABLE")

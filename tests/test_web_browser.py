@@ -4,9 +4,13 @@ index it from the page, click an image and get 15 results and a score, search wi
 image, evaluate and draw the chart, draw the map and search from it, look at activation maps, and
 read an error. Screenshots go to test-output/web/."""
 
+import functools
+import http.server
 import os
 import pathlib
 import shutil
+import threading
+import urllib.parse
 
 import pytest
 from selenium import webdriver
@@ -30,6 +34,8 @@ CHROMEDRIVER = os.environ.get("CONVSEARCH_CHROMEDRIVER", "/usr/bin/chromedriver"
 DATASET = "closet"
 PER_CLASS = 4
 WAIT_S = 90
+VICTIM = "victim.test"  # the page's name on a LAN (plain HTTP, not localhost: no Fetch Metadata)
+ATTACKER = "attacker.test"  # another site a visitor has open; both resolve to 127.0.0.1 in the browser
 
 
 def browser_paths() -> tuple[str, str]:
@@ -43,7 +49,10 @@ def browser_paths() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """The local stack with the web page, and a labeled dataset of 40 images, not yet indexed."""
-    with LocalStack(tmp_path_factory.mktemp("data"), web=True) as running:
+    with pytest.MonkeyPatch.context() as env:  # the services start in __init__, with this environment
+        env.setenv("CONVSEARCH_WEB_ALLOWED_HOSTS", VICTIM)
+        running = LocalStack(tmp_path_factory.mktemp("data"), web=True)
+    with running:
         with Client(running.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
             client.create_dataset(DATASET, "for the browser test")
             items = [(f"{label}/{image_id}", label, encode_png(pixels))
@@ -58,7 +67,7 @@ def browser():
     options = Options()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                     "--disable-gpu"):
+                     "--disable-gpu", f"--host-resolver-rules=MAP {VICTIM} 127.0.0.1, MAP {ATTACKER} 127.0.0.1"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(WAIT_S)
@@ -175,3 +184,41 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     severe = [entry for entry in driver.get_log("browser")
               if entry["level"] == "SEVERE" and "status of 404" not in entry["message"]]
     assert not severe, severe
+
+
+@pytest.fixture
+def attacker_site(tmp_path):
+    """Serves tmp_path as another site on a free port; yields its folder and port."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_another_sites_page_cannot_index_frame_the_page_or_rebind_its_name(stack, browser, attacker_site):
+    """With the page reached over plain HTTP by a host name, the browser sends no Sec-Fetch-Site:
+    an <img> of the events URL on another site's page started indexing, the page could be framed
+    (clickjacking), and a name of the attacker's resolving to the service read its API."""
+    driver = browser
+    port = urllib.parse.urlsplit(stack.web_url).port
+    victim = f"http://{VICTIM}:{port}"
+    driver.get(f"{victim}/")  # the page itself works under the name it was told
+    wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "the page to load")
+    no_error(driver)
+
+    folder, attacker_port = attacker_site
+    events = f"{victim}/api/datasets/{DATASET}/index/events?model=pixels&amp;layers=64x64&amp;metric=manhattan"
+    (folder / "page.html").write_text(f'<img src="{events}"><iframe id="frame" src="{victim}/"></iframe>')
+    driver.get(f"http://{ATTACKER}:{attacker_port}/page.html")
+    wait_for(driver, lambda d: d.execute_script("return document.readyState") == "complete", "the attacker's page")
+    with Client(stack.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        assert not [c.name for c in client.dataset(DATASET).collections if c.name.endswith("/manhattan")]
+    driver.switch_to.frame("frame")
+    framed = driver.execute_script("return [location.href, document.title]")
+    assert framed[1] != "ConvNet Search playground", framed  # the browser refused to show it in a frame
+    driver.switch_to.default_content()
+
+    driver.get(f"http://{ATTACKER}:{port}/api/datasets")  # DNS rebinding: the attacker's name, the service's address
+    assert "HOST_NOT_ALLOWED" in driver.page_source and DATASET not in driver.page_source

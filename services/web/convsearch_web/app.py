@@ -6,7 +6,7 @@ import importlib.util
 import pathlib
 
 import grpc
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,10 +18,10 @@ from convsearch.tls import client_credentials
 from convsearch_web import errors
 from convsearch_web.api import router
 from convsearch_web.config import WebConfig
+from convsearch_web.security import Guard
 
 STATIC = pathlib.Path(__file__).resolve().parent / "static"
 UPLOAD_SLACK = 64 * 1024  # the multipart envelope and form fields around an uploaded image
-OTHER_SITES = ("cross-site", "same-site")  # Sec-Fetch-Site values of a request made by another origin's page
 
 
 def plotly_js() -> pathlib.Path:
@@ -101,16 +101,7 @@ def create_app(config: WebConfig) -> FastAPI:
     errors.install(app)
 
     app.add_middleware(BodyLimit, config=config)
-
-    @app.middleware("http")
-    async def refuse_other_sites(request: Request, call_next):
-        """403 for an API request another site's page made (the browser says so in Sec-Fetch-Site):
-        the API acts with the service's own key, so a page elsewhere must not start indexing or
-        read datasets through a visitor's browser. Requests without the header (curl, scripts) pass."""
-        if request.url.path.startswith("/api/") and request.headers.get("sec-fetch-site") in OTHER_SITES:
-            return errors.refusal(403, "PERMISSION_DENIED", "CROSS_SITE", "the API answers only the page it serves "
-                                  "and clients outside a browser, not a page of another site")
-        return await call_next(request)
+    app.add_middleware(Guard, hosts=config.allowed_hosts)  # outside BodyLimit: refused before any body is read
     app.include_router(router)
 
     @app.get("/", include_in_schema=False)

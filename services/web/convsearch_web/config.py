@@ -5,6 +5,7 @@ import dataclasses
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.tls import check_client_options
+from convsearch_web.security import check_allowed_hosts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,8 @@ class WebConfig:
     tls_key: str = option("", "PEM private key of tls_cert (empty: CONVSEARCH_TLS_KEY)")
     timeout_s: float = option(120.0, "deadline of each call to the gateway, in seconds")
     max_upload_mb: float = option(10.0, "largest image a person may upload to search with, in MiB")
+    allowed_hosts: str = option("", "host names (comma-separated; * for any) the page is reached as, besides "
+                                    "localhost, 127.0.0.1 and [::1]: other Host headers are refused")
     log_format: str = option("text", f"log lines as {' or '.join(LOG_FORMATS)}")
 
     @property
@@ -35,6 +38,7 @@ class WebConfig:
         check_positive(self.timeout_s, "timeout_s")
         check_positive(self.max_upload_mb, "max_upload_mb")
         check_log_format(self.log_format)
+        check_allowed_hosts(self.allowed_hosts)
         check_client_options(self.tls_ca, self.tls_cert, self.tls_key)
 
 

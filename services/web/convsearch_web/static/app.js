@@ -13,14 +13,38 @@ const $ = (id) => document.getElementById(id);
 
 class ApiError extends Error {}
 
-async function api(path, options) {
-  const response = await fetch(path, options);
-  const body = await response.json().catch(() => null);
+// Every call says it is the page's own: another site's page cannot send this header without a CORS
+// preflight, which the service never grants, so it cannot make the service index or search.
+const FROM_THE_PAGE = {"X-Requested-With": "convsearch"};
+
+async function request(path, options) {
+  const response = await fetch(path, {...options, headers: {...FROM_THE_PAGE, ...options?.headers}});
   if (!response.ok) {
+    const body = await response.json().catch(() => null);
     const message = body && body.error ? body.error.message : response.statusText;
     throw new ApiError(`${message} (HTTP ${response.status})`);
   }
-  return body;
+  return response;
+}
+
+async function api(path, options) {
+  return (await request(path, options)).json();
+}
+
+// The server-sent events of a response as {event, data}: fetch, not EventSource, which cannot send
+// FROM_THE_PAGE (the service sends one data line per event).
+async function* serverEvents(response) {
+  const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    const blocks = (buffered + value).split("\n\n");
+    buffered = blocks.pop();
+    for (const block of blocks) {
+      yield Object.fromEntries(block.split("\n").map((line) => line.split(/: (.*)/s, 2)));
+    }
+  }
 }
 
 function datasetPath(suffix) {
@@ -321,40 +345,42 @@ async function loadInspection() {
 
 // ---- jobs: indexing and evaluation, progress streamed ----------------------------------------
 
+function showProgress(bar, text, step) {
+  bar.max = Math.max(1, step.total);
+  bar.value = step.done;
+  text.textContent = `${step.phase ? step.phase + " " : ""}${step.done} / ${step.total}`
+    + (step.images_per_second ? ` · ${step.images_per_second.toFixed(1)} img/s` : "")
+    + (step.failed ? ` · ${step.failed} failed` : "");
+}
+
+// A job's progress events into bar and text; resolves with the last step, rejects with its failure.
+async function followJob(path, bar, text) {
+  for await (const {event, data} of serverEvents(await request(path))) {
+    const step = JSON.parse(data);
+    if (event === "done") return step;
+    if (event === "failure") throw new ApiError(`${step.error.message} (HTTP ${step.status})`);
+    showProgress(bar, text, step);
+  }
+  throw new Error("the stream ended before the job did");
+}
+
 function startJob(title, path, onDone) {
   const bar = element("progress", {max: "1", value: "0"});
   const text = element("span", {class: "job-text", text: "starting …"});
   const job = element("div", {class: "job"}, element("strong", {text: title}), bar, text);
   $("jobs").append(job);
-  const source = new EventSource(path);
   const finish = (message) => {
-    source.close();
     text.textContent = message;
     job.classList.add("finished");
     setTimeout(() => job.remove(), 8000);
   };
-  source.addEventListener("progress", (event) => {
-    const step = JSON.parse(event.data);
-    bar.max = Math.max(1, step.total);
-    bar.value = step.done;
-    text.textContent = `${step.phase ? step.phase + " " : ""}${step.done} / ${step.total}`
-      + (step.images_per_second ? ` · ${step.images_per_second.toFixed(1)} img/s` : "")
-      + (step.failed ? ` · ${step.failed} failed` : "");
-  });
-  source.addEventListener("done", (event) => {
-    finish("done");
-    guarded(onDone)(JSON.parse(event.data));
-  });
-  source.addEventListener("failure", (event) => {
-    const failure = JSON.parse(event.data);
-    finish("failed");
-    showError(new ApiError(`${title}: ${failure.error.message} (HTTP ${failure.status})`));
-  });
-  source.onerror = () => {
-    if (job.classList.contains("finished")) return;
-    finish("lost the connection");
-    showError(new Error(`${title}: lost the connection to the web service`));
-  };
+  followJob(path, bar, text).then(
+    (last) => { finish("done"); return onDone(last); },
+    (error) => {
+      finish("failed");
+      throw error instanceof ApiError ? new ApiError(`${title}: ${error.message}`)
+        : new Error(`${title}: lost the connection to the web service`);
+    }).catch(showError);
 }
 
 function indexDataset() {
