@@ -16,6 +16,7 @@ from convsearch import reflection
 from convsearch.channels import MIB
 from convsearch.config import option
 from convsearch.observability import serve_metrics
+from convsearch.stream_cap import StreamCap
 from convsearch.tls import TLSError, server_credentials
 
 # Health name that is SERVING from start until stop begins, whatever the service's readiness:
@@ -60,13 +61,14 @@ class ConnectionAgeOptions:
 
 
 def create_server(max_workers: int, max_message_mb: int, interceptors: Sequence[grpc.ServerInterceptor] = (),
-                  options: Sequence[tuple[str, int]] = ()) -> grpc.Server:
+                  options: Sequence[tuple[str, int]] = (), max_streams: int = 0) -> grpc.Server:
     """A threaded gRPC server whose messages may be up to `max_message_mb` MiB each way, with
-    these interceptors and further channel options."""
+    these interceptors and further channel options; with `max_streams`, at most that many
+    streaming calls at once (see convsearch.stream_cap; the interceptors see the refused ones too)."""
     limit = max_message_mb * MIB
     return grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
+        interceptors=[*interceptors, StreamCap(max_streams)] if max_streams else interceptors,
         options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),

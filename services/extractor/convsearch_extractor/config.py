@@ -5,6 +5,7 @@ import pathlib
 
 import torch
 
+from convsearch import stream_cap
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
@@ -58,6 +59,7 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
                                        "decode processes); a request waits while it is full")
     rpc_workers: int = option(0, "threads serving RPCs; 0: enough waiting requests to fill a batch for "
                                  "every model worker and one more (max batch x (workers + 1))")
+    max_streams: int = option(0, stream_cap.HELP)
     compile: bool = option(False, "run models through torch.compile: faster forward passes, after a longer "
                                   "warm-up (logged, and exported as convsearch_extractor_warm_up_seconds); "
                                   "on CPU it needs a C++ compiler")
@@ -72,7 +74,8 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
             check_positive(getattr(self, name), name)
         if self.decode_arena_mb < MIN_ARENA_MB:
             raise ValueError(f"decode_arena_mb must be at least {MIN_ARENA_MB}, got {self.decode_arena_mb}")
-        for name in ("cpu_workers", "torch_threads", "interop_threads", "decode_workers", "rpc_workers"):
+        for name in ("cpu_workers", "torch_threads", "interop_threads", "decode_workers", "rpc_workers",
+                     "max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (sized from the CPU budget) or more, got {getattr(self, name)}")
         check_port(self.port, "port")

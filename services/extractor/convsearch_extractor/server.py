@@ -17,6 +17,7 @@ from convsearch.serving import (
     tls_credentials,
     tls_note,
 )
+from convsearch.stream_cap import stream_cap
 from convsearch_extractor.catalog import load_catalog
 from convsearch_extractor.config import ExtractorConfig, load_config
 from convsearch_extractor.device_decode import device_decoder
@@ -62,7 +63,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
         extractor.metrics.pool_size.labels(name).set(size)
     registry = metrics_registry(extractor.metrics.registry)
     server = create_server(sizes.rpc_workers, config.max_message_mb, [RpcObserver("extractor", registry)],
-                           config.server_options())
+                           config.server_options(), stream_cap(config.max_streams, sizes.rpc_workers))
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     port = bind(server, config.host, config.port, credentials)

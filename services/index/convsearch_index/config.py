@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from convsearch import stream_cap
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.serving import ConnectionAgeOptions
@@ -26,6 +27,7 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
     exact_below: int = option(2000, "filtered searches with fewer candidates than this run exactly")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     rpc_workers: int = option(32, "threads serving RPCs")
+    max_streams: int = option(0, stream_cap.HELP)
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
     snapshot_retention: int = option(0, "snapshots kept per dataset: after each snapshot the oldest beyond this "
                                         "many are deleted; 0 keeps all")
@@ -44,6 +46,8 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
         for name in ("checkpoint_interval_s", "max_k", "max_queries", "max_message_mb", "rpc_workers",
                      "replication_log_mb"):
             check_positive(getattr(self, name), name)
+        if self.max_streams < 0:
+            raise ValueError(f"max_streams must be 0 (sized from rpc_workers) or more, got {self.max_streams}")
         if self.snapshot_retention < 0:
             raise ValueError(f"snapshot_retention must be 0 (keep all) or more, got {self.snapshot_retention}")
         check_port(self.port, "port")

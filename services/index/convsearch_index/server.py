@@ -11,6 +11,7 @@ from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.logs import setup_logging
 from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import RunningService, add_health_and_reflection, bind, create_server, tls_credentials, tls_note
+from convsearch.stream_cap import stream_cap
 from convsearch.tls import TLSError, channel_credentials
 from convsearch_index.changes import ChangeLog
 from convsearch_index.config import IndexConfig, load_config
@@ -103,7 +104,8 @@ def build_server(config: IndexConfig) -> tuple[RunningService, int]:
                             config.max_message_mb, config.max_lag_wait, registry,
                             on_ready=lambda: service.set_serving(True), on_syncing=lambda: service.set_serving(False))
         interceptors.append(FollowerGate(follower, SERVICE_NAME))
-    server = create_server(config.rpc_workers, config.max_message_mb, interceptors, config.server_options())
+    server = create_server(config.rpc_workers, config.max_message_mb, interceptors, config.server_options(),
+                           stream_cap(config.max_streams, config.rpc_workers))
     index_pb2_grpc.add_IndexServiceServicer_to_server(IndexServicer(index), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])
     try:
