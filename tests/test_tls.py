@@ -265,6 +265,39 @@ def _install(pair: Pair, cert: pathlib.Path, key: pathlib.Path, bump_s: int) -> 
         os.replace(aside, target)
 
 
+def test_client_names_refuse_other_certificates_of_the_ca_but_not_their_health_checks(pki, tmp_path):
+    """Mutual TLS checked only the CA: every service's certificate (the extractor's, which parses
+    untrusted images) could create and delete datasets at the index."""
+    from convsearch.errors import PermissionDenied
+    from convsearch.grpc_errors import error_from_call
+    from convsearch.index.v1 import index_pb2, index_pb2_grpc
+
+    extractor_pair = pki.ca.issue("extractor", "extractor", dns=("extractor", "localhost"), client=True)
+    config = index_config(tmp_path, tls_cert=pki.server.cert, tls_key=pki.server.key, tls_client_ca=pki.ca.pem,
+                          tls_client_names="client, index-read")
+    index, address = start(build_index, config, INDEX_SERVICE, lambda a: secure(a, pki.ca.pem, pki.client))
+    try:
+        allowed = secure(address, pki.ca.pem, pki.client)
+        index_pb2_grpc.IndexServiceStub(allowed).CreateDataset(index_pb2.CreateDatasetRequest(name="shoes"), timeout=5)
+        other = secure(address, pki.ca.pem, extractor_pair)
+        with pytest.raises(grpc.RpcError) as raised:
+            index_pb2_grpc.IndexServiceStub(other).DeleteDataset(index_pb2.DeleteDatasetRequest(name="shoes"),
+                                                                 timeout=5)
+        error = error_from_call(raised.value)
+        assert isinstance(error, PermissionDenied) and error.reason == "CLIENT_NOT_ALLOWED"
+        assert "extractor" in raised.value.details() and "--tls-client-names" in raised.value.details()
+        assert health(other, INDEX_SERVICE) == "SERVING"  # a probe shows the service's own certificate
+        listed = index_pb2_grpc.IndexServiceStub(allowed).ListDatasets(index_pb2.ListDatasetsRequest(), timeout=5)
+        assert [d.name for d in listed.datasets] == ["shoes"]
+        for channel in (allowed, other):
+            channel.close()
+    finally:
+        index.stop(0)
+    with pytest.raises(SystemExit):  # names without client certificates to check them against
+        from convsearch_index.config import load_config
+        load_config(["--tls-client-names", "client"])
+
+
 def test_certificates_rotate_without_a_restart(pki, tmp_path):
     cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
     _install(pki.server, cert, key, 0)

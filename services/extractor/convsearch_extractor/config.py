@@ -6,6 +6,7 @@ import pathlib
 import torch
 
 from convsearch import stream_cap
+from convsearch.allowed_clients import ClientNamesOption
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
@@ -17,7 +18,7 @@ from convsearch_extractor.host_decode import ARENA_MB, MIN_ARENA_MB
 
 
 @dataclasses.dataclass(frozen=True)
-class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
+class ExtractorConfig(ServerTLSOptions, ClientNamesOption, ConnectionAgeOptions):
     """Everything the extractor process can be told."""
 
     host: str = option("0.0.0.0", "interface to listen on")
@@ -82,6 +83,7 @@ class ExtractorConfig(ServerTLSOptions, ConnectionAgeOptions):
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
+        self.check_client_names()
         self.check_connection_age()
         if self.decode_processes < -1:
             raise ValueError(f"decode_processes must be -1 (auto), 0 (threads) or more, got {self.decode_processes}")

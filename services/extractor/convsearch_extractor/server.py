@@ -4,6 +4,7 @@ import logging
 import pathlib
 import threading
 
+from convsearch.allowed_clients import allowed_clients
 from convsearch.cpu_budget import cpu_budget
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.logs import setup_logging
@@ -62,7 +63,8 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     for name, size in sizes.gauges().items():
         extractor.metrics.pool_size.labels(name).set(size)
     registry = metrics_registry(extractor.metrics.registry)
-    server = create_server(sizes.rpc_workers, config.max_message_mb, [RpcObserver("extractor", registry)],
+    interceptors = [RpcObserver("extractor", registry), *allowed_clients(config.tls_client_names)]
+    server = create_server(sizes.rpc_workers, config.max_message_mb, interceptors,
                            config.server_options(), stream_cap(config.max_streams, sizes.rpc_workers))
     extractor_pb2_grpc.add_ExtractorServiceServicer_to_server(ExtractorServicer(extractor), server)
     health = add_health_and_reflection(server, [SERVICE_NAME])

@@ -3,6 +3,7 @@
 import dataclasses
 
 from convsearch import stream_cap
+from convsearch.allowed_clients import ClientNamesOption
 from convsearch.config import check_address, check_port, check_positive, option, parse_config
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.serving import ConnectionAgeOptions
@@ -10,7 +11,7 @@ from convsearch.tls import ServerTLSOptions, check_server_options, peer_tls_opti
 
 
 @dataclasses.dataclass(frozen=True)
-class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
+class IndexConfig(ServerTLSOptions, ClientNamesOption, ConnectionAgeOptions,
                   peer_tls_options("follow", "the primary", "the primary's", "--follow")):
     """Everything the index process can be told. The connection age limit matters for followers:
     gateways reading through dns:/// reconnect and reach followers the autoscaler added."""
@@ -54,6 +55,7 @@ class IndexConfig(ServerTLSOptions, ConnectionAgeOptions,
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
+        self.check_client_names()
         if self.follow:
             check_address(self.follow, "follow")
         self.check_follow_tls()

@@ -6,6 +6,7 @@ import shutil
 import threading
 import time
 
+from convsearch.allowed_clients import allowed_clients
 from convsearch.errors import FailedPrecondition
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.logs import setup_logging
@@ -97,7 +98,7 @@ def build_server(config: IndexConfig) -> tuple[RunningService, int]:
         raise SystemExit(str(exc)) from None
     shutil.rmtree(data_dir / "replication", ignore_errors=True)  # copies for followers a crash left (data dir held)
     registry.register(CollectionsCollector(index))
-    interceptors = [RpcObserver("index", registry)]
+    interceptors = [RpcObserver("index", registry), *allowed_clients(config.tls_client_names)]
     follower = None
     if config.follow:
         follower = Follower(index, config.follow, follow_credentials, config.follow_tls_server_name,
