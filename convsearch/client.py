@@ -24,7 +24,7 @@ from convsearch.enums import metric_enum, pooling_enum
 from convsearch.errors import ConvsearchError, InvalidArgument, Unavailable, shown
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
-from convsearch.grpc_errors import error_from_call
+from convsearch.grpc_errors import error_from_call, status_of_call
 from convsearch.inspection import Inspection
 from convsearch.tls import client_credentials
 
@@ -258,8 +258,10 @@ class Client:
 
     def _error(self, exc: grpc.RpcError) -> ConvsearchError:
         """The domain error, with the google.rpc.Status details the gateway sent: `reason`,
-        `metadata`, `field_violations`, `resource`, `retry_after_s` (see convsearch.errors)."""
-        if exc.code() == grpc.StatusCode.UNAVAILABLE and "unavailable" not in (exc.details() or ""):
+        `metadata`, `field_violations`, `resource`, `retry_after_s` (see convsearch.errors); an
+        UNAVAILABLE without them is gRPC's own: the gateway could not be reached."""
+        status = status_of_call(exc)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE and not (status is not None and status.details):
             return Unavailable(f"the gateway at {self.address} is unavailable ({exc.details()}); is it running?",
                                reason="GATEWAY_UNAVAILABLE", metadata={"address": self.address})
         return error_from_call(exc)

@@ -15,7 +15,7 @@ from grpc_status import rpc_status
 
 from convsearch.client import Client
 from convsearch.common.v1 import common_pb2
-from convsearch.errors import DOMAIN, InvalidArgument, NotFound, ResourceExhausted
+from convsearch.errors import DOMAIN, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.grpc_errors import MAX_DETAILS, details_of, to_rpc_status
 from convsearch.image_limits import ImageError, describe, load_checked, open_checked
@@ -172,6 +172,9 @@ def test_a_backends_own_unavailable_passes_through_with_its_reason(backends, tmp
             found = details(error)
             assert found[error_details_pb2.ErrorInfo].reason == "DATASET_MOVING"
             assert found[error_details_pb2.RetryInfo].retry_delay.ToMilliseconds() > 0
+            with Client(address, timeout_s=30) as client, pytest.raises(Unavailable) as raised:
+                client.delete_items("moving", ["a"])  # not "the gateway ... is unavailable; is it running?"
+            assert raised.value.reason == "DATASET_MOVING" and raised.value.retry_after_s > 0
     finally:
         index_channel.close()
         index.stop(0)
