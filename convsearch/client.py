@@ -13,6 +13,7 @@ and numpy types, never protos; failures raise `convsearch.errors` exceptions.
 import dataclasses
 import datetime
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
 import grpc
@@ -224,6 +225,16 @@ def _dataset(message, collections=()) -> Dataset:
                                     c.damage) for c in collections))
 
 
+class PlaintextKeyWarning(UserWarning):
+    """An API key is about to be sent without TLS to another machine."""
+
+
+def _on_this_machine(address: str) -> bool:
+    """Whether every host of `address` (host:port, comma-separated, or dns:///host:port) is a loopback name."""
+    hosts = [part.strip().removeprefix("dns:///").rpartition(":")[0] for part in address.split(",")]
+    return all(host.strip("[]") in ("localhost", "127.0.0.1", "::1") for host in hosts)
+
+
 class Client:
     """A connection to the gateway at `address` (host:port).
 
@@ -242,9 +253,14 @@ class Client:
             raise ValueError(f"session_version is a version a reply gave (0 or more), not {session_version}")
         self.session_version = session_version
         # TLS when a CA or client certificate is given (None: CONVSEARCH_TLS_CA/_CERT/_KEY); plaintext otherwise.
-        self._channel = create_channel(address, credentials=client_credentials(tls_ca, tls_cert, tls_key))
+        credentials = client_credentials(tls_ca, tls_cert, tls_key)
+        self._channel = create_channel(address, credentials=credentials)
         # Sent as `authorization: Bearer <key>` on every call (None: CONVSEARCH_API_KEY; empty: none).
         api_key = os.environ.get(ENV_API_KEY, "") if api_key is None else api_key
+        if api_key and credentials is None and not _on_this_machine(address):
+            warnings.warn(f"the API key goes to {address} in plaintext, readable by anyone on the way: give "
+                          "the gateway a certificate and the client its CA (tls_ca, --tls-ca, CONVSEARCH_TLS_CA)",
+                          PlaintextKeyWarning, stacklevel=2)
         self._stub = gateway_pb2_grpc.GatewayServiceStub(with_api_key(self._channel, api_key))
 
     def close(self) -> None:

@@ -289,3 +289,15 @@ def test_client_k_0_means_15():
     """gateway.proto: "Results wanted; 0 means 15", so k = 0 goes to the gateway."""
     with Client(UNREACHABLE) as client, pytest.raises(Unavailable):
         client.search("d", item_id="a", k=0)
+
+
+def test_an_api_key_sent_in_plaintext_to_another_machine_is_warned_about(recwarn):
+    from convsearch.client import Client, PlaintextKeyWarning
+
+    for address in ("127.0.0.1:50051", "localhost:1", "[::1]:50051", "dns:///localhost:50051"):
+        Client(address, api_key="secret").close()
+    Client("10.0.0.5:50051").close()  # no key, nothing to leak
+    assert not [w for w in recwarn if issubclass(w.category, PlaintextKeyWarning)]
+    for address in ("10.0.0.5:50051", "127.0.0.1:1,10.0.0.6:1", "dns:///gateway:50051"):
+        with pytest.warns(PlaintextKeyWarning, match="in plaintext"):
+            Client(address, api_key="secret").close()
