@@ -166,7 +166,7 @@ def test_a_stopped_backend_gives_a_fast_clear_unavailable_and_recovers(stack, cl
         if name == "extractor":  # what needs only the index still works
             assert client.search("fashion200", item_id="bag/t10k-00018", configuration=LAST, k=3).hits
         stack.processes[name], _ = start_service(command, *args, service=service, port=int(address.rsplit(":")[1]))
-        wait_for_health(stack, "SERVING")
+        wait_for_health(stack, "SERVING", f"{GATEWAY}/{name}")
         assert client.search("fashion200", image=image, configuration=LAST, k=3).hits
 
 
