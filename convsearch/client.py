@@ -20,7 +20,7 @@ import grpc
 
 from convsearch.api_keys import ENV_API_KEY, with_api_key
 from convsearch.channels import MIN_VERSION_KEY, VERSION_KEY, create_channel
-from convsearch.embedding import Configuration
+from convsearch.embedding import MAX_K, Configuration
 from convsearch.enums import metric_enum, pooling_enum
 from convsearch.errors import ConvsearchError, InvalidArgument, Unavailable, shown
 from convsearch.gateway.v1 import gateway_pb2 as pb
@@ -30,7 +30,6 @@ from convsearch.inspection import Inspection
 from convsearch.tls import client_credentials
 
 DEFAULT = Configuration()  # the default model at its featured layers, average pooling, cosine
-MAX_K = 1000  # the most results the gateway returns (Search's and Evaluate's k)
 INT32_MAX = 2**31 - 1
 PROJECTION_METHODS = {"pca": pb.PROJECTION_METHOD_PCA, "umap": pb.PROJECTION_METHOD_UMAP}
 _STATUS_NAMES = {pb.INGEST_STATUS_STORED: "stored", pb.INGEST_STATUS_REPLACED: "replaced",

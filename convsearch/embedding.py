@@ -11,14 +11,19 @@ class Configuration:
     """A model, its layers (empty: the model's featured layers), pooling and metric.
 
     pooling: avg, max or flatten. metric: cosine, euclidean, sqeuclidean, ip, manhattan,
-    chebyshev or minkowski (with minkowski_p).
+    chebyshev or minkowski (with minkowski_p). minkowski_p is unset (0.0) unless given: other
+    metrics ignore it, and minkowski without it is refused (INVALID_ARGUMENT), never a silent 2.
     """
 
     model: str = ""
     layers: tuple[str, ...] = ()
     pooling: str = "avg"
     metric: str = "cosine"
-    minkowski_p: float = 2.0
+    minkowski_p: float = 0.0
+
+
+MAX_K = 1000
+"""The most results a search returns and the largest k of an evaluation (Search's and Evaluate's k)."""
 
 
 MAX_MINKOWSKI_P = 100.0

@@ -168,6 +168,9 @@ def test_bad_input_is_a_readable_4xx(web, png_bytes):
     error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "metric": "hamming"}), 422,
              "INVALID_ARGUMENT")
     error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "k": 0}), 422, "INVALID_ARGUMENT")
+    unset_p = error_of(web.post(search, json={**SEARCH, "item_id": "coat/t10k-00006", "metric": "minkowski"}), 400,
+                       "INVALID_ARGUMENT")  # searched at a silent p = 2
+    assert unset_p["reason"] == "MINKOWSKI_P_OUT_OF_RANGE"
     error_of(web.post(search, json={**SEARCH}), 422, "INVALID_ARGUMENT")
     error_of(web.post("/api/datasets/Bad..Name/search", json={**SEARCH, "item_id": "a"}), 400, "INVALID_ARGUMENT")
     upload = f"/api/datasets/{DATASET}/search/image"

@@ -3,20 +3,23 @@ hold them, with each one's vector dimension, using the extractor's catalogue; an
 a collection only ever holds, or is compared with, vectors of the weights that made it."""
 
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterable
 
 import numpy as np
 
-from convsearch.embedding import Configuration
-from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, shown
+from convsearch.embedding import Configuration, minkowski_p_of
+from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.naming import check_model_name, collection_name
 from convsearch.weights import describe
 from convsearch_gateway.backends import Backend
 
-_CATALOG_TTL_S = 60.0
+log = logging.getLogger("convsearch.gateway.configurations")
+CATALOG_TTL_S = 60.0
+"""How long the extractor's catalogue is used before it is asked for again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,25 +42,52 @@ class Target:
 
 
 class ModelCatalog:
-    """The extractor's models, fetched once a minute at most."""
+    """The extractor's models, fetched once per `ttl_s` at most.
 
-    def __init__(self, extractor: Backend):
+    While the extractor cannot answer (UNAVAILABLE), configurations still resolve with the last
+    catalogue fetched (logged once per outage): a search by a stored item, a projection or an
+    evaluation of existing collections needs no embedding. What must embed then fails on its
+    own call to the extractor, with the same clear UNAVAILABLE."""
+
+    def __init__(self, extractor: Backend, ttl_s: float = CATALOG_TTL_S):
         self.extractor = extractor
+        self.ttl_s = ttl_s
         self._lock = threading.Lock()
-        self._fetched_at = -_CATALOG_TTL_S
+        self._fetched_at = 0.0
         self._reply: extractor_pb2.ListModelsResponse | None = None
+        self._stale = False  # serving the last catalogue while the extractor cannot answer
 
-    def models(self, remaining: float | None = None) -> extractor_pb2.ListModelsResponse:
+    def models(self, remaining: float | None = None, stale_ok: bool = False) -> extractor_pb2.ListModelsResponse:
+        """The catalogue, asked for again once older than ttl_s; with `stale_ok`, the last one
+        fetched rather than UNAVAILABLE while the extractor cannot answer."""
         with self._lock:
-            if self._reply is None or time.monotonic() - self._fetched_at > _CATALOG_TTL_S:
-                request = extractor_pb2.ListModelsRequest(include_all_layers=True)
-                self._reply = self.extractor.call("ListModels", request, remaining)
-                self._fetched_at = time.monotonic()
+            if self._reply is None or time.monotonic() - self._fetched_at >= self.ttl_s:
+                try:
+                    self._fetch(remaining)
+                except Unavailable as exc:
+                    if not stale_ok or self._reply is None:
+                        raise
+                    self._note_stale(exc)
             return self._reply
 
+    def _fetch(self, remaining: float | None) -> None:
+        request = extractor_pb2.ListModelsRequest(include_all_layers=True)
+        self._reply = self.extractor.call("ListModels", request, remaining)
+        self._fetched_at = time.monotonic()
+        if self._stale:
+            log.info("the extractor answers ListModels again: configurations resolve with its current catalogue")
+            self._stale = False
+
+    def _note_stale(self, exc: Unavailable) -> None:
+        if not self._stale:
+            log.warning("the extractor cannot answer ListModels (%s); configurations resolve with its catalogue of "
+                        "%.0f s ago until it can", exc, time.monotonic() - self._fetched_at)
+            self._stale = True
+
     def targets(self, configurations: Iterable[Configuration], remaining: float | None = None) -> list[Target]:
-        """The collections the configurations name, in order, without repeats."""
-        reply = self.models(remaining)
+        """The collections the configurations name, in order, without repeats (from the last
+        catalogue fetched while the extractor cannot answer)."""
+        reply = self.models(remaining, stale_ok=True)
         models = {model.name: model for model in reply.models}
         targets: list[Target] = []
         for configuration in configurations:
@@ -79,7 +109,8 @@ class ModelCatalog:
                 shape = list(layer.output_shape)
                 flat = configuration.pooling == "flatten" or len(shape) == 1
                 target = Target(name, layer_name, configuration.pooling, configuration.metric,
-                                configuration.minkowski_p, int(np.prod(shape)) if flat else shape[0],
+                                minkowski_p_of(configuration.metric, configuration.minkowski_p),
+                                int(np.prod(shape)) if flat else shape[0],
                                 layer.parameter_count, model.weights)
                 if target not in targets:
                     targets.append(target)

@@ -4,14 +4,14 @@ Playground search score for labeled items and the weights that made the collecti
 
 import dataclasses
 
-from convsearch.embedding import Configuration
+from convsearch.embedding import MAX_K, Configuration
 from convsearch.enums import POOLING_ENUMS
 from convsearch.errors import InvalidArgument, NotFound, item_not_found, shown
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
-from convsearch_gateway.configurations import ModelCatalog, check_weights
+from convsearch_gateway.configurations import ModelCatalog, Target, check_weights
 
 
 @dataclasses.dataclass
@@ -28,22 +28,32 @@ class SearchResult:
     scored_results: int = 0
 
 
+def check_k(k: int) -> None:
+    """INVALID_ARGUMENT unless 1 <= k <= MAX_K (Search's and Evaluate's k)."""
+    if not 0 < k <= MAX_K:
+        raise InvalidArgument(f"k = {k} is out of range; use 1 to {MAX_K}", reason="K_OUT_OF_RANGE", field="k",
+                              metadata={"k": str(k), "max_k": str(MAX_K)})
+
+
+def search_target(catalog: ModelCatalog, configuration: Configuration, remaining: float | None = None) -> Target:
+    """The one collection a search or a projection uses: the configuration's layer, or without
+    one the model's last featured layer; INVALID_ARGUMENT for several layers."""
+    if len(configuration.layers) > 1:
+        raise InvalidArgument(f"a search or projection uses one layer, not {len(configuration.layers)}; name one (or "
+                              "none for the model's last featured layer)", reason="TOO_MANY_LAYERS",
+                              field="configuration.layers", metadata={"layers": str(len(configuration.layers))})
+    return catalog.targets([configuration], remaining)[-1]
+
+
 def search(backends: Backends, catalog: ModelCatalog, dataset: str, configuration: Configuration, k: int,
            image: bytes | None = None, item_id: str | None = None, include_labels=(), exclude_labels=(),
            exact: bool = False, remaining: float | None = None) -> SearchResult:
     """The k nearest items to an image or a stored item in the configuration's collection."""
-    if not 0 < k <= 1000:
-        raise InvalidArgument(f"k = {k} is out of range; use 1 to 1000", reason="K_OUT_OF_RANGE", field="k",
-                              metadata={"k": str(k), "max_k": "1000"})
-    if len(configuration.layers) > 1:
-        raise InvalidArgument("a search uses one layer; name one (or none for the model's last featured layer)")
+    check_k(k)
     if not item_id and image is None:
         raise InvalidArgument("a search needs a query: image bytes or a stored item's id", reason="QUERY_MISSING",
                               field="query")
-    if configuration.layers:
-        target, = catalog.targets([configuration], remaining)
-    else:
-        target = catalog.targets([configuration], remaining)[-1]
+    target = search_target(catalog, configuration, remaining)
     weights = _collection_weights(backends, dataset, target.collection, remaining)
     request = index_pb2.SearchRequest(dataset=dataset, collection=target.collection, k=k,
                                       include_labels=include_labels, exclude_labels=exclude_labels, exact=exact)

@@ -13,13 +13,13 @@ from convsearch.naming import check_model_name
 from convsearch.weights import is_baseline, is_pretrained
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
-from convsearch_gateway.configurations import ModelCatalog
+from convsearch_gateway.configurations import CATALOG_TTL_S, ModelCatalog
 from convsearch_gateway.evaluation import compare, evaluate
 from convsearch_gateway.indexing import index_items
 from convsearch_gateway.ingesting import ingest
 from convsearch_gateway.projection import project
 from convsearch_gateway.public import convert, converted
-from convsearch_gateway.searching import search
+from convsearch_gateway.searching import check_k, search, search_target
 
 _METHODS = {pb.PROJECTION_METHOD_UNSPECIFIED: "pca", pb.PROJECTION_METHOD_PCA: "pca",
             pb.PROJECTION_METHOD_UMAP: "umap"}
@@ -28,13 +28,22 @@ _STATUS = {"stored": pb.INGEST_STATUS_STORED, "replaced": pb.INGEST_STATUS_REPLA
            "failed": pb.INGEST_STATUS_FAILED}
 
 
+def model_name(name: str, field: str) -> str:
+    """The name; INVALID_ARGUMENT MODEL_NAME_INVALID, with the request's field, for one that
+    could address a path (with / or ..) or has other characters."""
+    try:
+        check_model_name(name)
+    except InvalidArgument as exc:
+        raise InvalidArgument(str(exc), reason="MODEL_NAME_INVALID", field=field, metadata={"model": name}) from None
+    return name
+
+
 def configuration(message: pb.Configuration) -> Configuration:
     """The core's configuration; INVALID_ARGUMENT for a model name with / or .., or a minkowski
     metric without a usable p (0, i.e. unset, is an error, not a silent 2)."""
-    check_model_name(message.model)
     metric = metric_name(message.metric)
-    return Configuration(message.model, tuple(message.layers), pooling_name(message.pooling), metric,
-                         minkowski_p_of(metric, message.minkowski_p))
+    return Configuration(model_name(message.model, "configuration.model"), tuple(message.layers),
+                         pooling_name(message.pooling), metric, minkowski_p_of(metric, message.minkowski_p))
 
 
 def _score(score) -> pb.ConfigurationScore:
@@ -59,9 +68,10 @@ def _model(model: extractor_pb2.ModelInfo, all_layers: bool) -> pb.ModelInfo:
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Thin gRPC edge of the gateway."""
 
-    def __init__(self, backends: Backends, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+    def __init__(self, backends: Backends, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 catalog_ttl_s: float = CATALOG_TTL_S):
         self.backends = backends
-        self.catalog = ModelCatalog(backends.extractor)
+        self.catalog = ModelCatalog(backends.extractor, catalog_ttl_s)
         self.batch_size = batch_size
         self.max_pixels = max_pixels  # checked on each image's header before any decode
 
@@ -157,16 +167,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         data, mime, width, height = images.thumbnail(reply.items[0].image, request.thumbnail_size, self.max_pixels)
         return pb.GetImageResponse(image=data, mime_type=mime, width=width, height=height)
 
-    def _search_target(self, message: pb.Configuration, remaining):
-        config = configuration(message)
-        targets = self.catalog.targets([config], remaining)
-        if len(config.layers) > 1:
-            raise InvalidArgument("name one layer (or none for the model's last featured layer)")
-        return targets[-1]
-
     @map_errors
     def Evaluate(self, request, context):
         remaining = context.time_remaining()
+        check_k(request.k or 15)
         configurations = [configuration(c) for c in request.configurations]
         if not configurations:
             metrics = [metric_name(m, "metrics") for m in request.metrics] or ["cosine"]
@@ -174,12 +178,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 raise InvalidArgument("metrics: minkowski needs its p; give configurations with minkowski_p "
                                       "(1 to 100) instead of models x metrics", reason="MINKOWSKI_P_REQUIRED",
                                       field="metrics")
-            models = list(request.models) or [m.name for m in self.catalog.models(remaining).models if m.available]
+            models = ([model_name(m, "models") for m in request.models]
+                      or [m.name for m in self.catalog.models(remaining, stale_ok=True).models if m.available])
             configurations = [Configuration(model, metric=metric) for model in models for metric in metrics]
         targets = self.catalog.targets(configurations, remaining)
-        if not 1 <= (request.k or 15) <= 1000:
-            raise InvalidArgument(f"k = {request.k} is out of range; use 1 to 1000", reason="K_OUT_OF_RANGE", field="k",
-                                  metadata={"k": str(request.k), "max_k": "1000"})
         for progress in evaluate(self.backends, request.dataset, targets, request.k or 15, request.recompute,
                                  self.batch_size):
             yield pb.EvaluateResponse(phase=progress.phase, done=progress.done, total=progress.total,
@@ -197,17 +199,32 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.item_id:
             scored = [s for s in ranked if request.item_id in s.per_query]
             if ranked and not scored:
-                raise NotFound(f"item {shown(request.item_id)} was not scored in {shown(request.dataset)} "
-                               "(unlabeled, or added after the last evaluation)")
+                raise self._unscored(request.dataset, request.item_id, context.time_remaining())
             reply.item_scores.extend(pb.QueryScore(collection=s.collection, model=s.model, layer=s.layer,
                                                    score=s.per_query[request.item_id]) for s in scored)
         return reply
 
+    def _unscored(self, dataset: str, item_id: str, remaining) -> NotFound:
+        """Why an item has no score in the current evaluations: ITEM_NOT_FOUND, or ITEM_NOT_SCORED
+        for a stored one (an item added or relabeled since makes them stale, so it is unlabeled, or
+        its image could not be embedded)."""
+        items = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=[item_id]),
+                                         remaining).items
+        if not items:
+            return NotFound(f"dataset {shown(dataset)} has no item {shown(item_id)}",
+                            **item_not_found(dataset, item_id))
+        why = ("it has no label, and only labeled items are queries" if not items[0].label
+               else "it has no vector in the evaluated collections (its image could not be embedded)")
+        return NotFound(f"item {shown(item_id)} of {shown(dataset)} has no score: {why}", reason="ITEM_NOT_SCORED",
+                        resource_type="item", resource_name=item_id, metadata={"dataset": dataset, "item": item_id})
+
     @map_errors
     def Project(self, request, context):
-        target = self._search_target(request.configuration, context.time_remaining())
         if request.method not in _METHODS:
-            raise InvalidArgument(f"unknown projection method {request.method}")
+            raise InvalidArgument(f"unknown projection method {request.method}; use PROJECTION_METHOD_PCA or "
+                                  "PROJECTION_METHOD_UMAP", reason="PROJECTION_METHOD_UNKNOWN", field="method",
+                                  metadata={"method": str(request.method)})
+        target = search_target(self.catalog, configuration(request.configuration), context.time_remaining())
         result = project(self.backends, request.dataset, target, _METHODS[request.method], request.seed,
                          request.max_points or 5000)
         return pb.ProjectResponse(ids=result.ids, labels=result.labels, x=result.x, y=result.y,

@@ -28,8 +28,9 @@ def client(request: Request) -> Client:
 
 
 def configuration(model: str = "", layer: str = "", pooling: Pooling = "avg", metric: Metric = "cosine",
-                  p: float = 2.0) -> Configuration:
-    """A configuration of one layer (none: the model's last featured layer) from query parameters."""
+                  p: float = 0.0) -> Configuration:
+    """A configuration of one layer (none: the model's last featured layer) from query parameters;
+    p is minkowski's, unset (refused with minkowski) unless given."""
     return Configuration(model, (layer,) if layer else (), pooling, metric, p)
 
 
@@ -46,7 +47,7 @@ class SearchBody(BaseModel):
     layer: str = ""
     pooling: Pooling = "avg"
     metric: Metric = "cosine"
-    p: float = 2.0
+    p: float = 0.0
     k: int = Field(15, ge=1, le=100)
 
 
@@ -161,7 +162,7 @@ async def inspect_upload(request: Request, file: Upload, layer: Annotated[str, F
 
 @router.get("/datasets/{dataset}/index/events")
 def index_job(dataset: str, gateway: Gateway, model: str = "", layers: str = "", pooling: Pooling = "avg",
-              metric: Metric = "cosine", p: float = 2.0):
+              metric: Metric = "cosine", p: float = 0.0):
     """Indexes a configuration (layers comma-separated; none: the model's featured ones),
     progress as server-sent events."""
     gateway.dataset(dataset)  # an unknown dataset is a 404 before the stream starts
