@@ -186,3 +186,31 @@ def test_the_gateway_limits_k_at_the_shared_max_k(gateway):
                        {"k": str(MAX_K + 1), "max_k": str(MAX_K)}, field="k")
     with Client(address, timeout_s=60) as client:
         assert len(client.search(DATASET, item_id="t10k-00001", configuration=PIXELS, k=MAX_K).hits) == 20
+
+
+def test_while_the_extractor_is_down_the_catalogue_is_asked_for_again_only_now_and_then(monkeypatch):
+    """Each call resolving a configuration asked the extractor again (a failing call, retried)."""
+    from convsearch.extractor.v1 import extractor_pb2
+    from convsearch_gateway import configurations
+
+    clock = [100.0]
+    monkeypatch.setattr(configurations.time, "monotonic", lambda: clock[0])
+    asked = []
+
+    class Extractor:
+        def call(self, method, request, remaining=None):
+            asked.append(method)
+            if len(asked) > 1:
+                raise Unavailable("the extractor is unavailable")
+            return extractor_pb2.ListModelsResponse()
+
+    catalog = configurations.ModelCatalog(Extractor(), ttl_s=0)
+    catalog.models()
+    for _ in range(5):
+        catalog.models(stale_ok=True)  # the last catalogue, the extractor asked once
+    assert len(asked) == 2
+    clock[0] += configurations.STALE_RETRY_S
+    catalog.models(stale_ok=True)
+    assert len(asked) == 3
+    with pytest.raises(Unavailable):  # ListModels itself wants a current catalogue
+        catalog.models()

@@ -20,6 +20,8 @@ from convsearch_gateway.backends import Backend
 log = logging.getLogger("convsearch.gateway.configurations")
 CATALOG_TTL_S = 60.0
 """How long the extractor's catalogue is used before it is asked for again."""
+STALE_RETRY_S = 2.0
+"""While the extractor cannot answer, how often the calls that can do without it ask it again."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,17 +58,21 @@ class ModelCatalog:
         self._fetched_at = 0.0
         self._reply: extractor_pb2.ListModelsResponse | None = None
         self._stale = False  # serving the last catalogue while the extractor cannot answer
+        self._retry_at = 0.0  # meanwhile, when to ask it again
 
     def models(self, remaining: float | None = None, stale_ok: bool = False) -> extractor_pb2.ListModelsResponse:
         """The catalogue, asked for again once older than ttl_s; with `stale_ok`, the last one
         fetched rather than UNAVAILABLE while the extractor cannot answer."""
         with self._lock:
-            if self._reply is None or time.monotonic() - self._fetched_at >= self.ttl_s:
+            now = time.monotonic()
+            expired = self._reply is None or now - self._fetched_at >= self.ttl_s
+            if expired and (not stale_ok or self._reply is None or now >= self._retry_at):
                 try:
                     self._fetch(remaining)
                 except Unavailable as exc:
                     if not stale_ok or self._reply is None:
                         raise
+                    self._retry_at = now + STALE_RETRY_S  # not every call pays for a failing one
                     self._note_stale(exc)
             return self._reply
 
