@@ -7,9 +7,11 @@ import json
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 
 from convsearch.api_keys import key_line, new_key
@@ -441,3 +443,99 @@ def test_the_web_service_reaches_a_tls_gateway_with_its_ca(gateway, backends, tm
             assert web.get("/readyz").status_code == 200
         with page_client(WebConfig(gateway=address, timeout_s=2.0)) as web:  # plaintext to TLS
             error_of(web.get("/api/datasets"), 503, "UNAVAILABLE")
+
+
+def test_evaluation_scores_the_chosen_pooling(web):
+    """The page's pooling was not sent nor taken: Evaluate scored avg whatever the page showed."""
+    evaluated = events(web.get(f"/api/datasets/{DATASET}/evaluate/events",
+                               params={"models": "pixels", "metrics": "cosine", "pooling": "max"}))
+    assert evaluated[-1][0] == "done", evaluated[-1]
+    results = evaluated[-1][1]["results"]
+    assert {(s["pooling"], s["metric"]) for s in results} == {("max", "cosine")}
+    assert {s["layer"] for s in results} == {"8x8", "16x16", "32x32", "64x64"}  # the featured layers
+
+
+def test_minkowski_needs_its_p_and_its_collections_name_metric_and_p(web):
+    """An upload was searched at a silent p = 2, and a minkowski collection's metric was
+    `minkowski3`, which no control of the page can show."""
+    with Client(web.app.state.config.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        client.create_dataset("distances")
+        items = [(item_id, label, encode_png(pixels)) for item_id, label, pixels in fashion_mnist_sample(per_class=1)]
+        list(client.ingest("distances", items, [Configuration("pixels", ("8x8",), metric="minkowski", minkowski_p=3)]))
+    found = web.get("/api/datasets/distances").json()
+    assert [(c["metric"], c["p"]) for c in found["collections"]] == [("minkowski", 3.0)]
+    form = {"model": "pixels", "layer": "8x8", "metric": "minkowski"}
+    unset = web.post("/api/datasets/distances/search/image", data=form,
+                     files={"file": ("query.png", items[0][2], "image/png")})
+    assert error_of(unset, 400, "INVALID_ARGUMENT")["reason"] == "MINKOWSKI_P_OUT_OF_RANGE"
+    found = web.post("/api/datasets/distances/search/image", data={**form, "p": "3"},
+                     files={"file": ("query.png", items[0][2], "image/png")}).json()
+    assert (found["metric"], found["p"]) == ("minkowski", 3.0)
+
+
+def test_the_items_of_no_label_can_be_listed_alone(web):
+    """The class filter offered a blank option for the "" label, which listed every item."""
+    with Client(web.app.state.config.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        client.create_dataset("mixed")
+        items = [(item_id, label if n % 2 else "", encode_png(pixels))
+                 for n, (item_id, label, pixels) in enumerate(fashion_mnist_sample(per_class=1)[:6])]
+        list(client.ingest("mixed", items, [PIXELS]))
+    listed = web.get("/api/datasets/mixed/items", params={**SEARCH, "unlabeled": "true"}).json()
+    assert sorted(item["id"] for item in listed["items"]) == sorted(i for i, label, _ in items if not label)
+    assert "" in listed["labels"] and listed["total"] == 3
+
+
+def test_unknown_routes_and_methods_answer_the_apis_error_body(web):
+    """They answered FastAPI's {"detail": ...}, which the page cannot read."""
+    unknown = error_of(web.get("/api/nothing/here"), 404, "NOT_FOUND")
+    assert unknown["reason"] == "ROUTE_NOT_FOUND" and "/api/nothing/here" in unknown["message"]
+    wrong = web.delete("/api/datasets")
+    assert error_of(wrong, 405, "UNIMPLEMENTED")["reason"] == "METHOD_NOT_ALLOWED"
+    assert "GET" in wrong.headers["allow"]
+    assert web.get("/nothing").status_code == 404  # the page's own paths are not the API's
+
+
+def test_an_upload_that_is_no_image_is_named_as_the_uploaded_file(web):
+    """The message named `image 0`, an index in a batch the page never sent."""
+    for path, data in ((f"/api/datasets/{DATASET}/search/image", SEARCH),
+                       ("/api/inspect", {"model": "efficientnet_lite0", "layer": "_blocks.2._project_conv"})):
+        refused = web.post(path, data=data, files={"file": ("notes.png", b"not an image at all", "image/png")})
+        message = error_of(refused, 400, "INVALID_ARGUMENT")["message"]
+        assert message.startswith("the uploaded file is not a recognised image"), message
+
+
+def test_closing_a_jobs_event_stream_cancels_the_job(backends):
+    """The page's reload or navigation closed the stream, but the gateway's stream, and the job,
+    went on to the end; a second Index then embedded everything again."""
+    with running_gateway(*backends) as (service, _, address):
+        with Client(address, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+            client.create_dataset("long")
+            items = [(f"{label}/{image_id}", label, encode_png(pixels))
+                     for image_id, label, pixels in fashion_mnist_sample(per_class=30)]
+            assert all(r.status != "failed" for r in client.ingest("long", items))
+        sock = listen("127.0.0.1", 0)
+        server = uvicorn.Server(uvicorn.Config(create_app(WebConfig(gateway=address)), log_config=None))
+        serving = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        serving.start()
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", sock.getsockname()[1], timeout=30)
+            eventually(lambda: server.started)
+            connection.request("GET", "/api/datasets/long/index/events?model=efficientnet_lite0", headers=PAGE)
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.readline().startswith(b"event: progress")
+            assert service.guard.streams.open == 1
+            connection.close()  # the page goes away
+            eventually(lambda: service.guard.streams.open == 0, timeout_s=5)
+            with Client(address, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+                counts = [c.count for c in client.dataset("long").collections]
+            assert all(count < len(items) for count in counts), counts
+        finally:
+            server.should_exit = True
+            serving.join(10)
+
+
+def eventually(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

@@ -23,6 +23,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from convsearch.client import Client
 from convsearch.datasets import encode_png, fashion_mnist_sample
+from convsearch.embedding import Configuration
 from convsearch.local import LocalStack
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,8 @@ SHOTS = ROOT / "test-output" / "web"
 CHROMIUM = os.environ.get("CONVSEARCH_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CONVSEARCH_CHROMEDRIVER", "/usr/bin/chromedriver")
 DATASET = "closet"
+ODD = "odd"  # partly indexed, some items unlabeled, a label and ids that are HTML
+LINK = '<a href="#clicked">click</a>'
 PER_CLASS = 4
 WAIT_S = 90
 VICTIM = "victim.test"  # the page's name on a LAN (plain HTTP, not localhost: no Fetch Metadata)
@@ -110,8 +113,42 @@ def no_error(driver) -> None:
     assert not driver.find_element(By.ID, "error").is_displayed(), driver.find_element(By.ID, "error-text").text
 
 
+def odd_dataset(gateway: str) -> list[str]:
+    """ODD: five items, three of them indexed with pixels at 8x8 (one unlabeled, two labeled
+    LINK), two not yet; the ids are HTML too. Returns the ids."""
+    images = fashion_mnist_sample(per_class=1)
+    ids = [f"<b>{n}</b>{image_id}" for n, (image_id, _, _) in enumerate(images[:5])]
+    items = [(item_id, "" if n in (0, 3) else LINK, encode_png(images[n][2])) for n, item_id in enumerate(ids)]
+    with Client(gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        client.create_dataset(ODD)
+        list(client.ingest(ODD, items[:3], [Configuration("pixels", ("8x8",))]))
+        list(client.ingest(ODD, items[3:]))
+    return ids
+
+
+def options(driver, select_id: str) -> list[str]:
+    return [o.get_attribute("value") for o in Select(driver.find_element(By.ID, select_id)).options]
+
+
+def text_of(driver, element_id: str) -> str:
+    return driver.find_element(By.ID, element_id).text
+
+
+def slow_first(driver, path_end: str, delay_ms: int = 1500) -> None:
+    """Delays the page's next request whose URL ends with path_end: its answer comes after later ones."""
+    driver.execute_script("""
+        const [end, delay] = arguments, real = window.fetch;
+        let slowed = false;
+        window.fetch = (url, options) => {
+          if (slowed || !String(url).endsWith(end)) return real(url, options);
+          slowed = true;
+          return new Promise((done) => setTimeout(done, delay)).then(() => real(url, options));
+        };""", path_end, delay_ms)
+
+
 def test_the_playground_in_a_browser(stack, browser, tmp_path):
     driver = browser
+    odd_ids = odd_dataset(stack.gateway)
     driver.get(stack.web_url)
     wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "the page to load")
     no_error(driver)
@@ -121,7 +158,11 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     wait_for(driver, lambda d: "Index" in d.find_element(By.ID, "grid-note").text, "the not-indexed note")
     choose(driver, "model", "pixels")
     choose(driver, "metric", "cosine")
-    driver.find_element(By.ID, "index-button").click()
+    # While the page's job runs, it cannot start another (two ran at once and embedded everything twice).
+    assert driver.execute_async_script("""
+        const [button, done] = arguments;
+        button.click();
+        setTimeout(() => done(button.disabled), 0);""", driver.find_element(By.ID, "index-button"))
     wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#jobs .job progress"), "a progress bar")
     wait_for(driver, lambda d: len(tiles(d, "grid")) == 10 * PER_CLASS, "the dataset's images after indexing")
     assert "✓" in Select(driver.find_element(By.ID, "layer")).first_selected_option.text
@@ -129,7 +170,17 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     wait_for(driver, lambda d: d.find_element(By.ID, "grid").get_attribute("data-collection")
              == "pixels/16x16/avg/cosine", "the grid at 16x16")
     assert len(tiles(driver, "grid")) == 10 * PER_CLASS
+    wait_for(driver, lambda d: d.find_element(By.ID, "index-button").is_enabled(), "Index enabled after the job")
     shoot(driver, "1-dataset")
+
+    # Two quick clicks: only the second image's results show, even when the first one's answer comes last.
+    slow_first(driver, "/search")
+    driver.find_element(By.CSS_SELECTOR, "#grid .tile[data-id^='coat/']").click()
+    driver.find_element(By.CSS_SELECTOR, "#grid .tile[data-id^='bag/']").click()
+    wait_for(driver, lambda d: "(bag)" in text_of(d, "score"), "the second image's results")
+    driver.execute_script("return new Promise((done) => setTimeout(done, 2000))")  # the first answer has come
+    assert "(bag)" in text_of(driver, "score") and "bag/" in text_of(driver, "query")
+    assert driver.find_element(By.CSS_SELECTOR, "#query img").get_attribute("alt").startswith("query: bag/")
 
     # Click an image: its 15 nearest, marked, and its search score.
     driver.find_element(By.CSS_SELECTOR, "#grid .tile[data-id^='coat/']").click()
@@ -139,7 +190,17 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     assert "/ 15 results in the same category (coat)" in score
     marked = driver.find_elements(By.CSS_SELECTOR, "#results .result.same, #results .result.other")
     assert len(marked) == 15
+    assert text_of(driver, "results-collection") == "Results from pixels/16x16/avg/cosine"
     shoot(driver, "2-search", "search")
+
+    # Another layer: the query is searched again under it, and the results say which collection gave them.
+    choose(driver, "layer", "8x8")
+    wait_for(driver, lambda d: text_of(d, "results-collection") == "Results from pixels/8x8/avg/cosine",
+             "the results at 8x8")
+    assert len(tiles(driver, "results")) == 15
+    choose(driver, "layer", "16x16")
+    wait_for(driver, lambda d: text_of(d, "results-collection") == "Results from pixels/16x16/avg/cosine",
+             "the results at 16x16")
 
     # Upload an image to search with it (no class, so no score).
     query = tmp_path / "query.png"
@@ -148,6 +209,19 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     wait_for(driver, lambda d: "uploaded image" in d.find_element(By.ID, "score").text, "the upload's results")
     assert len(tiles(driver, "results")) == 15
     shoot(driver, "3-upload", "search")
+    driver.execute_script("document.getElementById('score').textContent = ''")
+    driver.find_element(By.ID, "upload").send_keys(str(query))  # the same file again searches again
+    wait_for(driver, lambda d: "uploaded image" in d.find_element(By.ID, "score").text, "the same file's results")
+
+    # A file that is no image: the message names the upload, and no broken query nor old results stay.
+    not_image = tmp_path / "notes.png"
+    not_image.write_bytes(b"not an image at all")
+    driver.find_element(By.ID, "upload").send_keys(str(not_image))
+    wait_for(driver, lambda d: d.find_element(By.ID, "error").is_displayed(), "the upload's error")
+    assert "the uploaded file is not a recognised image" in text_of(driver, "error-text")
+    wait_for(driver, lambda d: not tiles(d, "results"), "the results cleared")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#query img") and not text_of(driver, "score")
+    driver.execute_script("document.getElementById('error-close').click()")  # under the sticky controls
 
     # Evaluate from the page: the per-layer chart of the mean search score.
     driver.find_element(By.ID, "evaluate-button").click()
@@ -182,8 +256,57 @@ def test_the_playground_in_a_browser(stack, browser, tmp_path):
     assert "HTTP 404" in driver.find_element(By.ID, "error-text").text
     shoot(driver, "7-error")
     severe = [entry for entry in driver.get_log("browser")
-              if entry["level"] == "SEVERE" and "status of 404" not in entry["message"]]
+              if entry["level"] == "SEVERE" and "status of 40" not in entry["message"]]
     assert not severe, severe
+    driver.execute_script("document.getElementById('error-close').click()")  # under the sticky controls
+    odd_dataset_on_the_page(driver, stack, odd_ids)
+
+
+def odd_dataset_on_the_page(driver, stack, ids: list[str]) -> None:
+    """Another dataset: nothing of the last one's query stays; a partly indexed layer says so; an
+    unlabeled item is no upload; ids and labels are text, never HTML; a deleted dataset goes."""
+    choose(driver, "dataset", ODD)
+    wait_for(driver, lambda d: len(tiles(d, "grid")) == 3, "the odd dataset's indexed images")
+    assert not tiles(driver, "results") and not text_of(driver, "score") and not text_of(driver, "maps")
+    assert not driver.find_elements(By.CSS_SELECTOR, "#query img, #chart-query .bars, #map .point")
+    assert Select(driver.find_element(By.ID, "layer")).first_selected_option.text == "8x8 (partial)"
+    assert "partial: 3 of 5" in text_of(driver, "config-note")
+    classes = {o.text: o.get_attribute("value") for o in Select(driver.find_element(By.ID, "label-filter")).options}
+    assert set(classes) == {"all", "(no label)", LINK}
+    choose(driver, "label-filter", classes["(no label)"])
+    wait_for(driver, lambda d: d.execute_script("return [...document.querySelectorAll('#grid .tile')]"
+                                                ".map((t) => t.dataset.id)") == [ids[0]], "the unlabeled item")
+    tiles(driver, "grid")[0].click()
+    wait_for(driver, lambda d: "no label, so no search score" in text_of(d, "score"), "the unlabeled item's results")
+
+    choose(driver, "map-method", "pca")
+    driver.find_element(By.ID, "map-button").click()
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#map .scatterlayer .point")) == 3, "the odd map")
+    legend = [t.text for t in driver.find_elements(By.CSS_SELECTOR, "#map .legend .traces")]
+    assert LINK in legend and not driver.find_elements(By.CSS_SELECTOR, "#map .legend a, #map .legend b"), legend
+
+    with Client(stack.gateway, tls_ca="", tls_cert="", tls_key="", api_key="") as client:
+        client.delete_dataset(ODD)
+    driver.find_element(By.ID, "map-button").click()
+    wait_for(driver, lambda d: ODD not in options(d, "dataset"), "the deleted dataset gone")
+    wait_for(driver, lambda d: tiles(d, "grid"), "another dataset's images")
+
+
+def test_without_the_model_catalogue_the_page_shows_the_datasets(stack, browser):
+    """With the extractor down, /api/models failed and so did the whole page: no dataset listed."""
+    driver = browser
+    driver.execute_cdp_cmd("Network.enable", {})
+    driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/api/models"]})
+    try:
+        driver.get(stack.web_url)
+        wait_for(driver, lambda d: d.execute_script("return document.body.dataset.ready") == "true", "the page")
+        assert "The models could not be listed" in text_of(driver, "error-text")
+        choose(driver, "dataset", DATASET)
+        wait_for(driver, lambda d: "pixels ✓" in [o.text for o in Select(d.find_element(By.ID, "model")).options],
+                 "the dataset's indexed models")
+        wait_for(driver, lambda d: len(tiles(d, "grid")) == 10 * PER_CLASS, "the dataset's images")
+    finally:
+        driver.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
 
 
 @pytest.fixture

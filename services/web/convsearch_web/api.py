@@ -1,6 +1,7 @@
 """The JSON API the page calls: each route is one or two calls of the Python client; failures
 become HTTP answers in convsearch_web.errors."""
 
+import re
 import typing
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from convsearch.client import Client
 from convsearch.embedding import Configuration
+from convsearch.errors import InvalidArgument
 from convsearch_web import views
 from convsearch_web.errors import WebError
 from convsearch_web.jobs import evaluation_events, index_events
@@ -63,6 +65,18 @@ async def upload(request: Request, file: UploadFile) -> bytes:
     return data
 
 
+async def with_upload(call):
+    """call() in a thread; the gateway's word for an upload that is no image (`image 0 is not a
+    recognised image`: an index in a batch the page never sent) becomes `the uploaded file is not ...`."""
+    try:
+        return await run_in_threadpool(call)
+    except InvalidArgument as exc:
+        message = re.sub(r"^(image 0 (\(''\) )?|the image )(?=is not)", "the uploaded file ", str(exc))
+        if message == str(exc):
+            raise
+        raise WebError(400, exc.code, message, exc.reason) from None
+
+
 @router.get("/health")
 def health(request: Request) -> dict:
     """Whether the gateway answers its health check (503 when it does not)."""
@@ -90,12 +104,14 @@ def dataset(dataset: str, gateway: Gateway) -> dict:
 
 @router.get("/datasets/{dataset}/items")
 def items(dataset: str, config: Chosen, gateway: Gateway, offset: Annotated[int, Query(ge=0)] = 0,
-          limit: Annotated[int, Query(ge=1, le=1000)] = 60, label: str = "") -> dict:
-    """A page of the items a configuration's collection holds, by id (optionally of one label)."""
+          limit: Annotated[int, Query(ge=1, le=1000)] = 60, label: str = "", unlabeled: bool = False) -> dict:
+    """A page of the items a configuration's collection holds, by id (optionally of one label,
+    or with unlabeled those without one)."""
     points = gateway.project(dataset, config, "pca", 0, MAX_LISTED)
     everything = sorted(zip(points.ids, points.labels, strict=True))
     labels = sorted({found for _, found in everything})
-    chosen = [{"id": i, "label": found} for i, found in everything if not label or found == label]
+    wanted = "" if unlabeled else label
+    chosen = [{"id": i, "label": found} for i, found in everything if not (wanted or unlabeled) or found == wanted]
     return {"collection": points.collection, "total": len(chosen), "offset": offset, "limit": limit,
             "labels": labels, "sampled": points.sampled, "items": chosen[offset:offset + limit]}
 
@@ -117,12 +133,12 @@ def search(dataset: str, body: SearchBody, gateway: Gateway) -> dict:
 @router.post("/datasets/{dataset}/search/image")
 async def search_image(request: Request, dataset: str, file: Upload, model: Annotated[str, Form()] = "",
                        layer: Annotated[str, Form()] = "", pooling: Annotated[Pooling, Form()] = "avg",
-                       metric: Annotated[Metric, Form()] = "cosine", p: Annotated[float, Form()] = 2.0,
+                       metric: Annotated[Metric, Form()] = "cosine", p: Annotated[float, Form()] = 0.0,
                        k: Annotated[int, Form(ge=1, le=100)] = 15) -> dict:
     """A search with an uploaded image (no class, so no search score)."""
     data = await upload(request, file)
     config = configuration(model, layer, pooling, metric, p)
-    found = await run_in_threadpool(lambda: client(request).search(dataset, image=data, configuration=config, k=k))
+    found = await with_upload(lambda: client(request).search(dataset, image=data, configuration=config, k=k))
     return views.search(found)
 
 
@@ -156,30 +172,38 @@ async def inspect_upload(request: Request, file: Upload, layer: Annotated[str, F
                          model: Annotated[str, Form()] = "", top: Annotated[int, Form(ge=0, le=64)] = 0) -> dict:
     """A layer's strongest channels for an uploaded image."""
     data = await upload(request, file)
-    found = await run_in_threadpool(lambda: client(request).inspect(layer, image=data, model=model, top_channels=top))
+    found = await with_upload(lambda: client(request).inspect(layer, image=data, model=model,
+                                                                      top_channels=top))
     return views.inspection(found)
 
 
+def job_client(request: Request) -> Client:
+    return request.app.state.job_client()
+
+
 @router.get("/datasets/{dataset}/index/events")
-def index_job(dataset: str, gateway: Gateway, model: str = "", layers: str = "", pooling: Pooling = "avg",
-              metric: Metric = "cosine", p: float = 0.0):
+def index_job(request: Request, dataset: str, gateway: Gateway, model: str = "", layers: str = "",
+              pooling: Pooling = "avg", metric: Metric = "cosine", p: float = 0.0):
     """Indexes a configuration (layers comma-separated; none: the model's featured ones),
-    progress as server-sent events."""
+    progress as server-sent events; closing the stream cancels it."""
     gateway.dataset(dataset)  # an unknown dataset is a 404 before the stream starts
     chosen = tuple(name for name in layers.split(",") if name)
-    return index_events(gateway, dataset, Configuration(model, chosen, pooling, metric, p))
+    return index_events(job_client(request), dataset, Configuration(model, chosen, pooling, metric, p))
 
 
 @router.get("/datasets/{dataset}/evaluate/events")
-def evaluate_job(dataset: str, gateway: Gateway, models: str = "", metrics: str = "cosine",
-                 k: Annotated[int, Query(ge=1, le=100)] = 15):
+def evaluate_job(request: Request, dataset: str, gateway: Gateway, models: str = "", metrics: str = "cosine",
+                 pooling: Pooling = "avg", p: float = 0.0, k: Annotated[int, Query(ge=1, le=100)] = 15):
     """Scores models (comma-separated; none: every available one) x metrics at their featured
-    layers, progress as server-sent events, the last one with the results."""
+    layers under one pooling, progress as server-sent events, the last one with the results;
+    closing the stream cancels it."""
     gateway.dataset(dataset)
-    chosen_models = [name for name in models.split(",") if name]
+    chosen_models = [name for name in models.split(",") if name] or [m.name for m in gateway.models() if m.available]
     chosen_metrics = [name for name in metrics.split(",") if name]
     unknown = [name for name in chosen_metrics if name not in typing.get_args(Metric)]
     if unknown:
         raise WebError(422, "INVALID_ARGUMENT", f"unknown metric {unknown[0]!r}; use one of "
                                                 f"{', '.join(typing.get_args(Metric))}", "METRIC_UNKNOWN")
-    return evaluation_events(gateway, dataset, chosen_models, chosen_metrics, k)
+    configurations = [Configuration(model, (), pooling, metric, p) for model in chosen_models
+                      for metric in chosen_metrics]  # no layers: the model's featured ones
+    return evaluation_events(job_client(request), dataset, configurations, k)

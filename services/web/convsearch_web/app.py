@@ -72,9 +72,18 @@ def _option(value: str) -> str | None:
 def create_app(config: WebConfig) -> FastAPI:
     """The application, talking to the gateway at config.gateway."""
     credentials = client_credentials(_option(config.tls_ca), _option(config.tls_cert), _option(config.tls_key))
-    gateway = Client(config.gateway, config.timeout_s, tls_ca=_option(config.tls_ca),
-                     tls_cert=_option(config.tls_cert), tls_key=_option(config.tls_key),
-                     api_key=_option(config.api_key))
+
+    def new_client(session_version: int = 0) -> Client:
+        return Client(config.gateway, config.timeout_s, tls_ca=_option(config.tls_ca),
+                      tls_cert=_option(config.tls_cert), tls_key=_option(config.tls_key),
+                      api_key=_option(config.api_key), session_version=session_version)
+
+    def job_client() -> Client:
+        """A client of a job's own (closing it cancels the job), continuing the shared client's
+        session so that it reads what the page wrote."""
+        return new_client(gateway.session_version)
+
+    gateway = new_client()
     health_channel = create_channel(config.gateway, credentials=credentials)
     health_stub = health_pb2_grpc.HealthStub(health_channel)
     chart_library = plotly_js()
@@ -97,6 +106,7 @@ def create_app(config: WebConfig) -> FastAPI:
                   openapi_url="/api/openapi.json")
     app.state.config = config
     app.state.client = gateway
+    app.state.job_client = job_client
     app.state.gateway_serving = gateway_serving
     errors.install(app)
 

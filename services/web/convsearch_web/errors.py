@@ -4,8 +4,10 @@ gateway's message and details in a JSON body the page shows as it is."""
 import math
 
 from fastapi import HTTPException, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from convsearch.errors import ConvsearchError
 
@@ -23,6 +25,10 @@ HTTP_STATUS = {
     "DEADLINE_EXCEEDED": 504,
 }
 RATE_LIMITED = 429
+ROUTE_ERRORS = {404: ("NOT_FOUND", "ROUTE_NOT_FOUND", "no such API route: {method} {path}; /api/openapi.json "
+                      "lists them"),
+                405: ("UNIMPLEMENTED", "METHOD_NOT_ALLOWED", "{path} does not answer {method}; "
+                      "/api/openapi.json lists its methods")}
 INSUFFICIENT_STORAGE = 507
 
 
@@ -95,9 +101,21 @@ def _validation_error(_request: Request, error: RequestValidationError) -> JSONR
                                    "metadata": {}, "field_violations": violations}}, status_code=422)
 
 
+async def _route_error(request: Request, error: StarletteHTTPException):
+    """An unknown API route or a wrong method, in the API's JSON body (elsewhere, FastAPI's)."""
+    if not request.url.path.startswith("/api/"):
+        return await http_exception_handler(request, error)
+    code, reason, message = ROUTE_ERRORS.get(error.status_code, ("INVALID_ARGUMENT", "HTTP_ERROR", "{detail}"))
+    answer = refusal(error.status_code, code, reason, message.format(method=request.method, path=request.url.path,
+                                                                     detail=error.detail))
+    answer.headers.update(error.headers or {})
+    return answer
+
+
 def install(app) -> None:
     """Registers the handlers that turn every refusal into a readable JSON body."""
     app.add_exception_handler(ConvsearchError, _gateway_error)
     app.add_exception_handler(WebError, _web_error)
     app.add_exception_handler(BodyTooLarge, lambda _request, error: too_large(error.limit_mb))
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _route_error)

@@ -2,6 +2,7 @@
 
 import base64
 import dataclasses
+import re
 
 from convsearch.client import Collection, Dataset, Model, Projection, SearchResult
 from convsearch.inspection import Inspection
@@ -18,9 +19,14 @@ def image_type(data: bytes) -> str:
 
 
 def collection_parts(name: str) -> dict:
-    """model/layer/pooling/metric of a collection's name (a layer may hold slashes)."""
+    """model/layer/pooling/metric of a collection's name (a layer may hold slashes), and p
+    (minkowski's, e.g. `minkowski3` is metric minkowski, p 3; 0 for the other metrics)."""
     model, *layer, pooling, metric = name.split("/")
-    return {"model": model, "layer": "/".join(layer), "pooling": pooling, "metric": metric}
+    p = 0.0
+    minkowski = re.fullmatch(r"minkowski(.+)", metric)
+    if minkowski:
+        metric, p = "minkowski", float(minkowski.group(1))
+    return {"model": model, "layer": "/".join(layer), "pooling": pooling, "metric": metric, "p": p}
 
 
 def collection(found: Collection) -> dict:
