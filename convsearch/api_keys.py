@@ -9,8 +9,8 @@ SHA-256 is stored, so the file is no secret:
     sha256:163d0a8027490cb93a6e54d34b8bf84b1224d09ce44be6a94cee54ea69a233d1  write  shoes  # shoe importer
     sha256:9b04e8c4151597c60b40bd152bb19e17de7000185883d23341b31ffb8b3002f8  admin  *      # operators
 
-Roles, each allowing what the one before it does: `read` (search, get, list, evaluate, compare,
-project, inspect, list models), `write` (also ingest, index, delete items), `admin` (also create
+Roles, each allowing what the one before it does: `read` (search, get, list, compare, project,
+inspect, list models), `write` (also ingest, index, evaluate, delete items), `admin` (also create
 and delete datasets, delete collections, snapshots). Without datasets (or with `*`) a key may touch every
 dataset; with a comma-separated list, only those (and ListDatasets shows it only those). Blank
 lines and text after `#` are ignored. `convsearch api-key new --role R` makes a key and its line.

@@ -1,8 +1,11 @@
 """The gateway's API keys, roles, dataset scopes and limits, in-process: every RPC has a rule;
 no key or an unknown key is UNAUTHENTICATED; a role or dataset a key lacks is PERMISSION_DENIED
-naming it; health and reflection stay open; the keys file reloads; the request rate, the streams
-per key and in all are capped; idle client streams are ended and never starve unary calls or
-health; the client and the CLI send a key."""
+naming it; a read key cannot make the gateway store without bound (Evaluate needs write, Project
+keeps one picture a method); health and reflection stay open; the keys file reloads and fails
+closed (missing: every key refused; a bad line: revocations still apply); the request rate, the
+streams per key (half the slots by default) and in all are capped, and the rate limiter forgets
+one-time callers; idle client streams, and streams whose client stops reading, are ended and
+never starve unary calls or health; the client and the CLI send a key."""
 
 import contextlib
 import io
@@ -15,12 +18,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
 
 from convsearch import cli
 from convsearch.api_keys import ENV_API_KEY, bearer_token, hash_key, key_line, new_key, parse_keys
+from convsearch.channels import create_channel
 from convsearch.client import Client
 from convsearch.errors import PermissionDenied, Unauthenticated
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
+from convsearch.grpc_errors import details_of
 from convsearch_gateway.auth import (
     DATASET,
     LISTED,
@@ -110,6 +116,16 @@ def code_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.OK, ""
 
 
+def failure_of(call, *args, **kwargs) -> tuple[grpc.StatusCode, str, str | None]:
+    """(code, message, reason) of a call that fails."""
+    with pytest.raises(grpc.RpcError) as failed:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__next__"):
+            list(result)
+    error = failed.value
+    return error.code(), error.details(), details_of(rpc_status.from_call(error)).get("reason")
+
+
 def search_request() -> gateway_pb2.SearchRequest:
     return gateway_pb2.SearchRequest(dataset="shoes", item_id="img0", configuration=LITE0, k=2)
 
@@ -187,7 +203,10 @@ def test_a_read_key_reads_but_cannot_write_or_delete(guarded):
     refused = {
         "write": [(stub.Ingest, iter([gateway_pb2.IngestRequest(dataset="shoes")])),
                   (stub.IndexDataset, gateway_pb2.IndexDatasetRequest(dataset="shoes", configurations=[LITE0])),
-                  (stub.DeleteItems, gateway_pb2.DeleteItemsRequest(dataset="shoes", ids=["img0"]))],
+                  (stub.DeleteItems, gateway_pb2.DeleteItemsRequest(dataset="shoes", ids=["img0"])),
+                  # Evaluate creates, fills and stores: every model when no configuration is given.
+                  (stub.Evaluate, gateway_pb2.EvaluateRequest(dataset="shoes")),
+                  (stub.Evaluate, gateway_pb2.EvaluateRequest(dataset="shoes", configurations=[LITE0]))],
         "admin": [(stub.DeleteDataset, gateway_pb2.DeleteDatasetRequest(name="shoes")),
                   (stub.CreateDataset, gateway_pb2.CreateDatasetRequest(name="hats")),
                   (stub.DeleteCollection, gateway_pb2.DeleteCollectionRequest(
@@ -200,6 +219,9 @@ def test_a_read_key_reads_but_cannot_write_or_delete(guarded):
             assert f"the {role!r} role" in details and "'read'" in details
     assert [d.name for d in stub.ListDatasets(gateway_pb2.ListDatasetsRequest(), metadata=read,
                                               timeout=5).datasets] == ["bags", "shoes"]
+    # Compare only reads what Evaluate stored.
+    assert code_of(stub.Compare, gateway_pb2.CompareRequest(dataset="shoes"), metadata=read,
+                   timeout=30)[0] == grpc.StatusCode.OK
 
 
 def test_a_write_key_writes_but_cannot_delete_datasets_or_collections(guarded, chelsea_jpeg):
@@ -211,11 +233,33 @@ def test_a_write_key_writes_but_cannot_delete_datasets_or_collections(guarded, c
     assert [r.status for r in results] == [gateway_pb2.INGEST_STATUS_STORED]
     assert stub.DeleteItems(gateway_pb2.DeleteItemsRequest(dataset="bags", ids=["extra"]), metadata=write,
                             timeout=5).deleted == 1
+    assert code_of(stub.Evaluate, gateway_pb2.EvaluateRequest(dataset="shoes", configurations=[LITE0]),
+                   metadata=write, timeout=120)[0] == grpc.StatusCode.OK
     for call, request in ((stub.DeleteDataset, gateway_pb2.DeleteDatasetRequest(name="bags")),
                           (stub.DeleteCollection, gateway_pb2.DeleteCollectionRequest(
                               dataset="shoes", collection="efficientnet_lite0/_conv_head/avg/cosine"))):
         code, details = code_of(call, request, metadata=write, timeout=5)
         assert code == grpc.StatusCode.PERMISSION_DENIED and "the 'admin' role" in details
+
+
+def test_a_read_key_keeps_at_most_one_projection_a_method(guarded):
+    """Project needs only the read role, so what it stores is bounded: the picture at the default
+    seed (0), one a method, holding the last max_points asked for; other seeds are never stored."""
+    _, stub, _, _ = guarded
+    read = bearer(KEYS["read"])
+
+    def cached(seed: int, max_points: int = 3) -> bool:
+        return stub.Project(gateway_pb2.ProjectRequest(dataset="shoes", configuration=LITE0, seed=seed,
+                                                       max_points=max_points, method=gateway_pb2.PROJECTION_METHOD_PCA),
+                            metadata=read, timeout=30).cached
+
+    cached(0)
+    assert cached(0)
+    for seed in range(1, 21):  # a caller exploring seeds (or an attacker) computes them, but stores none
+        assert [cached(seed), cached(seed)] == [False, False]
+    assert cached(0)  # the default seed's picture is still there
+    assert [cached(0, max_points=4), cached(0, max_points=4)] == [False, True]
+    assert not cached(0)  # one slot: the last max_points asked for
 
 
 def test_a_dataset_scoped_key_touches_only_its_datasets(guarded, chelsea_jpeg):
@@ -260,12 +304,56 @@ def test_the_keys_file_reloads_when_it_changes(guarded, keys_file, capsys):
     made = json.loads(capsys.readouterr().out)
     assert made["line"] in keys_file.read_text() and made["key"] not in keys_file.read_text()
     assert code(made["key"]) == grpc.StatusCode.OK
-    # A broken file keeps the keys read before; a fixed one without the newcomer refuses it.
-    keys_file.write_text(keys_text() + "sha256:nothex read\n")
+    # A broken file keeps the keys read before that it still lists; a fixed one without the newcomer refuses it.
+    keys_file.write_text(keys_text() + key_line(newcomer, "read") + "\nsha256:nothex read\n")
     assert code(newcomer) == grpc.StatusCode.OK
     keys_file.write_text(keys_text())
     assert code(newcomer) == code(made["key"]) == grpc.StatusCode.UNAUTHENTICATED
     assert code(KEYS["read"]) == grpc.StatusCode.OK
+
+
+def test_a_missing_keys_file_refuses_every_key_until_it_is_back(guarded, keys_file, caplog):
+    _, stub, _, _ = guarded
+    moved = keys_file.with_name("keys.moved")
+    keys_file.rename(moved)  # an operator takes the file away to shut every key out
+    with caplog.at_level(logging.ERROR, logger="convsearch.gateway.auth"):
+        for key in (KEYS["admin"], KEYS["read"]):
+            code, details, reason = failure_of(stub.ListDatasets, gateway_pb2.ListDatasetsRequest(),
+                                               metadata=bearer(key), timeout=5)
+            assert code == grpc.StatusCode.UNAUTHENTICATED and reason == "API_KEYS_FILE_MISSING"
+            assert "API keys file is missing" in details and str(keys_file) not in details
+    assert any("cannot be read" in record.getMessage() for record in caplog.records)
+    moved.rename(keys_file)
+    assert code_of(stub.ListDatasets, gateway_pb2.ListDatasetsRequest(), metadata=bearer(KEYS["read"]),
+                   timeout=5)[0] == grpc.StatusCode.OK
+
+
+def test_a_keys_file_with_a_bad_line_still_revokes_the_keys_it_no_longer_lists(guarded, keys_file, caplog):
+    """While a line does not parse, only the keys read before that the file still lists stay, as
+    their (good) lines now say; a key new to the file waits until the file parses."""
+    _, stub, _, _ = guarded
+    newcomer = new_key()
+
+    def code(key, call=stub.ListDatasets, request=None):
+        return code_of(call, request or gateway_pb2.ListDatasetsRequest(), metadata=bearer(key), timeout=10)[0]
+
+    lines = [key_line(KEYS["admin"], "admin"),
+             "# " + key_line(KEYS["write"], "write"),  # commented out: revoked
+             key_line(KEYS["shoes_write"], "read", ["shoes"]),  # downgraded
+             key_line(KEYS["shoes_read"], "read", ["shoes"]).replace(" read ", " raed "),  # mistyped: as before
+             key_line(newcomer, "read"),
+             "sha256:nothex read"]  # and KEYS["read"]'s line removed
+    with caplog.at_level(logging.ERROR, logger="convsearch.gateway.auth"):
+        keys_file.write_text("\n".join(lines) + "\n")
+        assert code(KEYS["read"]) == code(KEYS["write"]) == grpc.StatusCode.UNAUTHENTICATED
+        assert code(newcomer) == code(KEYS["other_read"]) == grpc.StatusCode.UNAUTHENTICATED
+        assert code(KEYS["admin"]) == code(KEYS["shoes_read"]) == grpc.StatusCode.OK
+        assert code(KEYS["shoes_write"], stub.Ingest,
+                    iter([gateway_pb2.IngestRequest(dataset="shoes")])) == grpc.StatusCode.PERMISSION_DENIED
+    assert any("only the 3 keys read before that it still lists stay" in record.getMessage()
+               for record in caplog.records)
+    keys_file.write_text(keys_text())
+    assert code(KEYS["read"]) == code(KEYS["write"]) == grpc.StatusCode.OK
 
 
 def test_an_open_gateway_warns_and_a_bad_keys_file_stops_it(backends, tmp_path, caplog):
@@ -296,6 +384,23 @@ def test_token_buckets_refill_at_their_rate():
     now[0] += 0.5
     assert buckets.take("a") == 0.0
     assert buckets.take("a") > 0
+
+
+def test_token_buckets_forget_one_time_callers():
+    """200,000 callers that each come once (new client addresses, cheap with IPv6) and are never
+    refused: the buckets remembered stay bounded, and a sweep never forgets a caller still limited."""
+    now = [0.0]
+    buckets = TokenBuckets(rate=1.0, burst=1, clock=lambda: now[0])
+    most = 0
+    for n in range(200_000):
+        now[0] += 0.001
+        assert buckets.take(f"ipv6:[2001:db8::{n:x}]") == 0.0
+        most = max(most, len(buckets))
+    assert most <= TokenBuckets._PRUNE_AT
+    assert buckets.take("steady") == 0.0
+    for n in range(TokenBuckets._PRUNE_AT):  # at one instant: a sweep among them, and no bucket has refilled
+        buckets.take(f"crowd-{n}")
+    assert buckets.take("steady") > 0
 
 
 def test_the_request_rate_per_key_is_limited_with_a_time_to_retry(backends, keys_file):
@@ -359,7 +464,8 @@ def test_idle_streams_are_ended_and_never_starve_unary_calls_or_health(backends)
     check still answer within a 1 s deadline, and the idle ones end with DEADLINE_EXCEEDED."""
     release = threading.Event()
     idle_s = 4.0
-    with gateway(backends, max_concurrent_rpcs=64, stream_idle_timeout_s=idle_s) as (service, stub, channel, _):
+    with gateway(backends, max_concurrent_rpcs=64, stream_idle_timeout_s=idle_s,
+                 max_streams_per_key=32) as (service, stub, channel, _):
         assert service.guard.streams.total == 32
         stub.Search(search_request(), timeout=30)  # warm: the collection is loaded
         first = gateway_pb2.IngestRequest(dataset="shoes")
@@ -384,6 +490,63 @@ def test_idle_streams_are_ended_and_never_starve_unary_calls_or_health(backends)
         eventually(lambda: service.guard.streams.open == 0)
         eventually(lambda: not [t for t in threading.enumerate() if t.name == "stream-reader"])
         assert code_of(stub.Ingest, iter([first]), timeout=5)[0] == grpc.StatusCode.OK
+
+
+def test_one_key_may_hold_half_the_stream_slots_by_default(backends, keys_file):
+    release = threading.Event()
+    with gateway(backends, api_keys=str(keys_file), max_concurrent_rpcs=8,
+                 max_concurrent_streams=4) as (service, stub, _, _):
+        try:
+            held = [stub.Ingest(iter(IdleRequests(release)), metadata=bearer(KEYS["write"])) for _ in range(2)]
+            eventually(lambda: service.guard.streams.open == 2)
+            code, details, reason = failure_of(stub.Ingest, iter([gateway_pb2.IngestRequest(dataset="shoes")]),
+                                               metadata=bearer(KEYS["write"]), timeout=5)
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and reason == "TOO_MANY_STREAMS"
+            assert "2 streams open" in details
+            assert code_of(stub.Ingest, iter([gateway_pb2.IngestRequest(dataset="shoes")]),
+                           metadata=bearer(KEYS["admin"]), timeout=5)[0] == grpc.StatusCode.OK
+        finally:
+            release.set()
+            for call in held:
+                call.cancel()
+
+
+def test_a_stream_whose_client_stops_reading_is_cancelled_and_frees_its_slot(backends, keys_file, caplog):
+    """Two Ingest streams that send many items but never read a result: the gateway's sends block
+    (flow control), outside the idle timeout's reach. Once a response has waited the idle timeout
+    to be sent, the stream is cancelled (the client sees CANCELLED), its slot and worker freed,
+    and another key's stream is served."""
+    release = threading.Event()
+    idle_s = 2.0
+
+    def flood():
+        for n in range(40):
+            yield gateway_pb2.IngestRequest(dataset="shoes", items=[
+                gateway_pb2.Item(id=f"{'x' * 240}-{n}-{i}") for i in range(2000)])  # no image: a failed result each
+        release.wait(60)
+
+    with gateway(backends, api_keys=str(keys_file), max_concurrent_rpcs=8, max_concurrent_streams=2,
+                 max_streams_per_key=2, stream_idle_timeout_s=idle_s) as (service, stub, _, address):
+        channels = [create_channel(address) for _ in range(2)]
+        try:
+            with caplog.at_level(logging.WARNING, logger="convsearch.gateway.auth"):
+                held = [gateway_pb2_grpc.GatewayServiceStub(channel).Ingest(flood(), metadata=bearer(KEYS["write"]))
+                        for channel in channels]  # never read
+                eventually(lambda: service.guard.streams.open == 2)
+                eventually(lambda: service.guard.streams.open == 0, timeout_s=30)
+            assert code_of(stub.Ingest, iter([gateway_pb2.IngestRequest(dataset="shoes")]),
+                           metadata=bearer(KEYS["admin"]), timeout=5)[0] == grpc.StatusCode.OK
+            for call in held:  # a client that reads again gets what was sent, then CANCELLED
+                with pytest.raises(grpc.RpcError) as ended:
+                    for _ in call:
+                        pass
+                assert ended.value.code() == grpc.StatusCode.CANCELLED
+            assert sum("for the client to read it" in record.getMessage() for record in caplog.records) == 2
+        finally:
+            release.set()
+            for channel in channels:
+                channel.close()
+        eventually(lambda: not [t for t in threading.enumerate() if t.name in ("stream-reader", "stream-send-watch")])
 
 
 # ---- client and CLI ---------------------------------------------------------------------------

@@ -4,7 +4,8 @@ applies them all to the GatewayService; health and reflection pass untouched.
 
 - Authentication: `authorization: Bearer <key>`, checked against the keys file (see
   `convsearch.api_keys` for its format), re-read when it changes (a stat per call). No key or
-  an unknown one: UNAUTHENTICATED. Without a keys file every caller may do everything.
+  an unknown one: UNAUTHENTICATED; so is every key while the file cannot be read (it fails
+  closed). Without a keys file every caller may do everything.
 - Roles: `RULES` maps each RPC to the role it needs and where its dataset is; a key whose role
   or datasets do not allow the call gets PERMISSION_DENIED naming what is missing. A stream's
   every message is checked as it is read; ListDatasets shows a scoped key only its datasets.
@@ -12,12 +13,15 @@ applies them all to the GatewayService; health and reflection pass untouched.
   RESOURCE_EXHAUSTED with the wait in the message and in trailing metadata `retry-after-ms`.
 - Streams: a streaming RPC holds one of the server's worker threads for its whole life, so
   streams get at most `max_streams` of them (fewer than the workers: unary calls and health
-  always find one) and at most `max_streams_per_key` each key; one beyond a cap is refused at
+  always find one) and at most `max_streams_per_key` each key (0: half of `max_streams`, so one
+  key cannot take every slot); one beyond a cap is refused at
   once with RESOURCE_EXHAUSTED. A client stream's messages are read on a helper thread so that
   waiting for one can time out: a stream that sends nothing for `idle_timeout_s` is ended with
-  DEADLINE_EXCEEDED, freeing its worker.
+  DEADLINE_EXCEEDED, freeing its worker. A stream whose client stops reading is cancelled once
+  a response has waited `idle_timeout_s` to be sent (`SendWatch`), freeing its worker too.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -68,9 +72,9 @@ RULES: dict[str, Rule] = {
     "GetDataset": Rule("read"),
     "Search": Rule("read"),
     "GetImage": Rule("read"),
-    "Evaluate": Rule("read"),
-    "Compare": Rule("read"),
-    "Project": Rule("read"),
+    "Evaluate": Rule("write"),  # it creates and fills collections, and stores its results
+    "Compare": Rule("read"),  # reads the results Evaluate stored
+    "Project": Rule("read"),  # its cache is bounded: see convsearch_gateway.projection
     "InspectLayer": Rule("read", OPTIONAL_DATASET),
     "Ingest": Rule("write"),
     "IndexDataset": Rule("write"),
@@ -96,8 +100,11 @@ def dataset_of(message) -> str:
 
 
 class KeysFile:
-    """The keys of a keys file, re-read when the file changes (its mtime, size or inode). A file
-    that cannot be read or parsed after a change keeps the keys read before (and is logged)."""
+    """The keys of a keys file, re-read when the file changes (its mtime, size or inode). It fails
+    closed: while the file cannot be read (missing, renamed away) every key is refused; a file
+    with a bad line keeps only the keys read before that it still lists (so a line removed or
+    commented out revokes its key at once), each as its new line says when that line is good.
+    Keys new to the file wait until it parses."""
 
     def __init__(self, path: str):
         self.path = path
@@ -106,7 +113,7 @@ class KeysFile:
         if self._signature is None:
             raise ValueError(f"cannot read the API keys file {path}")
         with open(path, encoding="utf-8") as file:
-            self._keys = parse_keys(file.read(), path)
+            self._keys: dict[str, ApiKey] | None = parse_keys(file.read(), path)  # None: the file is unreadable
 
     def _stat(self):
         try:
@@ -116,14 +123,18 @@ class KeysFile:
         return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self._keys or ())
 
     def lookup(self, token: str) -> ApiKey | None:
-        """The key `token` is, if the file lists it."""
+        """The key `token` is, if the file lists it; Unauthenticated while the file cannot be read."""
         signature = self._stat()
         if signature != self._signature:
             self._reload(signature)
-        return self._keys.get(hashlib.sha256(token.encode()).hexdigest())
+        keys = self._keys
+        if keys is None:
+            raise Unauthenticated("the gateway's API keys file is missing (or unreadable), so every key is refused "
+                                  "until it is back; tell the gateway's operator", reason="API_KEYS_FILE_MISSING")
+        return keys.get(hashlib.sha256(token.encode()).hexdigest())
 
     def _reload(self, signature) -> None:
         with self._lock:
@@ -131,22 +142,46 @@ class KeysFile:
                 return
             self._signature = signature
             try:
-                if signature is None:
-                    raise OSError("missing")
-                with open(self.path, encoding="utf-8") as file:
-                    keys = parse_keys(file.read(), self.path)
-            except (OSError, ValueError, UnicodeDecodeError) as exc:
-                log.error("API keys file %s not reloaded, the %d keys read before stay: %s", self.path,
-                          len(self._keys), exc)
+                with open(self.path, "rb") as file:
+                    data = file.read()
+            except OSError as exc:
+                self._keys = None
+                log.error("API keys file %s cannot be read, every key is refused until it is back: %s", self.path,
+                          exc.strerror or exc)
                 return
-            self._keys = keys
-            log.info("API keys file %s reloaded: %d keys", self.path, len(keys))
+            try:
+                self._keys = parse_keys(data.decode("utf-8"), self.path)
+            except ValueError as exc:  # UnicodeDecodeError included
+                self._keys = self._still_listed(data.decode("utf-8", "replace"))
+                log.error("API keys file %s has an error, only the %d keys read before that it still lists stay "
+                          "until it parses: %s", self.path, len(self._keys), exc)
+                return
+            log.info("API keys file %s reloaded: %d keys", self.path, len(self._keys))
+
+    def _still_listed(self, text: str) -> dict[str, ApiKey]:
+        """The keys read before whose digest starts a line of `text`: as that line says when it
+        parses, else as before."""
+        before = self._keys or {}
+        kept: dict[str, ApiKey] = {}
+        for line in text.splitlines():
+            fields = line.partition("#")[0].split()
+            digest = fields[0].removeprefix("sha256:") if fields else ""
+            if digest in before:
+                try:
+                    kept[digest] = parse_keys(line, self.path)[digest]
+                except ValueError:
+                    kept[digest] = before[digest]
+        return kept
 
 
 class TokenBuckets:
-    """A token bucket per caller: `rate` tokens a second, up to `burst` saved."""
+    """A token bucket per caller: `rate` tokens a second, up to `burst` saved. A caller whose
+    bucket has refilled is forgotten (it would start full anyway) when a new caller comes and
+    more than `_PRUNE_AT` are remembered; the next such sweep waits until their number has
+    doubled, so sweeps cost O(1) a call amortised and memory follows the callers of the last
+    `burst / rate` seconds."""
 
-    _PRUNE_AT = 10_000  # callers remembered before full (idle) buckets are forgotten
+    _PRUNE_AT = 10_000
 
     def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
         self.rate = rate
@@ -154,25 +189,34 @@ class TokenBuckets:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._prune_at = self._PRUNE_AT
+
+    def __len__(self) -> int:
+        """Callers remembered."""
+        return len(self._buckets)
 
     def take(self, caller: str) -> float:
         """Takes a token: 0.0 when there was one, else the seconds until there is."""
         now = self._clock()
         with self._lock:
+            if caller not in self._buckets and len(self._buckets) >= self._prune_at:
+                self._forget_full(now)
             tokens, then = self._buckets.get(caller, (self.burst, now))
             tokens = min(self.burst, tokens + (now - then) * self.rate)
             if tokens >= 1:
                 self._buckets[caller] = (tokens - 1, now)
                 return 0.0
             self._buckets[caller] = (tokens, now)
-            if len(self._buckets) > self._PRUNE_AT:
-                full_after = self.burst / self.rate
-                self._buckets = {name: state for name, state in self._buckets.items() if now - state[1] < full_after}
             return (1 - tokens) / self.rate
+
+    def _forget_full(self, now: float) -> None:
+        self._buckets = {caller: (tokens, then) for caller, (tokens, then) in self._buckets.items()
+                         if tokens + (now - then) * self.rate < self.burst}
+        self._prune_at = max(self._PRUNE_AT, 2 * len(self._buckets))
 
 
 class StreamSlots:
-    """Counts open streams, in all (at most `total`) and per caller (at most `per_caller`; 0: no cap)."""
+    """Counts open streams, in all (at most `total`) and per caller (at most `per_caller`)."""
 
     def __init__(self, total: int, per_caller: int):
         self.total = total
@@ -188,7 +232,7 @@ class StreamSlots:
                 return (f"the gateway serves {self.total} streams at once and all are busy; "
                         "retry shortly (unary calls are not affected)")
             mine = self._by_caller.get(caller, 0)
-            if self.per_caller and mine >= self.per_caller:
+            if mine >= self.per_caller:
                 return f"{caller_name} has {mine} streams open, the most one caller may; finish one first"
             self._open += 1
             self._by_caller[caller] = mine + 1
@@ -284,6 +328,59 @@ class WatchedRequests:
         self._wanted.release()
 
 
+class SendWatch:
+    """Calls `on_stall` (once) when a response handed to gRPC has not been sent within
+    `timeout_s`: the client stopped reading, flow control holds the send, and with it the
+    handler's worker thread and stream slot, out of the idle timeout's reach. gRPC asks for the
+    next response only once the last one is sent, so the time from a `sending` block's start to
+    its end is the send's. A helper thread, started with the first response, watches."""
+
+    def __init__(self, timeout_s: float, on_stall: Callable[[], None]):
+        self._timeout_s = timeout_s
+        self._on_stall = on_stall
+        self._changed = threading.Condition()
+        self._since: float | None = None  # when the response being sent was handed over
+        self._over = False
+        self._watcher: threading.Thread | None = None
+        self._asleep = False  # the watcher waits for a send: wake it (else it wakes by itself, at a deadline)
+
+    @contextlib.contextmanager
+    def sending(self):
+        with self._changed:
+            self._since = time.monotonic()
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="stream-send-watch", daemon=True)
+                self._watcher.start()
+            elif self._asleep:
+                self._asleep = False
+                self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._since = None
+
+    def stop(self) -> None:
+        with self._changed:
+            self._over = True
+            self._changed.notify()
+
+    def _watch(self) -> None:
+        with self._changed:
+            while not self._over:
+                if self._since is None:
+                    self._asleep = True
+                    self._changed.wait()
+                    continue
+                left = self._since + self._timeout_s - time.monotonic()
+                if left <= 0:
+                    break
+                self._changed.wait(left)
+            else:
+                return
+        self._on_stall()
+
+
 @dataclasses.dataclass(frozen=True)
 class Caller:
     """Who is calling: the key (None without keys) and the name limits count under."""
@@ -315,7 +412,7 @@ class Guard(grpc.ServerInterceptor):
         self.service_name = service_name
         self.keys = keys
         self.buckets = TokenBuckets(rate_per_s, burst or max(1, round(rate_per_s))) if rate_per_s > 0 else None
-        self.streams = StreamSlots(max_streams, max_streams_per_key)
+        self.streams = StreamSlots(max_streams, max_streams_per_key or max(1, max_streams // 2))
         self.idle_timeout_s = idle_timeout_s
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
@@ -346,7 +443,10 @@ class Guard(grpc.ServerInterceptor):
             abort(context, Unauthenticated("this gateway needs an API key: send metadata `authorization: Bearer <key>` "
                                            "(convsearch --api-key, Client(api_key=...) or CONVSEARCH_API_KEY)",
                                            reason="API_KEY_MISSING"))
-        key = self.keys.lookup(token)
+        try:
+            key = self.keys.lookup(token)
+        except Unauthenticated as exc:
+            abort(context, exc)
         if key is None:
             abort(context, Unauthenticated("unknown API key (revoked, mistyped, or for another gateway)",
                                            reason="API_KEY_UNKNOWN"))
@@ -405,11 +505,11 @@ class Guard(grpc.ServerInterceptor):
                     del response.datasets[:]
                     response.datasets.extend(kept)
                 return response
-            return self._stream(behavior, handler, rule, caller, request, context)
+            return self._stream(behavior, handler, rpc, rule, caller, request, context)
 
         return with_behavior(handler, guarded)
 
-    def _stream(self, behavior, handler, rule: Rule, caller: Caller, request, context):
+    def _stream(self, behavior, handler, rpc: str, rule: Rule, caller: Caller, request, context):
         refusal = self.streams.acquire(caller.identity, caller.name)
         if refusal:
             abort(context, ResourceExhausted(refusal, reason="TOO_MANY_STREAMS"))
@@ -442,7 +542,8 @@ class Guard(grpc.ServerInterceptor):
         if not handler.response_streaming:
             release()
             return result
-        return self._responses(iter(result), requests, release, context)
+        watch = SendWatch(self.idle_timeout_s, lambda: self._cancel_stalled(rpc, caller, context))
+        return self._responses(iter(result), requests, watch, release, context)
 
     @staticmethod
     def _enforce(requests: WatchedRequests | None, context) -> None:
@@ -450,13 +551,26 @@ class Guard(grpc.ServerInterceptor):
         if requests is not None and requests.failure is not None:
             abort(context, requests.failure)
 
-    def _responses(self, responses: Iterator, requests: WatchedRequests | None, release, context) -> Iterator:
+    def _cancel_stalled(self, rpc: str, caller: Caller, context) -> None:
+        """Ends a stream whose client stopped reading. Its status could not reach the client (it
+        would queue behind the unread responses), so the RPC is cancelled: the client sees
+        CANCELLED, the log says why."""
+        log.warning("%s of %s cancelled: a response waited %g s for the client to read it "
+                    "(--stream-idle-timeout-s), holding a stream slot", rpc, caller.name, self.idle_timeout_s)
+        context.cancel()
+
+    def _responses(self, responses: Iterator, requests: WatchedRequests | None, watch: SendWatch, release,
+                   context) -> Iterator:
         try:
-            yield from responses
+            for response in responses:
+                with watch.sending():
+                    yield response
         except GeneratorExit:
             raise
         except BaseException:
             self._enforce(requests, context)
             raise
         finally:
+            watch.stop()
+            getattr(responses, "close", lambda: None)()  # the handler's own clean-up, now
             release()

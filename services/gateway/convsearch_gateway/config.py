@@ -43,12 +43,14 @@ class GatewayConfig(ServerTLSOptions, peer_tls_options("backend", "the extractor
                                           "0: unlimited")
     rate_burst: int = option(0, "requests a key may make at once beyond the rate; 0: one second's worth")
     max_streams_per_key: int = option(0, "streaming RPCs one API key (client address without keys) may have open; "
-                                         "0: no cap but max_concurrent_streams")
+                                         "0: half of max_concurrent_streams, so one key cannot take every slot "
+                                         "(set it to max_concurrent_streams for no cap of its own)")
     max_concurrent_streams: int = option(0, "streaming RPCs served at once, fewer than max_concurrent_rpcs so unary "
                                             "calls and health always have a worker; more are refused at once; "
                                             "0: half of max_concurrent_rpcs")
     stream_idle_timeout_s: float = option(30.0, "a client stream that sends nothing this long is ended with "
-                                                "DEADLINE_EXCEEDED")
+                                                "DEADLINE_EXCEEDED; a stream whose response waits this long "
+                                                "for the client to read it is cancelled")
 
     @property
     def stream_cap(self) -> int:

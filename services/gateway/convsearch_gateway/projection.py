@@ -1,5 +1,10 @@
 """2-D pictures of a collection: PCA (fast, deterministic) or UMAP (seeded), over at most
-max_points vectors (a seeded sample above that), kept with the collection until it changes."""
+max_points vectors (a seeded sample above that).
+
+The picture at the default seed is kept with the collection until it changes, one per method
+(attachment `projection/<method>`, holding the last max_points asked for): Project needs only the
+read role, so what it stores must stay bounded whatever a caller asks. Other seeds (exploring)
+are computed each time and never stored."""
 
 import dataclasses
 import json
@@ -14,6 +19,7 @@ from convsearch_gateway.configurations import Target
 from convsearch_gateway.indexing import all_items
 
 METHODS = ("pca", "umap")
+CACHED_SEED = 0  # the default seed: its pictures are kept
 _FETCH = 2000
 
 
@@ -51,18 +57,32 @@ def umap_2d(vectors: np.ndarray, metric: str, seed: int) -> np.ndarray:
 
 
 def project(backends: Backends, dataset: str, target: Target, method: str, seed: int, max_points: int) -> Projection:
-    """Coordinates for the collection's vectors (a seeded sample of max_points when there are more)."""
+    """Coordinates for the collection's vectors (a seeded sample of max_points when there are more);
+    kept and reused at the default seed (see the module)."""
     if method not in METHODS:
         raise InvalidArgument(f"unknown projection method {shown(method)}; use pca or umap")
     if seed < 0:
         raise InvalidArgument(f"seed {seed} is negative; use 0 or more (the same seed gives the same picture)")
     if not 3 <= max_points <= 50_000:
         raise InvalidArgument(f"max_points {max_points} is out of range; use 3 to 50000")
-    key = f"projection/{method}/{seed}/{max_points}"
+    if seed != CACHED_SEED:
+        return _computed(backends, dataset, target, method, seed, max_points)
+    key = f"projection/{method}"
     stored = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
         dataset=dataset, collection=target.collection, key=key))
     if stored.found and stored.version == stored.current_version:
-        return Projection(**{**json.loads(stored.data), "cached": True})
+        kept = json.loads(stored.data)
+        if kept.pop("max_points", None) == max_points:
+            return Projection(**{**kept, "cached": True})
+    result = _computed(backends, dataset, target, method, seed, max_points)
+    backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
+        dataset=dataset, collection=target.collection, key=key, version=stored.current_version,
+        data=json.dumps({**dataclasses.asdict(result), "max_points": max_points}).encode()))
+    return result
+
+
+def _computed(backends: Backends, dataset: str, target: Target, method: str, seed: int,
+              max_points: int) -> Projection:
     labels = dict(all_items(backends, dataset))
     ids = list(labels)
     found, rows = [], []
@@ -84,7 +104,4 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
     coordinates = pca_2d(vectors) if method == "pca" else umap_2d(vectors, target.metric, seed)
     result = Projection(found, [labels[i] for i in found], coordinates[:, 0].astype(float).tolist(),
                         coordinates[:, 1].astype(float).tolist(), total > max_points, total, target.collection)
-    backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
-        dataset=dataset, collection=target.collection, key=key, version=stored.current_version,
-        data=json.dumps(dataclasses.asdict(result)).encode()))
     return result
