@@ -289,8 +289,9 @@ def test_scoring_edge_cases_match_brute_force(random_gateway, index):
         assert dict(comparison.item_scores) == {collection: 0.0}
         assert dict(client.compare("edges", item_id="bag/t10k-00030").item_scores)[collection] == pytest.approx(
             per_query["bag/t10k-00030"], rel=1e-6)
-        with pytest.raises(NotFound, match="unlabeled"):  # unlabeled items are not queries
+        with pytest.raises(NotFound, match="it has no label") as unscored:  # unlabeled items are not queries
             client.compare("edges", item_id="sandal/t10k-00008")
+        assert unscored.value.reason == "ITEM_NOT_SCORED"
 
         more = ["trouser/t10k-00015", "trouser/t10k-00024", "sandal/t10k-00021", "shirt/t10k-00040"]
         assert all(i in ITEMS for i in more)
