@@ -8,6 +8,8 @@ import json
 import grpc
 
 MIB = 1 << 20
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
+"""Host names only this machine reaches."""
 # A session's versions (see the gateway's sessions.py): the gateway's replies carry the first in
 # their trailing metadata, a client sends the highest it has seen as the second.
 VERSION_KEY = "convsearch-version"

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grpc
 
 from convsearch.api_keys import ENV_API_KEY, with_api_key
-from convsearch.channels import MIN_VERSION_KEY, VERSION_KEY, create_channel
+from convsearch.channels import LOOPBACK, MIN_VERSION_KEY, VERSION_KEY, create_channel
 from convsearch.embedding import MAX_K, Configuration
 from convsearch.enums import metric_enum, pooling_enum
 from convsearch.errors import ConvsearchError, InvalidArgument, Unavailable, shown
@@ -231,7 +231,7 @@ class PlaintextKeyWarning(UserWarning):
 def _on_this_machine(address: str) -> bool:
     """Whether every host of `address` (host:port, comma-separated, or dns:///host:port) is a loopback name."""
     hosts = [part.strip().removeprefix("dns:///").rpartition(":")[0] for part in address.split(",")]
-    return all(host.strip("[]") in ("localhost", "127.0.0.1", "::1") for host in hosts)
+    return all(host.strip("[]") in LOOPBACK for host in hosts)
 
 
 class Client:

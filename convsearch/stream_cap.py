@@ -8,6 +8,7 @@ clients that balance over replicas, as the gateway does, retry it on another.
 """
 
 import threading
+from collections.abc import Callable
 
 import grpc
 
@@ -60,9 +61,7 @@ class StreamCap(grpc.ServerInterceptor):
                     f"this server serves {self.limit} streams at once and all are busy ({method}); retry shortly, "
                     "or on another replica", reason="STREAMS_BUSY", retry_after_s=RETRY_AFTER_S,
                     metadata={"max_streams": str(self.limit)}))
-            release = self._release_once()
-            if not context.add_callback(release):
-                release()
+            release = released_with_rpc(context, self._release)
             try:
                 result = behavior(request, context)
             except BaseException:
@@ -82,15 +81,23 @@ class StreamCap(grpc.ServerInterceptor):
             self._open += 1
             return True
 
-    def _release_once(self):
-        done = threading.Lock()
+    def _release(self) -> None:
+        with self._lock:
+            self._open -= 1
 
-        def release(*_ignored) -> None:  # at the handler's end or the RPC's, whichever comes first
-            if done.acquire(blocking=False):
-                with self._lock:
-                    self._open -= 1
 
-        return release
+def released_with_rpc(context, release: Callable[[], None]) -> Callable[[], None]:
+    """`release` made to run once: at the RPC's end (a callback of `context`; at once when the RPC
+    has already ended) or when the returned function is called first, at the handler's end."""
+    done = threading.Lock()
+
+    def once() -> None:
+        if done.acquire(blocking=False):
+            release()
+
+    if not context.add_callback(once):
+        once()
+    return once
 
 
 def _released_after(responses, release):

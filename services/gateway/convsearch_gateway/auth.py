@@ -44,6 +44,7 @@ from convsearch.errors import (
 )
 from convsearch.grpc_errors import abort
 from convsearch.observability import behavior_of, with_behavior
+from convsearch.stream_cap import released_with_rpc
 
 log = logging.getLogger("convsearch.gateway.auth")
 RETRY_AFTER_MS = "retry-after-ms"
@@ -523,16 +524,12 @@ class Guard(grpc.ServerInterceptor):
                         raise PermissionDenied(refusal, reason="DATASET_NOT_ALLOWED", metadata={"dataset": dataset})
 
             request = requests = WatchedRequests(request, self.idle_timeout_s, check)
-        released = threading.Lock()
+        def free() -> None:
+            self.streams.release(caller.identity)
+            if requests is not None:
+                requests.close()
 
-        def release() -> None:  # once, at the handler's end or the RPC's, whichever comes first
-            if released.acquire(blocking=False):
-                self.streams.release(caller.identity)
-                if requests is not None:
-                    requests.close()
-
-        if not context.add_callback(release):
-            release()
+        release = released_with_rpc(context, free)  # at the handler's end or the RPC's, whichever comes first
         try:
             result = behavior(request, context)
         except BaseException:

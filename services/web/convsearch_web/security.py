@@ -16,9 +16,9 @@ import re
 
 from starlette.datastructures import Headers
 
+from convsearch.channels import LOOPBACK
 from convsearch_web import errors
 
-LOOPBACK = ("localhost", "127.0.0.1", "::1")  # always allowed: nothing but this machine reaches them
 HEALTH = ("/healthz", "/readyz")  # probed by the pod's IP: no Host to allow
 OTHER_SITES = ("cross-site", "same-site")  # Sec-Fetch-Site values of a request made by another site's page
 INTENT_HEADER = "x-requested-with"
@@ -41,7 +41,7 @@ def check_allowed_hosts(value: str) -> None:
 def allowed_hosts(value: str) -> frozenset[str]:
     """The host names the service answers to: the flag's (lower case, IPv6 without brackets) and loopback."""
     named = (part.strip().lower().strip("[]") for part in value.split(","))
-    return frozenset(filter(None, named)) | frozenset(LOOPBACK)
+    return frozenset(filter(None, named)) | frozenset(LOOPBACK)  # always allowed: only this machine reaches them
 
 
 def host_name(host: str) -> str:
