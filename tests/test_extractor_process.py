@@ -35,7 +35,9 @@ def test_a_decode_process_that_dies_stops_the_service_for_its_supervisor_to_rest
     every request then failed with INTERNAL, for good, while health said SERVING."""
     process, address = start_service("convsearch-extractor", "--metrics-port", "-1", "--decode-processes", "2",
                                       service=SERVICE_NAME)
-    channel = create_channel(address)
+    # Without the project's retry policy: a retry of the UNAVAILABLE answer would reach the
+    # service after it exited, and report the refused connection instead of the answer.
+    channel = grpc.insecure_channel(address)
     try:
         stub = extractor_pb2_grpc.ExtractorServiceStub(channel)
         request = pb.EmbedRequest(config=pb.EmbedConfig(model="pixels", layers=["8x8"]), images=[chelsea_jpeg])
