@@ -216,7 +216,9 @@ class RpcObserver(grpc.ServerInterceptor):
         except BaseException:
             rpc.finish(context.code() or grpc.StatusCode.UNKNOWN)
             raise
-        rpc.finish(context.code() or grpc.StatusCode.OK)
+        # A handler whose client cancelled may end normally (its requests ran out) before gRPC's
+        # end callback has counted the RPC as CANCELLED.
+        rpc.finish(context.code() or (grpc.StatusCode.OK if context.is_active() else grpc.StatusCode.CANCELLED))
 
     def record(self, rpc: _Rpc, code: grpc.StatusCode, seconds: float) -> None:
         """Counts and logs one finished RPC."""
