@@ -80,7 +80,7 @@ def logged_collection(tmp_path, batches=10, metric="cosine"):
 
 
 def record_offsets(path: pathlib.Path) -> list[int]:
-    data, offsets, offset = path.read_bytes(), [], len(wal.MAGIC)
+    data, offsets, offset = path.read_bytes(), [], wal.PROLOGUE
     while offset < len(data):
         offsets.append(offset)
         offset += 12 + int.from_bytes(data[offset:offset + 4], "little")
@@ -141,8 +141,83 @@ def test_a_log_written_before_the_format_had_a_magic_is_still_read(tmp_path):
     (tmp_path / "wal.log").write_bytes(legacy)
     collection = VectorCollection(tmp_path, spec, fsync=False)
     assert len(collection) == 10
-    assert (tmp_path / "wal.log").read_bytes() == wal.MAGIC  # now held by a checkpoint
+    assert (tmp_path / "wal.log").read_bytes() == wal.prologue(2)  # now held by a checkpoint
     np.testing.assert_allclose(collection.get(ids_of(10))[1], vectors, rtol=1e-6)
+
+
+def test_a_log_from_before_the_start_is_still_read(tmp_path):
+    vectors = clustered_vectors(10, DIM, 2, 2)
+    records = b"".join(wal.record(wal.encode(wal.UPSERT, ids_of(5, 5 * batch), vectors[5 * batch:5 * batch + 5]))
+                       for batch in range(2))
+    (tmp_path / "wal.log").write_bytes(wal.MAGIC_2 + records)
+    collection = VectorCollection(tmp_path, VectorSpec(DIM), fsync=False)
+    assert len(collection) == 10 and collection.version == 2
+    assert (tmp_path / "wal.log").read_bytes() == wal.prologue(2)  # now held by a checkpoint
+    np.testing.assert_allclose(collection.get(ids_of(10))[1], vectors, rtol=1e-6)
+
+
+def test_a_log_the_checkpoint_already_holds_is_not_counted_twice(tmp_path):
+    """A crash after a checkpoint's CURRENT was written and before the log was emptied left a
+    log whose batches the checkpoint held: replay applied them again and counted them twice in
+    the collection's version, so stored evaluations and projections looked stale."""
+    spec, vectors = logged_collection(tmp_path, batches=4)
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    log_before_checkpoint = (tmp_path / "wal.log").read_bytes()
+    collection.checkpoint()
+    collection.close(checkpoint=False)
+    (tmp_path / "wal.log").write_bytes(log_before_checkpoint)  # the crash: CURRENT switched, log not emptied
+    reopened = VectorCollection(tmp_path, spec, fsync=False)
+    assert reopened.version == 4 and len(reopened) == 20
+    np.testing.assert_allclose(reopened.get(ids_of(20))[1], vectors, rtol=1e-6)
+    assert (tmp_path / "wal.log").read_bytes() == wal.prologue(4)
+    reopened.upsert(["after"], vectors[:1])
+    reopened.close(checkpoint=False)
+    again = VectorCollection(tmp_path, spec, fsync=False)
+    assert again.version == 5 and len(again) == 21
+
+
+def test_a_log_that_follows_a_newer_checkpoint_than_the_one_loaded_is_data_loss(tmp_path):
+    """A folder whose CURRENT names an older checkpoint than the log follows (files put back
+    by hand, a partial copy) opened without the batches between the two, silently."""
+    spec, vectors = logged_collection(tmp_path, batches=2)
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    collection.checkpoint()
+    old_current = (tmp_path / "CURRENT").read_bytes()
+    kept = tmp_path.parent / "kept-checkpoint"
+    shutil.copytree(tmp_path / "ckpt-000001", kept)
+    collection.upsert(["later"], vectors[:1])
+    collection.checkpoint()  # ckpt-000002 at version 3; the log now follows it
+    collection.upsert(["latest"], vectors[1:2])
+    collection.close(checkpoint=False)
+    shutil.rmtree(tmp_path / "ckpt-000002")
+    shutil.copytree(kept, tmp_path / "ckpt-000001")
+    (tmp_path / "CURRENT").write_bytes(old_current)
+    log_bytes = (tmp_path / "wal.log").read_bytes()
+    with pytest.raises(DataLoss, match="follows version 3, but the checkpoint holds version 2"):
+        VectorCollection(tmp_path, spec, fsync=False)
+    assert (tmp_path / "wal.log").read_bytes() == log_bytes  # kept as it was
+
+
+@pytest.mark.parametrize("kept", [3, 8, 12])  # inside MAGIC, after it, inside the start
+def test_a_log_whose_beginning_never_reached_the_disk_holds_no_batch(tmp_path, kept):
+    spec, vectors = logged_collection(tmp_path, batches=2)
+    collection = VectorCollection(tmp_path, spec, fsync=False)
+    collection.checkpoint()
+    collection.close(checkpoint=False)
+    with open(tmp_path / "wal.log", "r+b") as handle:
+        handle.truncate(kept)  # a crash while the emptied log was begun again
+    reopened = VectorCollection(tmp_path, spec, fsync=False)
+    assert reopened.version == 2 and len(reopened) == 10
+    reopened.upsert(["after"], vectors[:1])
+    reopened.close(checkpoint=False)
+    assert len(VectorCollection(tmp_path, spec, fsync=False)) == 11
+
+
+def test_a_log_whose_start_fails_its_checksum_is_data_loss(tmp_path):
+    spec, _ = logged_collection(tmp_path, batches=2)
+    flip(tmp_path / "wal.log", len(wal.MAGIC) + 2)
+    with pytest.raises(DataLoss, match="its start fails its checksum"):
+        VectorCollection(tmp_path, spec, fsync=False)
 
 
 def crashed_copy(collection: VectorCollection, target: pathlib.Path) -> VectorCollection:

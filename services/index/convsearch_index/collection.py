@@ -136,11 +136,13 @@ class VectorCollection:
         directory.mkdir(parents=True, exist_ok=True)
         self._s = self._empty_state()
         self.version = 0  # applied batches since creation; replay recounts the logged ones
+        log_path = directory / "wal.log"
         try:
             migrated = self._load_checkpoint(sha256 or {})
-            log_path = directory / "wal.log"
             legacy_log = wal.is_legacy(log_path)
-            self._replay()
+            held = self._log_held(wal.start_version(log_path))
+            if not held:
+                self._replay()
         except wal.CorruptLog as exc:
             raise DataLoss(f"the write-ahead log is corrupt ({exc})") from None
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, IndexError) as exc:
@@ -151,7 +153,18 @@ class VectorCollection:
             self._write_checkpoint()
             log_path.unlink(missing_ok=True)
             log.info("collection %s: rewritten in checkpoint format %d", self.name, CHECKPOINT_FORMAT)
-        self._wal = wal.WriteAheadLog(log_path, fsync)
+        if held:
+            log_path.unlink()
+        self._wal = wal.WriteAheadLog(log_path, fsync, self.version)
+
+    def _log_held(self, start: int | None) -> bool:
+        """True when the log's batches are all in the checkpoint: a crash after the checkpoint
+        was written and before the log was emptied. DataLoss when the log follows a checkpoint
+        newer than the one loaded (the batches between them are gone)."""
+        if start is not None and start > self.version:
+            raise DataLoss(f"the write-ahead log follows version {start}, but the checkpoint holds version "
+                           f"{self.version}: the batches between them are missing")
+        return start is not None and start < self.version
 
     # ---- state -------------------------------------------------------------------------
 
@@ -463,7 +476,7 @@ class VectorCollection:
         durable.write_file(self.directory / "CURRENT",
                            json.dumps({"checkpoint": name, "manifest_sha256": manifest_sha256}))
         if self._wal is not None:
-            self._wal.truncate()
+            self._wal.truncate(self.version)
         for old in self.directory.glob("ckpt-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
