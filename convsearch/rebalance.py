@@ -16,8 +16,10 @@ dataset D from primary S to its owner O:
    a write came), delete it there and lift the fence on O; otherwise delete the copy on O, lift
    the fence on S and skip D (run again);
 5. delete the snapshot on S and its copy on O.
-The fences hold for FENCE_S at most, so a move cut short (the command killed) holds no writes
-for longer; a copy that changed after all (O restarted mid-move) is never deleted.
+The move renews its fences every FENCE_S / 4 while it runs, so a move of a large dataset may
+take longer than FENCE_S; they hold for FENCE_S at most after that, so a move cut short (the
+command killed) holds no writes for longer. A copy that changed after all (O restarted
+mid-move) is never deleted.
 
 A dataset found on its owner as well as elsewhere is skipped, never overwritten: a person
 compares the two and deletes one. A restored dataset's description says which snapshot it was
@@ -25,6 +27,7 @@ restored from, as RestoreDataset's always does.
 """
 
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -39,7 +42,8 @@ from convsearch.snapshot_copy import SourceFailed, copy_snapshot
 CALL_TIMEOUT_S = 30.0
 """Deadline of the short calls; snapshots, copies and restores take as long as the data needs."""
 FENCE_S = 600.0
-"""How long a move may hold a dataset's writes (should it be cut short, they resume after this)."""
+"""How long a fence holds a dataset's writes past its last renewal (should a move be cut short,
+they resume after this)."""
 
 
 @dataclasses.dataclass
@@ -122,13 +126,45 @@ def state(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> State:
     return State(found.item_count, {c.name: (c.count, c.version) for c in collections}, found.version)
 
 
-def _delete(call: Callable[[], object]) -> str:
-    """Runs a clean-up call; "" when it worked, else what failed."""
+def _attempt(call: Callable[[], object]) -> str:
+    """Runs a call whose failure is reported, not raised (a clean-up, a renewal); "" when it
+    worked, else what failed."""
     try:
         call()
     except grpc.RpcError as exc:
         return f"{exc.code().name}: {exc.details()}"
     return ""
+
+
+class _Renewals:
+    """Renews the fences a move holds, every FENCE_S / 4 until stopped; a renewal that fails is
+    let be (the move's end checks whether the dataset changed)."""
+
+    def __init__(self, dataset: str):
+        self._dataset = dataset
+        self._stubs: list[index_pb2_grpc.IndexServiceStub] = []
+        self._lock = threading.Lock()  # held by each round of renewals
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"fence-renewal-{dataset}", daemon=True)
+        self._thread.start()
+
+    def add(self, stub: index_pb2_grpc.IndexServiceStub) -> None:
+        with self._lock:
+            self._stubs.append(stub)
+
+    def stop(self) -> None:
+        """No renewal after this returns: a fence lifted next stays lifted."""
+        self._stopped.set()
+        with self._lock:
+            self._stubs.clear()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stopped.wait(FENCE_S / 4):
+            with self._lock:
+                for stub in self._stubs:
+                    _attempt(lambda stub=stub: stub.FenceDataset(
+                        pb.FenceDatasetRequest(dataset=self._dataset, ttl_s=FENCE_S), timeout=CALL_TIMEOUT_S))
 
 
 def _has(stub: index_pb2_grpc.IndexServiceStub, dataset: str) -> bool | None:
@@ -154,9 +190,11 @@ def move(primaries: Primaries, planned: Move) -> Move:
     dataset = planned.dataset
     snapshot, restored, fenced, step = "", None, False, planned.source
     deleting = False  # whether this move asked the source to delete the dataset
+    renewals = _Renewals(dataset)
     try:
         source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=FENCE_S), timeout=CALL_TIMEOUT_S)
         fenced = True
+        renewals.add(source)
         before = state(source, dataset)
         taken = source.SnapshotDataset(pb.SnapshotDatasetRequest(dataset=dataset, skip_retention=True))
         snapshot = taken.snapshot
@@ -169,7 +207,8 @@ def move(primaries: Primaries, planned: Move) -> Move:
         try:
             target.RestoreDataset(pb.RestoreDatasetRequest(snapshot=snapshot, dataset=dataset, fence_ttl_s=FENCE_S))
         finally:
-            left = _delete(lambda: target.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot)))
+            left = _attempt(lambda: target.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot)))
+        renewals.add(target)
         restored = copy = state(target, dataset)
         step = planned.source
         if not copy.same_content(before):
@@ -181,10 +220,11 @@ def move(primaries: Primaries, planned: Move) -> Move:
                                                          "came); run again")
         else:
             deleting = True
+            renewals.stop()
             source.DeleteDataset(pb.DeleteDatasetRequest(name=dataset))
             restored, fenced = None, False  # the copy is the dataset now; the original's fence went with it
             planned.status, planned.items, planned.collections = "moved", copy.items, len(copy.collections)
-            held = _delete(lambda: target.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
+            held = _attempt(lambda: target.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
                                                        timeout=CALL_TIMEOUT_S))
             if held:
                 planned.reason = (f"its writes on {planned.target} stay held until the fence expires (at most "
@@ -195,6 +235,7 @@ def move(primaries: Primaries, planned: Move) -> Move:
     except grpc.RpcError as exc:
         planned.status, planned.reason = "skipped", _failure(exc, step)
     finally:
+        renewals.stop()
         held = _has(source, dataset) if restored else None
         if restored and held is False and not deleting:
             planned.reason += f"; it was deleted on {planned.source} during the move (by a client), so its copy is too"
@@ -208,18 +249,18 @@ def move(primaries: Primaries, planned: Move) -> Move:
                                "so it is kept: compare the two, delete one, and run again")
             restored = None
         if restored:  # a copy that did not become the dataset
-            failed = _delete(lambda: target.DeleteDataset(pb.DeleteDatasetRequest(name=dataset),
+            failed = _attempt(lambda: target.DeleteDataset(pb.DeleteDatasetRequest(name=dataset),
                                                           timeout=CALL_TIMEOUT_S))
             if failed:
                 planned.reason += (f"; its copy on {planned.target} could not be deleted ({failed}): delete it "
                                    "there by hand")
         if snapshot:
-            failed = _delete(lambda: source.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot),
+            failed = _attempt(lambda: source.DeleteSnapshot(pb.DeleteSnapshotRequest(snapshot=snapshot),
                                                            timeout=CALL_TIMEOUT_S))
             if failed:
                 planned.reason += f"; the snapshot {snapshot} on {planned.source} is left: {failed}"
         if fenced:
-            failed = _delete(lambda: source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
+            failed = _attempt(lambda: source.FenceDataset(pb.FenceDatasetRequest(dataset=dataset, ttl_s=0),
                                                          timeout=CALL_TIMEOUT_S))
             if failed:
                 planned.reason += (f"; its writes on {planned.source} stay held until the fence expires (at most "

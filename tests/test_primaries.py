@@ -391,6 +391,41 @@ def test_writes_during_a_move_are_held_never_lost(kept_snapshots):
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_move_longer_than_its_fence_keeps_the_writes_held(kept_snapshots, monkeypatch):
+    """The fences were never renewed: a move that took longer than FENCE_S (a large dataset) let
+    writes through on the original and on its copy, and was then skipped, as every run again."""
+    addresses, stubs, dataset, _ = kept_snapshots
+    monkeypatch.setattr(rebalance, "FENCE_S", 1.5)  # renewed every 0.375 s
+    relabel = ix.PutItemsRequest(dataset=dataset, items=[ix.Item(id="one", label="b", image=image(1))])
+
+    def held_after_twice_the_fence(stub) -> None:
+        time.sleep(3.0)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PutItems(relabel)
+        assert error_from_call(caught.value).reason == "DATASET_MOVING"
+
+    def slow_copy(source_stub, target_stub, snapshot, timeout=None):
+        held_after_twice_the_fence(source_stub)
+        return copy_snapshot(source_stub, target_stub, snapshot, timeout)
+
+    real_state = rebalance.state
+    with rebalance.Primaries(addresses) as primaries:
+        moved_to = primaries.stubs[addresses[1]]
+
+        def slow_state(stub, name):
+            if stub is moved_to:
+                held_after_twice_the_fence(stub)
+            return real_state(stub, name)
+
+        with mock.patch.object(rebalance, "copy_snapshot", slow_copy), \
+                mock.patch.object(rebalance, "state", slow_state):
+            [done] = rebalance.rebalance(primaries)
+    assert (done.status, done.reason) == ("moved", "")
+    stubs[addresses[1]].PutItems(relabel)  # the move is over: its fences are lifted, no renewal put one back
+    time.sleep(0.5)
+    stubs[addresses[1]].PutItems(relabel)
+
+
 def test_a_fence_holds_writes_only_and_expires(pair):
     (a, _), _ = pair
     a.CreateDataset(ix.CreateDatasetRequest(name="held"))
