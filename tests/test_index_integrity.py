@@ -6,6 +6,7 @@ ghost nodes, stale vectors after an image replacement, absolute paths, dead rows
 distances are gone.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -13,6 +14,7 @@ import os
 import pathlib
 import resource
 import shutil
+import sqlite3
 import tarfile
 import threading
 import zlib
@@ -20,7 +22,7 @@ import zlib
 import numpy as np
 import pytest
 
-from convsearch.errors import DataLoss, InvalidArgument, ResourceExhausted, Unavailable
+from convsearch.errors import AlreadyExists, DataLoss, InvalidArgument, ResourceExhausted, Unavailable
 from convsearch.synthetic import clustered_vectors
 from convsearch_index import wal
 from convsearch_index.changes import ChangeLog
@@ -244,6 +246,30 @@ def test_a_write_that_finds_the_disk_full_is_taken_back_and_later_writes_survive
     collection.upsert(["after"], vectors[55:])
     reopened = crashed_copy(collection, tmp_path / "crash")
     assert reopened.has([*ids_of(6), "after"]) == ([*ids_of(5), "after"], ["item-0005"])
+
+
+def test_a_collection_whose_log_finds_the_disk_full_is_not_half_created(tmp_path, monkeypatch):
+    """CreateCollection named the collection in SQLite before it began its log: on a full disk it
+    answered INTERNAL, the dataset counted a collection no call could list, delete or create again
+    (IntegrityError) until a restart, and followers were told to create it."""
+    index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
+    index.create_dataset("shoes")
+    position = index.changes.last
+
+    def full(self, version):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(wal.WriteAheadLog, "_start", full)
+        with pytest.raises(ResourceExhausted, match="no room on the index's disk.*nothing was created"):
+            index.create_collection("shoes", CollectionKey("m", "l"), DIM)
+    assert index.dataset("shoes").collection_count == 0 and not any((tmp_path / "collections").iterdir())
+    assert index.changes.after(position, 1 << 20, 0) == []
+    index.create_collection("shoes", CollectionKey("m", "l"), DIM)
+    index.close()
+    index = Index(tmp_path, fsync=False)
+    assert [info.key.name for info in index.collections("shoes")] == ["m/l/avg/cosine"]
+    index.close()
 
 
 class FailingDisk:
@@ -681,8 +707,71 @@ def damage_the_manifest_with_a_path(folder):
     (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
-@pytest.mark.parametrize("damage", [damage_a_graph, damage_the_items, damage_the_items_midway,
-                                    damage_the_manifest_with_a_path])
+def damage_a_spec(change: dict):
+    """A collection spec no CreateCollection takes (an unknown pooling, ef not a whole number) was
+    restored: listing the dataset's collections then failed, and so did every follower's copy."""
+    def damage(folder):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["collections"][0]["spec"].update(change)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    return damage
+
+
+def damage_the_manifest_listing_a_collection_twice(folder):
+    """The second copy failed only once its files were in the data dir, and they were left there."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["collections"].append(manifest["collections"][0])
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def damage_an_image_bit(folder):
+    """A flipped bit in an image passes SQLite's check: the item was restored with an image its
+    digest does not match (the snapshot held no checksum of its items)."""
+    path = folder / "records.sqlite"
+    data = bytearray(path.read_bytes())
+    data[data.index(b"item-0007" * 20) + 50] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def damage_an_item(folder):
+    """An item whose metadata is not JSON (a forged snapshot, its checksum made to match) was
+    restored: reading it, and every follower's copy of the dataset, then failed."""
+    with contextlib.closing(sqlite3.connect(folder / "records.sqlite")) as db, db:
+        db.execute("UPDATE items SET metadata = 'not json' WHERE id = 'item-0007'")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["records_sha256"] = hashlib.sha256((folder / "records.sqlite").read_bytes()).hexdigest()
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def damage_the_layout(name: str):
+    """A snapshot whose file is a folder (or folder a file): INTERNAL (IsADirectoryError, SQLite's
+    OperationalError), not DATA_LOSS naming the snapshot."""
+    def damage(folder):
+        path = folder / name
+        if path.is_dir():
+            shutil.rmtree(path)
+            path.write_text("x")
+        else:
+            path.unlink()
+            path.mkdir()
+    return damage
+
+
+def damage_the_items_cut_off(folder):
+    """A tar cut short after the manifest (tarfile reads it without complaint), of a snapshot from
+    before its items had a checksum: ATTACH made an empty database of the missing items file, and
+    the import failed with OperationalError (INTERNAL)."""
+    (folder / "records.sqlite").unlink()
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["records_sha256"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage", [
+    damage_a_graph, damage_the_items, damage_the_items_midway, damage_the_manifest_with_a_path,
+    damage_a_spec({"pooling": "weird"}), damage_a_spec({"ef": 64.5}), damage_the_manifest_listing_a_collection_twice,
+    damage_an_image_bit, damage_an_item, damage_the_layout("manifest.json"), damage_the_layout("records.sqlite"),
+    damage_the_layout("collection-0"), damage_the_items_cut_off])
 def test_a_snapshot_that_fails_its_checks_restores_nothing_not_even_for_followers(tmp_path, damage):
     index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
     index.create_dataset("shoes")
@@ -718,6 +807,19 @@ def test_a_snapshot_and_a_restored_collection_are_on_disk_before_they_are_named(
     index.restore(snapshot, "copy")
     restored = index.collection("copy", "m/l/avg/cosine").directory
     assert {str(restored), str(restored / "ckpt-000001"), str(restored / "ckpt-000001" / "graph.bin")} <= set(synced)
+    index.close()
+
+
+def test_a_restore_onto_a_taken_name_leaves_that_dataset_after_a_restart(tmp_path):
+    """A restore wrote its marker before it found the name taken: the next start took the marker
+    for a restore cut short and deleted the dataset that had the name."""
+    index, _ = make_index(tmp_path)
+    snapshot = index.snapshot("shoes")[0].name
+    with pytest.raises(AlreadyExists, match="dataset 'bags' exists already"):
+        index.restore(snapshot, "bags")
+    index.close()
+    index = Index(tmp_path, fsync=False)
+    assert [(d.name, d.item_count, d.collection_count) for d in index.datasets()] == [("bags", 60, 2), ("shoes", 60, 2)]
     index.close()
 
 

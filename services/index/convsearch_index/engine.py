@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import fcntl
 import functools
+import hashlib
 import inspect
 import itertools
 import json
@@ -134,7 +135,8 @@ def _restore_error(snapshot: str, exc: Exception) -> Exception:
     if durable.no_room(exc):
         return ResourceExhausted(f"no room on the index's disk to restore snapshot {shown(snapshot)} ({exc}); "
                                  "nothing was restored: free space and restore again", reason="DISK_FULL")
-    damaged = (tarfile.TarError, KeyError, TypeError, ValueError, FileNotFoundError, sqlite3.DatabaseError)
+    damaged = (tarfile.TarError, KeyError, TypeError, ValueError, FileNotFoundError, IsADirectoryError,
+               NotADirectoryError, sqlite3.DatabaseError)
     if isinstance(exc, damaged) and not isinstance(exc, sqlite3.OperationalError):
         return DataLoss(f"snapshot {shown(snapshot)} cannot be restored: {type(exc).__name__}: {exc}. Nothing was "
                         "restored; restore another snapshot of the dataset", reason="SNAPSHOT_DAMAGED",
@@ -142,11 +144,49 @@ def _restore_error(snapshot: str, exc: Exception) -> Exception:
     return exc
 
 
+def _file_sha256(path: pathlib.Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _dataset_exists(name: str) -> AlreadyExists:
+    return AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first",
+                         reason="DATASET_ALREADY_EXISTS", resource_type="dataset", resource_name=name,
+                         metadata={"dataset": name})
+
+
+def _restored_key(spec: dict) -> CollectionKey:
+    """The key of a collection a snapshot's manifest lists, once its spec is one CreateCollection
+    would take (ValueError, for a damaged snapshot, when it is not)."""
+    key = CollectionKey(**{k: spec[k] for k in ("model", "layer", "pooling", "metric", "minkowski_p")})
+    try:
+        check_collection(key, spec["dimension"], spec["m"], spec["ef_construction"], spec["ef"])
+        if not isinstance(spec.get("weights", ""), str):
+            raise InvalidArgument(f"weights {spec['weights']!r} is not a fingerprint")
+    except InvalidArgument as exc:
+        raise ValueError(f"its manifest lists a collection no index could hold: {exc}") from None
+    return key
+
+
 def check_name(name: str) -> None:
     if not NAME.fullmatch(name or ""):
         raise InvalidArgument(f"invalid dataset name {shown(name)}: use 1-64 of a-z, 0-9, _ and -, "
                               "starting with a letter or digit", reason="DATASET_NAME_INVALID", field="dataset",
                               metadata={"dataset": name})
+
+
+def check_collection(key: CollectionKey, dimension: int, m: int, ef_construction: int, ef: int) -> None:
+    """INVALID_ARGUMENT unless these make a collection: a model and a layer (text), a known pooling
+    and metric, and each parameter a whole number in its range."""
+    if not (key.model and key.layer and isinstance(key.model, str) and isinstance(key.layer, str)):
+        raise InvalidArgument("a collection needs a model and a layer")
+    if key.pooling not in ("avg", "max", "flatten"):
+        raise InvalidArgument(f"unknown pooling {shown(key.pooling)}")
+    check_metric(key.metric, key.minkowski_p)
+    for value, what, low, high in ((dimension, "dimension", 1, 1 << 20), (m, "M", 2, 256),
+                                   (ef_construction, "ef_construction", 1, 10_000), (ef, "ef", 1, 10_000)):
+        if type(value) is not int or not low <= value <= high:
+            raise InvalidArgument(f"{what} {value!r} is out of range; use a whole number from {low} to {high}")
 
 
 def check_ids(ids: Sequence[str], what: str = "item id") -> None:
@@ -305,9 +345,7 @@ class Index:
         created_at = time.time() if created_at is None else created_at
         with self._guard.read(), self._meta:
             if name in self._labels:
-                raise AlreadyExists(f"dataset {shown(name)} exists already; pick another name or delete it first",
-                                    reason="DATASET_ALREADY_EXISTS", resource_type="dataset", resource_name=name,
-                                    metadata={"dataset": name})
+                raise _dataset_exists(name)
             self.records.create_dataset(name, description, created_at)
             self._labels[name] = {}
             if logged:
@@ -426,15 +464,7 @@ class Index:
                           ef_construction: int = 200, ef: int = 64, weights: str = "") -> CollectionInfo:
         self._require_dataset(dataset)
         self._check_fence(dataset)
-        if not key.model or not key.layer:
-            raise InvalidArgument("a collection needs a model and a layer")
-        if key.pooling not in ("avg", "max", "flatten"):
-            raise InvalidArgument(f"unknown pooling {shown(key.pooling)}")
-        check_metric(key.metric, key.minkowski_p)
-        for value, what, low, high in ((dimension, "dimension", 1, 1 << 20), (m, "M", 2, 256),
-                                       (ef_construction, "ef_construction", 1, 10_000), (ef, "ef", 1, 10_000)):
-            if not low <= value <= high:
-                raise InvalidArgument(f"{what} {value} is out of range; use {low} to {high}")
+        check_collection(key, dimension, m, ef_construction, ef)
         spec = {**dataclasses.asdict(key), "dimension": dimension, "m": m, "ef_construction": ef_construction,
                 "ef": ef, "weights": weights}
         with self._guard.read(), self._meta:
@@ -442,10 +472,28 @@ class Index:
                 raise AlreadyExists(f"collection {shown(key.name)} of dataset {shown(dataset)} exists already",
                                     reason="COLLECTION_ALREADY_EXISTS", resource_type="collection",
                                     resource_name=key.name, metadata={"dataset": dataset, "collection": key.name})
-            relative = pathlib.Path("collections") / uuid.uuid4().hex
-            self.records.create_collection(dataset, key.name, spec, str(relative))
+            info = self._new_collection(dataset, spec, pathlib.Path("collections") / uuid.uuid4().hex)
             self._record("create_collection", dataset, spec=spec)
-            return self._open_collection(dataset, spec, relative)
+            return info
+
+    def _new_collection(self, dataset: str, spec: dict, relative: pathlib.Path) -> CollectionInfo:
+        """Opens a new, empty collection, then names it in SQLite; when either fails (a full disk)
+        neither is left (a crash between them leaves a folder that no collection names)."""
+        info = None
+        try:
+            info = self._open_collection(dataset, spec, relative)  # a new folder: never damaged
+            self.records.create_collection(dataset, info.key.name, spec, str(relative))
+        except BaseException as exc:
+            if info is not None:
+                del self._collections[dataset, info.key.name]
+                info.vectors.close(checkpoint=False)
+            shutil.rmtree(self.data_dir / relative, ignore_errors=True)
+            if durable.no_room(exc):
+                raise ResourceExhausted(f"no room on the index's disk to create a collection of dataset "
+                                        f"{shown(dataset)} ({exc}); nothing was created: free space and create it "
+                                        "again", reason="DISK_FULL") from exc
+            raise
+        return info
 
     def collection(self, dataset: str, name: str) -> CollectionInfo:
         self._require_dataset(dataset)
@@ -645,7 +693,7 @@ class Index:
         with self._guard.write(), tempfile.TemporaryDirectory(dir=self.data_dir) as work:
             work = pathlib.Path(work)
             self.records.export_dataset(dataset, work / "records.sqlite")
-            manifest = {"dataset": dataset, "collections": []}
+            manifest = {"dataset": dataset, "records_sha256": _file_sha256(work / "records.sqlite"), "collections": []}
             for index, info in enumerate(self._dataset_collections(dataset)):
                 info.healthy().export_checkpoint(work / f"collection-{index}")
                 manifest["collections"].append({"folder": f"collection-{index}", "spec": info.spec_dict()})
@@ -677,12 +725,16 @@ class Index:
         its creation on."""
         check_name(dataset)
         path = self._snapshot_path(snapshot)
+        if dataset in self._labels:  # before its marker, which would delete that dataset at the next start
+            raise _dataset_exists(dataset)
         with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
             work = pathlib.Path(work)
             try:
                 with self._snapshot_lock, tarfile.open(path) as archive:
                     archive.extractall(work, filter="data")
                 manifest = json.loads((work / "manifest.json").read_text())
+                if not isinstance(manifest, dict):
+                    raise ValueError("its manifest is not a JSON object")
             except Exception as exc:
                 raise _restore_error(snapshot, exc) from exc
             marker = self.data_dir / RESTORING / dataset  # a crash before the end: deleted at the next start
@@ -707,18 +759,23 @@ class Index:
 
     def _restore_contents(self, dataset: str, work: pathlib.Path, manifest: dict) -> None:
         """Fills a restored dataset from an extracted snapshot; raises when any of it fails."""
+        expected = manifest.get("records_sha256")  # snapshots from before it have none
+        if expected is not None and _file_sha256(work / "records.sqlite") != expected:
+            raise ValueError("its items (records.sqlite) fail their checksum")
         self.records.import_dataset(work / "records.sqlite", manifest["dataset"], dataset)
         self._labels[dataset] = self.records.labels(dataset)
         for entry in manifest["collections"]:
             if not re.fullmatch(r"collection-\d+", str(entry["folder"])):
                 raise ValueError(f"its manifest names a folder {shown(entry['folder'])} outside the snapshot")
+            key = _restored_key(entry["spec"])
+            if (dataset, key.name) in self._collections:
+                raise ValueError(f"its manifest lists collection {shown(key.name)} twice")
             relative = pathlib.Path("collections") / uuid.uuid4().hex
             try:  # the copy outside the index's locks: other datasets' calls go on meanwhile
                 install_checkpoint(work / entry["folder"], self.data_dir / relative, self.fsync)
             except BaseException:
                 shutil.rmtree(self.data_dir / relative, ignore_errors=True)
                 raise
-            key = CollectionKey(**{k: entry["spec"][k] for k in ("model", "layer", "pooling", "metric", "minkowski_p")})
             with self._guard.read(), self._meta:
                 self.records.create_collection(dataset, key.name, entry["spec"], str(relative))
                 info = self._open_collection(dataset, entry["spec"], relative)

@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS attachments (
     data BLOB NOT NULL, PRIMARY KEY (dataset, collection, key));
 """
 _SIZE = "COALESCE(image_size, length(image))"  # a follower stores items without their images
+_MALFORMED = ("SELECT id FROM main.items WHERE dataset = ? AND (id = '' OR typeof(image) != 'blob' OR NOT "
+              "json_valid(metadata) OR json_type(metadata) != 'object' OR "
+              "EXISTS (SELECT 1 FROM json_each(metadata) WHERE type != 'text')) LIMIT 1")
+"""The first item of a dataset that reads could not answer: an empty id, an image that is not
+bytes, metadata that is not a JSON object of strings (only a forged snapshot holds one)."""
 
 
 @dataclasses.dataclass
@@ -266,6 +271,8 @@ class Records:
         file into dataset `target`, all or none: a snapshot file that fails SQLite's check, or
         its reading, adds nothing. The results keep their collections' versions, which the
         collections' checkpoints keep too."""
+        if not path.is_file():  # ATTACH would make an empty database of a missing one
+            raise sqlite3.DatabaseError("it holds no items file (records.sqlite)")
         with self._lock:
             self._db.execute("ATTACH DATABASE ? AS snapshot", (str(path),))
             try:
@@ -286,6 +293,10 @@ class Records:
                         self._db.execute("INSERT INTO main.attachments (dataset, collection, key, version, data) "
                                          "SELECT ?, collection, key, version, data FROM snapshot.attachments "
                                          "WHERE dataset = ?", (target, source))
+                    malformed = self._db.execute(_MALFORMED, (target,)).fetchone()
+                    if malformed:
+                        raise sqlite3.DatabaseError(f"its item {malformed[0][:100]!r} has an empty id, an image "
+                                                    "that is not bytes, or metadata not a JSON object of strings")
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
