@@ -17,7 +17,7 @@ import hashlib
 import json
 from collections.abc import Iterator, Sequence
 
-from convsearch.errors import FailedPrecondition
+from convsearch.errors import FailedPrecondition, NotFound
 from convsearch.index.v1 import index_pb2
 from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
@@ -93,10 +93,8 @@ def score_target(backends: Backends, dataset: str, target: Target, items: Sequen
     ids = list(labeled)
     per_query, precisions, aps = {}, [], []
     for start in range(0, len(ids), QUERY_BATCH):
-        chunk = ids[start:start + QUERY_BATCH]
-        reply = backends.reads.call("Search", index_pb2.SearchRequest(
-            dataset=dataset, collection=target.collection, query_ids=chunk, k=max(k, TOP)))
-        for item_id, result in zip(chunk, reply.results, strict=True):
+        chunk, results = _queried(backends, dataset, target.collection, ids[start:start + QUERY_BATCH], k)
+        for item_id, result in zip(chunk, results, strict=True):
             label = labeled[item_id]
             score, precision, ap = query_metrics(label, list(result.labels), k, sizes[label] - 1)
             per_query[item_id] = score
@@ -115,6 +113,24 @@ def score_target(backends: Backends, dataset: str, target: Target, items: Sequen
         parameter_count=target.parameter_count, small_dataset=len(items) <= TOP,
         single_item_classes=sum(size == 1 for size in sizes.values()), weights=weights, per_query=per_query,
         labels_digest=labels_digest(items))
+
+
+def _queried(backends: Backends, dataset: str, collection: str, ids: list[str], k: int) -> tuple[list[str], list]:
+    """(the ids queried, their results): those whose vector is gone since (their item deleted, or
+    its image replaced, meanwhile) are left out, not a failed evaluation; the collection's version
+    changed with them, so the score is stored as stale."""
+    while ids:
+        try:
+            return ids, list(backends.reads.call("Search", index_pb2.SearchRequest(
+                dataset=dataset, collection=collection, query_ids=ids, k=max(k, TOP))).results)
+        except NotFound as exc:
+            if exc.reason != "VECTOR_NOT_FOUND":
+                raise
+            without = missing_ids(backends, dataset, collection, ids)
+            if not without:
+                raise
+            ids = [item_id for item_id in ids if item_id not in without]
+    return [], []
 
 
 def stored_score(backends: Backends, dataset: str, collection: str, digest: str) -> tuple[Score | None, bool]:

@@ -12,8 +12,9 @@ large for any message is a failed item saying so, never a failed run.
 
 A new collection is bound to the extractor's weights, and vectors of other weights are refused
 (FAILED_PRECONDITION) before any is upserted. A run that fails deletes the collections it
-created that are still empty. Vectors go to the index with the digest of the image they were
-made from, so those of an image replaced meanwhile are never stored. A damaged collection is
+created that are still empty, unless another run of this gateway is filling them. Vectors go to
+the index with the digest of the image they were made from, so those of an image replaced
+meanwhile are never stored; an item deleted meanwhile is left out. A damaged collection is
 DATA_LOSS, unless the run is asked to rebuild it.
 """
 
@@ -21,16 +22,17 @@ import contextlib
 import contextvars
 import dataclasses
 import logging
+import threading
 import time
-from collections import defaultdict, deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
 import numpy as np
 
 from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS
-from convsearch.errors import AlreadyExists, ConvsearchError, DataLoss
+from convsearch.errors import AlreadyExists, ConvsearchError, DataLoss, NotFound
 from convsearch.extractor.v1 import extractor_pb2
 from convsearch.index.v1 import index_pb2
 from convsearch.tensors import from_tensor, to_tensor
@@ -91,18 +93,45 @@ def _ensure_collections(backends: Backends, dataset: str, targets: Sequence[Targ
     return {target.collection: existing[target.collection] for target in targets}
 
 
-def _delete_empty(backends: Backends, dataset: str, names: Sequence[str]) -> None:
-    """Deletes those of the named collections that hold no vectors; a failure here is only logged,
-    so it never hides the run's own error."""
-    for name in names:
+class _Runs:
+    """The collections this gateway's runs are filling, and by how many runs each. A failed run
+    deletes an empty collection it created only while no other run uses it: the check and the
+    delete hold the lock a run takes to join, so no run joins in between."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._users: Counter[tuple[str, str]] = Counter()
+
+    @contextlib.contextmanager
+    def joined(self, dataset: str, names: Iterable[str]) -> Iterator[None]:
+        keys = Counter((dataset, name) for name in set(names))
+        with self._lock:
+            self._users += keys
         try:
-            stats = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
-                dataset=dataset, collection=name))
-            if stats.collection.count == 0:
-                backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
-                    dataset=dataset, collection=name))
-        except ConvsearchError as exc:
-            log.warning("could not delete the empty collection %s of %s after a failed run: %s", name, dataset, exc)
+            yield
+        finally:
+            with self._lock:
+                self._users -= keys
+
+    def delete_empty(self, backends: Backends, dataset: str, names: Sequence[str]) -> None:
+        """Deletes those of the named collections that hold no vectors and no other run uses; a
+        failure here is only logged, so it never hides the run's own error."""
+        with self._lock:
+            for name in names:
+                if self._users[dataset, name] > 1:
+                    continue
+                try:
+                    stats = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
+                        dataset=dataset, collection=name))
+                    if stats.collection.count == 0:
+                        backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
+                            dataset=dataset, collection=name))
+                except ConvsearchError as exc:
+                    log.warning("could not delete the empty collection %s of %s after a failed run: %s", name,
+                                dataset, exc)
+
+
+_RUNS = _Runs()
 
 
 @contextlib.contextmanager
@@ -111,13 +140,15 @@ def prepared_collections(backends: Backends, dataset: str, targets: Sequence[Tar
     """Creates the targets' missing collections (and damaged ones again, when asked to), bound
     to the extractor's weights, and gives the weights fingerprint of every target's collection.
     When the block fails (or is abandoned), the collections created here that are still empty
-    are deleted; never one that existed before or holds vectors."""
+    are deleted; never one that existed before, holds vectors, or another run of this gateway
+    is filling."""
     created: list[str] = []
-    try:
-        yield _ensure_collections(backends, dataset, targets, created, rebuild_damaged)
-    except BaseException:
-        _delete_empty(backends, dataset, created)
-        raise
+    with _RUNS.joined(dataset, (target.collection for target in targets)):
+        try:
+            yield _ensure_collections(backends, dataset, targets, created, rebuild_damaged)
+        except BaseException:
+            _RUNS.delete_empty(backends, dataset, created)
+            raise
 
 
 def all_items(backends: Backends, dataset: str) -> list[tuple[str, str]]:
@@ -298,13 +329,34 @@ def _upsert(backends: Backends, dataset: str, targets: Sequence[Target], missing
         step = max(1, budget // (row_bytes + 2 * _ITEM_FRAMING))
         for start in range(0, len(rows), step):
             chunk = rows[start:start + step]
-            reply = backends.index.call("UpsertVectors", index_pb2.UpsertVectorsRequest(
-                dataset=dataset, collection=target.collection, ids=[ids[row] for row in chunk],
-                vectors=to_tensor(np.stack([vectors[target.layer][row] for row in chunk])),
-                image_digests=[digests[row] for row in chunk]))
-            stale.update(reply.stale_ids)
+            stale.update(_upsert_chunk(backends, dataset, target.collection, [ids[row] for row in chunk],
+                                       np.stack([vectors[target.layer][row] for row in chunk]),
+                                       [digests[row] for row in chunk]))
     for item_id in sorted(stale):
-        progress.errors.append(f"{item_id}: its image was replaced while it was embedded; index again to embed "
-                               "the new one")
+        message = "its image was replaced while it was embedded; index again to embed the new one"
+        progress.failed_ids[item_id] = message  # not indexed: an ingest says so for the item
+        progress.errors.append(f"{item_id}: {message}")
     return len(ids)
 
+
+def _upsert_chunk(backends: Backends, dataset: str, collection: str, ids: list[str], vectors: np.ndarray,
+                  digests: list[str]) -> list[str]:
+    """Upserts one message of vectors; answers the stale ids. Items deleted since their images
+    were fetched (ITEM_NOT_FOUND) are left out, as deleted items are everywhere in a run: there
+    is nothing to do for them."""
+    while True:
+        try:
+            return list(backends.index.call("UpsertVectors", index_pb2.UpsertVectorsRequest(
+                dataset=dataset, collection=collection, ids=ids, vectors=to_tensor(vectors),
+                image_digests=digests)).stale_ids)
+        except NotFound as exc:
+            if exc.reason != "ITEM_NOT_FOUND":
+                raise
+            present = {item.id for item in backends.index.call("GetItems", index_pb2.GetItemsRequest(
+                dataset=dataset, ids=ids)).items}
+            if len(present) == len(ids):
+                raise
+            rows = [row for row, item_id in enumerate(ids) if item_id in present]
+            if not rows:
+                return []
+            ids, vectors, digests = [ids[row] for row in rows], vectors[rows], [digests[row] for row in rows]

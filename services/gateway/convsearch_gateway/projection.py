@@ -2,9 +2,9 @@
 max_points vectors (a seeded sample above that).
 
 The picture at the default seed is kept with the collection until it changes, one per method
-(attachment `projection/<method>`, holding the last max_points asked for): Project needs only the
-read role, so what it stores must stay bounded whatever a caller asks. Other seeds (exploring)
-are computed each time and never stored."""
+(attachment `projection/<method>`, holding the last max_points asked for; its items' labels are
+read afresh each time): Project needs only the read role, so what it stores must stay bounded
+whatever a caller asks. Other seeds (exploring) are computed each time and never stored."""
 
 import dataclasses
 import json
@@ -73,12 +73,20 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
     if stored.found and stored.version == stored.current_version:
         kept = json.loads(stored.data)
         if kept.pop("max_points", None) == max_points:
-            return Projection(**{**kept, "cached": True})
+            return _relabeled(backends, dataset, Projection(**{**kept, "cached": True}))
     result = _computed(backends, dataset, target, method, seed, max_points)
     backends.index.call("PutAttachment", index_pb2.PutAttachmentRequest(
         dataset=dataset, collection=target.collection, key=key, version=stored.current_version,
         data=json.dumps({**dataclasses.asdict(result), "max_points": max_points}).encode()))
     return result
+
+
+def _relabeled(backends: Backends, dataset: str, projection: Projection) -> Projection:
+    """A kept picture with its items' labels as they are now: relabeling an item changes no
+    vector, so its collection's version (which keeps the picture current) stays."""
+    labels = dict(all_items(backends, dataset))
+    projection.labels = [labels.get(item_id, "") for item_id in projection.ids]
+    return projection
 
 
 def _computed(backends: Backends, dataset: str, target: Target, method: str, seed: int,

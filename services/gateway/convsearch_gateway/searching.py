@@ -98,10 +98,13 @@ def _collection_weights(backends: Backends, dataset: str, collection: str, remai
 
 
 def _search_stored(backends: Backends, request: index_pb2.SearchRequest, item_id: str, remaining: float | None):
-    """Searches with a stored item's vector; NOT_FOUND says whether the item or its vector is missing."""
+    """Searches with a stored item's vector; NOT_FOUND says whether the item or its vector is missing
+    (the dataset's or the collection's own NOT_FOUND, deleted meanwhile, passes through)."""
     try:
         return backends.reads.call("Search", request, remaining)
-    except NotFound:
+    except NotFound as exc:
+        if exc.reason != "VECTOR_NOT_FOUND":
+            raise
         items = backends.reads.call("GetItems", index_pb2.GetItemsRequest(dataset=request.dataset, ids=[item_id]),
                                     remaining)
         if not items.items:
