@@ -117,6 +117,14 @@ class Cancelled(ConvsearchError):
     reason = "CANCELLED"
 
 
+class Aborted(ConvsearchError):
+    """A conditional write whose condition no longer holds (what it was computed from changed);
+    read again, then write."""
+
+    code = "ABORTED"
+    reason = "ABORTED"
+
+
 class Unauthenticated(ConvsearchError):
     """No API key, or one the gateway does not know."""
 
@@ -133,7 +141,7 @@ class PermissionDenied(ConvsearchError):
 
 ERRORS_BY_CODE = {cls.code: cls for cls in (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition,
                                             ResourceExhausted, Unavailable, DataLoss, DeadlineExceeded, Cancelled,
-                                            Unauthenticated, PermissionDenied)}
+                                            Aborted, Unauthenticated, PermissionDenied)}
 
 
 SHOWN_CHARS = 80

@@ -3,8 +3,9 @@ the cheap `pixels` model: items deleted while IndexDataset or Evaluate runs (a r
 them, then lost them, must skip them, not fail), kept projections after a relabel (the picture's
 labels must be the items' labels now), a cancelled IndexDataset beside another run of the same
 configuration (its clean-up must not delete the collection the other fills), an image replaced
-while Ingest embeds it (its result must not say indexed), and a collection deleted under a
-search (its NOT_FOUND must say so). Hooks in the gateway's modules make each call land at the
+while Ingest embeds it (its result must not say indexed), a collection deleted under a search
+(its NOT_FOUND must say so), and a collection deleted and created again while Evaluate scored the
+old one (the old score must not pass for the new one's). Hooks in the gateway's modules make each call land at the
 moment that used to break the run."""
 
 import concurrent.futures
@@ -22,6 +23,7 @@ from convsearch.embedding import Configuration
 from convsearch.errors import NotFound
 from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
+from convsearch.tensors import to_tensor
 from convsearch_gateway import evaluation, indexing, searching, servicer
 from tests.conftest import running_gateway, serve_extractor, serve_index
 
@@ -207,3 +209,34 @@ def test_a_search_by_id_in_a_collection_deleted_meanwhile_says_so(stack, monkeyp
             client.search("searched-while-deleted", item_id="i000", configuration=PIXELS)
     assert refused.value.reason == "COLLECTION_NOT_FOUND"
     assert refused.value.metadata["collection"] == COLLECTION
+
+
+def test_a_score_of_a_collection_replaced_while_evaluating_is_not_kept_for_the_new_one(stack, monkeypatch):
+    """A collection's version counts its batches since its creation, so one deleted and created
+    again reaches the versions of the old one again: Evaluate stored the old collection's score
+    under the version it read, which the new collection had too, and every later Evaluate and
+    Compare served that score as current."""
+    address, index = stack
+    score_target = evaluation.score_target
+
+    def replacing(backends, dataset, target, *rest):
+        score = score_target(backends, dataset, target, *rest)
+        spec = index.GetCollectionStats(index_pb2.GetCollectionStatsRequest(
+            dataset=dataset, collection=COLLECTION)).collection.spec
+        index.DeleteCollection(index_pb2.DeleteCollectionRequest(dataset=dataset, collection=COLLECTION))
+        index.CreateCollection(index_pb2.CreateCollectionRequest(dataset=dataset, spec=spec))
+        ids = [f"i{n:03d}" for n in range(6)]
+        index.UpsertVectors(index_pb2.UpsertVectorsRequest(  # other vectors, as many batches as before
+            dataset=dataset, collection=COLLECTION, ids=ids,
+            vectors=to_tensor(np.random.default_rng(7).random((6, 192), np.float32))))
+        return score
+
+    with Client(address) as client:
+        client.create_dataset("replaced-while-evaluated")
+        list(client.ingest("replaced-while-evaluated", items(6)))
+        list(client.index("replaced-while-evaluated", [PIXELS]))
+        monkeypatch.setattr(evaluation, "score_target", replacing)
+        first, = list(client.evaluate("replaced-while-evaluated", [PIXELS]))[-1].results
+        monkeypatch.undo()
+        again, = list(client.evaluate("replaced-while-evaluated", [PIXELS]))[-1].results
+    assert not first.cached and not again.cached

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from convsearch.common.v1 import common_pb2
+from convsearch.grpc_errors import error_from_call
 from convsearch.index.v1 import index_pb2 as pb
 from convsearch.index.v1 import index_pb2_grpc
 from convsearch.tensors import from_tensor, to_tensor
@@ -206,6 +207,8 @@ def test_snapshot_and_restore(index):
                                       ).collection.version
     stub.PutAttachment(pb.PutAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation",
                                                version=version, data=b'{"score": 1}'))
+    made = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)
+                                   ).collection.spec.id
     snap = stub.SnapshotDataset(pb.SnapshotDatasetRequest(dataset="shoes"))
     assert snap.size_bytes > 0 and "/" not in snap.snapshot  # no server paths in replies
     stub.DeleteDataset(pb.DeleteDatasetRequest(name="shoes"))
@@ -217,6 +220,7 @@ def test_snapshot_and_restore(index):
     assert items[0].image == b"img7" and items[0].label == "b"
     got = stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes2", collection=COLLECTION, key="evaluation"))
     assert got.found and got.data == b'{"score": 1}' and got.version == got.current_version == version
+    assert got.collection_id == made  # a copy keeps the collection's id
 
 
 def test_search_by_stored_items(index):
@@ -230,6 +234,34 @@ def test_search_by_stored_items(index):
     with pytest.raises(grpc.RpcError) as error:
         stub.Search(pb.SearchRequest(dataset="shoes", collection=COLLECTION, query_ids=["ghost"], k=5))
     assert error.value.code() == grpc.StatusCode.NOT_FOUND and "'ghost' has no vector" in error.value.details()
+
+
+def test_a_collection_created_again_has_a_new_id_and_refuses_the_old_ones_results(index):
+    """Versions count a collection's batches since its creation, so one deleted and created again
+    repeats the old one's versions: a result computed from the old one was stored as current for
+    the new one. A result stored with the id read beside the version now needs that collection."""
+    stub = index.stub
+    fill(stub)
+    old = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)).collection
+    assert old.spec.id
+    assert stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation")
+                              ).collection_id == old.spec.id
+    stub.DeleteCollection(pb.DeleteCollectionRequest(dataset="shoes", collection=COLLECTION))
+    stub.CreateCollection(pb.CreateCollectionRequest(dataset="shoes", spec=old.spec))  # its id: the index's to make
+    new = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)).collection
+    assert new.spec.id not in ("", old.spec.id)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PutAttachment(pb.PutAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation",
+                                                   version=new.version, collection_id=old.spec.id, data=b"old"))
+    assert refused.value.code() == grpc.StatusCode.ABORTED
+    assert error_from_call(refused.value).reason == "COLLECTION_REPLACED"
+    assert "deleted and created again" in refused.value.details() and "compute it again" in refused.value.details()
+    assert not stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation")
+                                  ).found
+    stub.PutAttachment(pb.PutAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation",
+                                               version=new.version, collection_id=new.spec.id, data=b"new"))
+    assert stub.GetAttachment(pb.GetAttachmentRequest(dataset="shoes", collection=COLLECTION, key="evaluation")
+                              ).data == b"new"
 
 
 def test_attachments_follow_the_collection_version(tmp_path):

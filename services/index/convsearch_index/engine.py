@@ -33,6 +33,7 @@ from typing import BinaryIO
 import numpy as np
 
 from convsearch.errors import (
+    Aborted,
     AlreadyExists,
     ConvsearchError,
     DataLoss,
@@ -107,12 +108,14 @@ class CollectionInfo:
     directory: pathlib.Path
     vectors: VectorCollection | None  # None when damaged
     weights: str = ""  # fingerprint of the weights that made the vectors; "" when unknown
+    id: str = ""  # its identity, kept by its copies; "" for one made before ids
     damage: str = ""  # what is wrong with its files, and the way back; "" when healthy
 
     def spec_dict(self) -> dict:
         """Its key and parameters as snapshots and followers' copies record them."""
         return {**dataclasses.asdict(self.key), "dimension": self.spec.dimension, "m": self.spec.m,
-                "ef_construction": self.spec.ef_construction, "ef": self.spec.ef, "weights": self.weights}
+                "ef_construction": self.spec.ef_construction, "ef": self.spec.ef, "weights": self.weights,
+                "id": self.id}
 
     def healthy(self) -> VectorCollection:
         """The vectors; DATA_LOSS when the collection is damaged."""
@@ -161,8 +164,8 @@ def _restored_key(spec: dict) -> CollectionKey:
     key = CollectionKey(**{k: spec[k] for k in ("model", "layer", "pooling", "metric", "minkowski_p")})
     try:
         check_collection(key, spec["dimension"], spec["m"], spec["ef_construction"], spec["ef"])
-        if not isinstance(spec.get("weights", ""), str):
-            raise InvalidArgument(f"weights {spec['weights']!r} is not a fingerprint")
+        if not isinstance(spec.get("weights", ""), str) or not isinstance(spec.get("id", ""), str):
+            raise InvalidArgument(f"weights {spec.get('weights')!r} or id {spec.get('id')!r} is not text")
     except InvalidArgument as exc:
         raise ValueError(f"its manifest lists a collection no index could hold: {exc}") from None
     return key
@@ -275,7 +278,7 @@ class Index:
         vector_spec = VectorSpec(spec["dimension"], spec["metric"], spec["minkowski_p"], spec["m"],
                                  spec["ef_construction"], spec["ef"])
         directory = self.data_dir / relative
-        info = CollectionInfo(dataset, key, vector_spec, directory, None, spec.get("weights", ""))
+        info = CollectionInfo(dataset, key, vector_spec, directory, None, spec.get("weights", ""), spec.get("id", ""))
         try:
             info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}",
                                             self.timings, sha256)
@@ -461,12 +464,14 @@ class Index:
 
     @_ordered("dataset")
     def create_collection(self, dataset: str, key: CollectionKey, dimension: int, m: int = 16,
-                          ef_construction: int = 200, ef: int = 64, weights: str = "") -> CollectionInfo:
+                          ef_construction: int = 200, ef: int = 64, weights: str = "",
+                          collection_id: str = "") -> CollectionInfo:
+        """A new, empty collection; `collection_id` is a copy's (a follower's), else a new one is made."""
         self._require_dataset(dataset)
         self._check_fence(dataset)
         check_collection(key, dimension, m, ef_construction, ef)
         spec = {**dataclasses.asdict(key), "dimension": dimension, "m": m, "ef_construction": ef_construction,
-                "ef": ef, "weights": weights}
+                "ef": ef, "weights": weights, "id": collection_id or uuid.uuid4().hex}
         with self._guard.read(), self._meta:
             if (dataset, key.name) in self._collections:
                 raise AlreadyExists(f"collection {shown(key.name)} of dataset {shown(dataset)} exists already",
@@ -783,12 +788,20 @@ class Index:
                 raise ValueError(f"its collection {key.name} fails its checks")
 
     @_ordered("dataset")
-    def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
-        """Stores a result derived from a collection, replacing one with the same key."""
-        self.collection(dataset, collection).healthy()
+    def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes,
+                       collection_id: str = "") -> None:
+        """Stores a result derived from a collection, replacing one with the same key; given
+        `collection_id`, only while the collection is still the one of that id."""
+        info = self.collection(dataset, collection)
+        info.healthy()
         self._check_fence(dataset)
         if not key:
             raise InvalidArgument("an attachment needs a key")
+        if collection_id and collection_id != info.id:
+            raise Aborted(f"collection {shown(collection)} of dataset {shown(dataset)} was deleted and created again "
+                          f"since its version was read: the result {shown(key)} was computed from the old one and is "
+                          "not stored; compute it again", reason="COLLECTION_REPLACED", resource_type="collection",
+                          resource_name=collection, metadata={"dataset": dataset, "collection": collection})
         self.records.put_attachment(dataset, collection, key, version, data)
         self._record("put_attachment", dataset, collection=collection, key=key, version=version, data=data)
 

@@ -520,7 +520,7 @@ class Follower:
                 spec = spec_dict(m.spec)
                 index.create_collection(m.dataset, CollectionKey(*(spec[k] for k in (
                     "model", "layer", "pooling", "metric", "minkowski_p"))), spec["dimension"], spec["m"],
-                    spec["ef_construction"], spec["ef"], spec["weights"])
+                    spec["ef_construction"], spec["ef"], spec["weights"], spec["id"])
             elif write == "delete_collection":
                 index.delete_collection(m.dataset, m.collection)
             elif write == "upsert_vectors":

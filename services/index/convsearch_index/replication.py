@@ -49,7 +49,7 @@ def spec_message(spec: dict) -> pb.CollectionSpec:
     return pb.CollectionSpec(model=spec["model"], layer=spec["layer"], pooling=POOLING_ENUMS[spec["pooling"]],
                              metric=METRIC_ENUMS[spec["metric"]], minkowski_p=spec["minkowski_p"],
                              dimension=spec["dimension"], m=spec["m"], ef_construction=spec["ef_construction"],
-                             ef=spec["ef"], weights=spec.get("weights", ""))
+                             ef=spec["ef"], weights=spec.get("weights", ""), id=spec.get("id", ""))
 
 
 def spec_dict(message: pb.CollectionSpec) -> dict:
@@ -57,7 +57,7 @@ def spec_dict(message: pb.CollectionSpec) -> dict:
     return {"model": message.model, "layer": message.layer, "pooling": pooling_name(message.pooling, "pooling"),
             "metric": metric_name(message.metric, "metric"), "minkowski_p": message.minkowski_p,
             "dimension": message.dimension, "m": message.m, "ef_construction": message.ef_construction,
-            "ef": message.ef, "weights": message.weights}
+            "ef": message.ef, "weights": message.weights, "id": message.id}
 
 
 def spec_name(spec: dict) -> str:

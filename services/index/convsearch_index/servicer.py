@@ -5,7 +5,7 @@ import itertools
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from convsearch.embedding import minkowski_p_of
-from convsearch.enums import METRIC_ENUMS, POOLING_ENUMS, metric_name, pooling_name
+from convsearch.enums import metric_name, pooling_name
 from convsearch.errors import InvalidArgument
 from convsearch.grpc_errors import map_errors
 from convsearch.index.v1 import index_pb2 as pb
@@ -14,7 +14,7 @@ from convsearch.naming import check_model_name
 from convsearch.tensors import from_tensor, to_tensor
 from convsearch_index.engine import CollectionInfo, CollectionKey, Index
 from convsearch_index.records import DatasetRecord, ItemRecord
-from convsearch_index.replication import replicate
+from convsearch_index.replication import replicate, spec_message
 from convsearch_index.snapshot_files import chunks
 
 DEFAULT_PAGE = 100
@@ -38,11 +38,8 @@ def _item(record: ItemRecord) -> pb.Item:
 
 def _collection(info: CollectionInfo) -> pb.Collection:
     stats = info.vectors.stats() if info.vectors is not None else {}
-    spec = pb.CollectionSpec(
-        model=info.key.model, layer=info.key.layer, pooling=POOLING_ENUMS[info.key.pooling],
-        metric=METRIC_ENUMS[info.key.metric], minkowski_p=info.key.minkowski_p, dimension=info.spec.dimension,
-        m=info.spec.m, ef_construction=info.spec.ef_construction, ef=info.spec.ef, weights=info.weights)
-    return pb.Collection(name=info.key.name, dataset=info.dataset, spec=spec, damage=info.damage, **stats)
+    return pb.Collection(name=info.key.name, dataset=info.dataset, spec=spec_message(info.spec_dict()),
+                         damage=info.damage, **stats)
 
 
 class IndexServicer(index_pb2_grpc.IndexServiceServicer):
@@ -221,14 +218,15 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def PutAttachment(self, request, context):
-        self.index.put_attachment(request.dataset, request.collection, request.key, request.version, request.data)
+        self.index.put_attachment(request.dataset, request.collection, request.key, request.version, request.data,
+                                  request.collection_id)
         return pb.PutAttachmentResponse(version=self.index.version(request.dataset))
 
     @map_errors
     def GetAttachment(self, request, context):
         info = self.index.collection(request.dataset, request.collection)
         stored = self.index.records.attachment(request.dataset, request.collection, request.key)
-        reply = pb.GetAttachmentResponse(current_version=info.healthy().version)
+        reply = pb.GetAttachmentResponse(current_version=info.healthy().version, collection_id=info.id)
         if stored is not None:
             reply.found, reply.version, reply.data = True, stored[0], stored[1]
         return reply
