@@ -264,6 +264,25 @@ def test_a_collection_created_again_has_a_new_id_and_refuses_the_old_ones_result
                               ).data == b"new"
 
 
+def test_a_collection_is_deleted_only_if_empty_when_asked_so(index):
+    """A failed run deleted the collection it created once a stats call found it empty, and a
+    run of another gateway could store vectors between the call and the delete: they were lost."""
+    stub = index.stub
+    fill(stub)
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.DeleteCollection(pb.DeleteCollectionRequest(dataset="shoes", collection=COLLECTION, only_if_empty=True))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_from_call(refused.value).reason == "COLLECTION_NOT_EMPTY" and "holds 60 vectors" in \
+        refused.value.details()
+    assert stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)
+                                   ).collection.count == 60
+    spec = stub.GetCollectionStats(pb.GetCollectionStatsRequest(dataset="shoes", collection=COLLECTION)).collection.spec
+    stub.DeleteCollection(pb.DeleteCollectionRequest(dataset="shoes", collection=COLLECTION))
+    stub.CreateCollection(pb.CreateCollectionRequest(dataset="shoes", spec=spec))
+    stub.DeleteCollection(pb.DeleteCollectionRequest(dataset="shoes", collection=COLLECTION, only_if_empty=True))
+    assert not stub.ListCollections(pb.ListCollectionsRequest(dataset="shoes")).collections
+
+
 def test_attachments_follow_the_collection_version(tmp_path):
     handle = open_index(tmp_path)
     stub = handle.stub

@@ -96,7 +96,8 @@ def _ensure_collections(backends: Backends, dataset: str, targets: Sequence[Targ
 class _Runs:
     """The collections this gateway's runs are filling, and by how many runs each. A failed run
     deletes an empty collection it created only while no other run uses it: the check and the
-    delete hold the lock a run takes to join, so no run joins in between."""
+    delete hold the lock a run takes to join, so no run joins in between; the index deletes only
+    a collection still empty, so a run of another gateway that stored vectors meanwhile keeps them."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -114,21 +115,20 @@ class _Runs:
                 self._users -= keys
 
     def delete_empty(self, backends: Backends, dataset: str, names: Sequence[str]) -> None:
-        """Deletes those of the named collections that hold no vectors and no other run uses; a
-        failure here is only logged, so it never hides the run's own error."""
+        """Deletes those of the named collections that hold no vectors and no other run uses (the
+        index checks for vectors as it deletes, for runs of other gateways); a failure here is
+        only logged, so it never hides the run's own error."""
         with self._lock:
             for name in names:
                 if self._users[dataset, name] > 1:
                     continue
                 try:
-                    stats = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
-                        dataset=dataset, collection=name))
-                    if stats.collection.count == 0:
-                        backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
-                            dataset=dataset, collection=name))
+                    backends.index.call("DeleteCollection", index_pb2.DeleteCollectionRequest(
+                        dataset=dataset, collection=name, only_if_empty=True))
                 except ConvsearchError as exc:
-                    log.warning("could not delete the empty collection %s of %s after a failed run: %s", name,
-                                dataset, exc)
+                    if exc.reason != "COLLECTION_NOT_EMPTY":
+                        log.warning("could not delete the empty collection %s of %s after a failed run: %s", name,
+                                    dataset, exc)
 
 
 _RUNS = _Runs()

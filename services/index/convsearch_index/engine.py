@@ -533,9 +533,16 @@ class Index:
             log.warning("damaged collection %s of %s deleted; its files are kept in %s", name, dataset, kept)
 
     @_ordered("dataset")
-    def delete_collection(self, dataset: str, name: str) -> None:
-        self.collection(dataset, name)
+    def delete_collection(self, dataset: str, name: str, only_if_empty: bool = False) -> None:
+        """Deletes a collection (damaged or not); with `only_if_empty`, only one holding no vectors."""
+        info = self.collection(dataset, name)
         self._check_fence(dataset)
+        held = len(info.healthy()) if only_if_empty else 0
+        if held:
+            raise FailedPrecondition(f"collection {shown(name)} of dataset {shown(dataset)} holds {held} vectors, so "
+                                     "it was not deleted (only_if_empty); delete it without only_if_empty to drop "
+                                     "them", reason="COLLECTION_NOT_EMPTY", resource_type="collection",
+                                     resource_name=name, metadata={"dataset": dataset, "collection": name})
         with self._guard.read(), self._meta:
             self._drop_collection(dataset, name)
             self._record("delete_collection", dataset, name=name)

@@ -129,7 +129,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def DeleteCollection(self, request, context):
-        self.index.delete_collection(request.dataset, request.collection)
+        self.index.delete_collection(request.dataset, request.collection, request.only_if_empty)
         return pb.DeleteCollectionResponse(version=self.index.version(request.dataset))
 
     @map_errors
