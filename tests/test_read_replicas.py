@@ -7,13 +7,17 @@ import types
 import urllib.request
 
 import grpc
+import numpy as np
 import pytest
 
 from convsearch.client import Client
+from convsearch.datasets import encode_png
+from convsearch.embedding import Configuration
 from convsearch.errors import NotFound
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
+from convsearch.tensors import to_tensor
 from convsearch_gateway.config import GatewayConfig
 from tests.conftest import damage_collection, running_gateway, serve_extractor, serve_index
 
@@ -86,6 +90,34 @@ def test_a_collection_damaged_at_the_follower_is_read_from_the_primary(stack):
     reply = gateway.Search(pb.SearchRequest(dataset="pets", configuration=LAST, item_id="pet0", k=3))
     assert reply.HasField("search_score") and [hit.id for hit in reply.hits][0] == "pet2"
     assert reads(service, "primary") > before
+
+
+def test_an_evaluation_is_scored_from_the_data_whose_version_it_is_kept_with(stack):
+    """Evaluate read the collection's version from the primary but scored with searches at a
+    follower that had not applied the latest writes (another gateway's): the score of the old
+    vectors was kept under the new version, and served as current from then on."""
+    config = Configuration("efficientnet_lite0", ("_conv_head",))
+    collection = "efficientnet_lite0/_conv_head/avg/cosine"
+    ids = [f"n{n}" for n in range(6)]
+    noise = [encode_png(np.random.default_rng(n).integers(0, 255, (32, 32, 3), dtype=np.uint8)) for n in range(6)]
+    with Client(stack.address) as client:
+        client.create_dataset("drift")
+        list(client.ingest("drift", [(item, "ab"[n % 2], noise[n]) for n, item in enumerate(ids)]))
+        list(client.index("drift", [config]))
+        assert client.dataset("drift").item_count == 6  # through the follower: it holds all of it
+    stack.follower_service.follower.stop()  # it applies nothing more, serving what it has
+    clustered = np.zeros((6, 1280), np.float32)
+    clustered[np.arange(6), np.arange(6) % 2] = 1.0  # each class one point: a perfect score
+    primary = index_pb2_grpc.IndexServiceStub(grpc.insecure_channel(stack.primary_address))
+    primary.UpsertVectors(index_pb2.UpsertVectorsRequest(dataset="drift", collection=collection, ids=ids,
+                                                         vectors=to_tensor(clustered)))  # as another gateway would
+    with Client(stack.address) as client:
+        scored, = list(client.evaluate("drift", [config]))[-1].results
+        kept, = list(client.evaluate("drift", [config]))[-1].results
+    with running_gateway(stack.extractor_address, stack.primary_address) as (_, _, primary_only), \
+            Client(primary_only) as client:
+        truth, = list(client.evaluate("drift", [config], recompute=True))[-1].results
+    assert kept.cached and scored.mean_score == kept.mean_score == truth.mean_score
 
 
 def test_a_session_reads_its_own_writes_through_another_gateway(stack):

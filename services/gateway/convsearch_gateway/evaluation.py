@@ -23,6 +23,7 @@ from convsearch.scoring import TOP, search_score
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
 from convsearch_gateway.indexing import all_items, fill_collections, missing_ids, prepared_collections
+from convsearch_gateway.replicas import reading_from
 from convsearch_gateway.stored_results import keep
 
 ATTACHMENT = "evaluation/3"  # 3: with labels_digest; results stored before are recomputed
@@ -180,7 +181,8 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
             else:
                 read = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
                     dataset=dataset, collection=target.collection)).collection
-                score = score_target(backends, dataset, target, items, k, weights[target.collection])
+                with reading_from(backends.index, dataset):
+                    score = score_target(backends, dataset, target, items, k, weights[target.collection])
                 keep(backends, index_pb2.PutAttachmentRequest(
                     dataset=dataset, collection=target.collection, key=ATTACHMENT, version=read.version,
                     collection_id=read.spec.id, data=json.dumps(dataclasses.asdict(score)).encode()))

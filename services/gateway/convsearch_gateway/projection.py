@@ -17,6 +17,7 @@ from convsearch.tensors import from_tensor
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import Target
 from convsearch_gateway.indexing import all_items
+from convsearch_gateway.replicas import reading_from
 from convsearch_gateway.stored_results import keep
 
 METHODS = ("pca", "umap")
@@ -75,7 +76,8 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
         kept = json.loads(stored.data)
         if kept.pop("max_points", None) == max_points:
             return _relabeled(backends, dataset, Projection(**{**kept, "cached": True}))
-    result = _computed(backends, dataset, target, method, seed, max_points)
+    with reading_from(backends.index, dataset):
+        result = _computed(backends, dataset, target, method, seed, max_points)
     keep(backends, index_pb2.PutAttachmentRequest(
         dataset=dataset, collection=target.collection, key=key, version=stored.current_version,
         collection_id=stored.collection_id,

@@ -8,9 +8,12 @@ so a client reads its own writes through the gateway it wrote through, and throu
 its session. A follower behind that version answers UNAVAILABLE after its --max-lag-wait, one that
 cannot be reached at once, and one whose copy of a collection is damaged DATA_LOSS: the read then
 goes to the primary, with what is left of the caller's time, as every read does while no follower
-is SERVING or when it needs what followers do not keep (images).
+is SERVING or when it needs what followers do not keep (images). Evaluate and Project, which keep
+what they compute under a collection version read from the primary, read at least the primary's
+version of the dataset (`reading_from`).
 """
 
+import contextlib
 import contextvars
 import threading
 import time
@@ -18,9 +21,23 @@ import time
 import prometheus_client as prom
 
 from convsearch.errors import DataLoss, Unavailable
+from convsearch.index.v1.index_pb2 import GetDatasetRequest
 
 SESSION_VERSION = contextvars.ContextVar("convsearch_session_version", default=0)
 """The version the client of the call being served has seen (see sessions.py): its reads see no older data."""
+
+
+@contextlib.contextmanager
+def reading_from(primaries, dataset: str):
+    """Reads in this block see the dataset at least as the primary holds it now: a result stored
+    under a collection version read from the primary is then computed from that version's data
+    or a later one (then stored as stale), never from a follower's older copy."""
+    now = primaries.call("GetDataset", GetDatasetRequest(name=dataset)).dataset.version
+    token = SESSION_VERSION.set(max(SESSION_VERSION.get(), now))
+    try:
+        yield
+    finally:
+        SESSION_VERSION.reset(token)
 
 READS = frozenset({"Search", "GetItems", "ScanItems", "GetVectors", "ListCollections", "GetCollectionStats",
                    "GetDataset", "ListDatasets"})
