@@ -49,7 +49,8 @@ _ITEM_FRAMING = 64  # bytes of an item's own framing in a message, at most
 
 @dataclasses.dataclass
 class Progress:
-    """Where an indexing run stands."""
+    """Where an indexing run stands. The thread that feeds the extractor counts beside the one
+    reading its answers, so counts change only through `count` and `fail`."""
 
     total: int = 0
     done: int = 0
@@ -59,6 +60,20 @@ class Progress:
     finished: bool = False
     errors: deque = dataclasses.field(default_factory=lambda: deque(maxlen=_MAX_ERRORS))
     failed_ids: dict[str, str] = dataclasses.field(default_factory=dict)
+    _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def count(self, done: int) -> None:
+        """Counts `done` more items as done."""
+        with self._lock:
+            self.done += done
+
+    def fail(self, item_id: str, message: str) -> None:
+        """Counts an item as done and failed, for `message`."""
+        with self._lock:
+            self.failed += 1
+            self.done += 1
+            self.failed_ids[item_id] = message
+            self.errors.append(f"{item_id}: {message}")
 
 
 def _ensure_collections(backends: Backends, dataset: str, targets: Sequence[Target], created: list[str],
@@ -221,7 +236,7 @@ def _pages(backends: Backends, dataset: str, need: Sequence[str], batch_size: in
     for start in range(0, len(need), _SIZE_CHUNK):
         chunk = need[start:start + _SIZE_CHUNK]
         sized = backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=chunk)).items
-        progress.done += len(chunk) - len(sized)  # deleted since the run began: nothing to do
+        progress.count(len(chunk) - len(sized))  # deleted since the run began: nothing to do
         page: list[str] = []
         page_bytes = 0
         for item in sized:
@@ -230,10 +245,7 @@ def _pages(backends: Backends, dataset: str, need: Sequence[str], batch_size: in
                 message = (f"its image is {item.image_size:,} bytes, more than fit in one message "
                            f"({budget:,} bytes under --max-message-mb {backends.max_message_bytes >> 20}); raise "
                            "--max-message-mb of the gateway, index and extractor, or store a smaller image")
-                progress.failed += 1
-                progress.done += 1
-                progress.failed_ids[item.id] = message
-                progress.errors.append(f"{item.id}: {message}")
+                progress.fail(item.id, message)
                 continue
             if page and (len(page) >= batch_size or page_bytes + size > budget):
                 yield page
@@ -258,7 +270,7 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
             for ids in _pages(backends, dataset, need, batch_size, progress):
                 found = backends.index.call("GetItems", index_pb2.GetItemsRequest(
                     dataset=dataset, ids=ids, include_images=True))
-                progress.done += len(ids) - len(found.items)  # deleted since the run began: nothing to do
+                progress.count(len(ids) - len(found.items))  # deleted since the run began: nothing to do
                 digests.update((item.id, item.image_digest) for item in found.items)
                 yield extractor_pb2.BulkEmbedRequest(images=[
                     extractor_pb2.ImageInput(id=item.id, data=item.image) for item in found.items])
@@ -283,10 +295,7 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
     try:
         for answer in answers:
             if answer.WhichOneof("result") == "error":
-                progress.failed += 1
-                progress.done += 1
-                progress.failed_ids[answer.id] = answer.error.message
-                progress.errors.append(f"{answer.id}: {answer.error.message}")
+                progress.fail(answer.id, answer.error.message)
                 continue
             if answer.weights != accepted_weights:  # each answer says which weights made it
                 for target in targets:
@@ -297,7 +306,7 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
                 batch_vectors[entry.layer].append(from_tensor(entry.vector))
             if len(batch_ids) >= batch_size:
                 if pending is not None:
-                    progress.done += pending.result()
+                    progress.count(pending.result())
                     progress.images_per_second = progress.done / max(1e-9, time.monotonic() - started)
                     yield progress
                 pending = flush()
@@ -308,9 +317,9 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
     if feed_errors:
         raise feed_errors[0]
     if pending is not None:
-        progress.done += pending.result()  # first: a failed upsert ends the run before another one starts
+        progress.count(pending.result())  # first: a failed upsert ends the run before another one starts
     if batch_ids:
-        progress.done += flush().result()
+        progress.count(flush().result())
     progress.images_per_second = progress.done / max(1e-9, time.monotonic() - started)
     yield progress
 
