@@ -22,13 +22,15 @@ import zlib
 import numpy as np
 import pytest
 
-from convsearch.errors import AlreadyExists, DataLoss, InvalidArgument, ResourceExhausted, Unavailable
+from convsearch.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from convsearch.index.v1 import index_pb2 as pb
 from convsearch.synthetic import clustered_vectors
 from convsearch_index import wal
 from convsearch_index.changes import ChangeLog
 from convsearch_index.collection import VectorCollection, VectorSpec
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.records import ItemRecord
+from convsearch_index.servicer import IndexServicer
 
 DIM = 16
 
@@ -884,3 +886,182 @@ def test_cosine_keeps_a_tiny_vector_as_it_was_sent(tmp_path):
     collection.close()
     np.testing.assert_allclose(VectorCollection(tmp_path, collection.spec, fsync=False).get(["tiny"])[1], tiny,
                                rtol=1e-5)
+
+
+# ---- 14. reads and snapshots racing a delete -----------------------------------------------
+
+def test_a_snapshot_racing_the_delete_of_its_dataset_is_not_found_and_leaves_no_file(tmp_path):
+    """Defect: a snapshot checked that its dataset existed before it took its lock, never after:
+    a DeleteDataset in between gave an "OK" snapshot holding no dataset."""
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    guard = index._guard
+
+    class DeleteFirst:
+        """The index's guard, but the dataset is deleted before the write side is taken."""
+
+        read = guard.read
+
+        def write(self):
+            index.delete_dataset("shoes")
+            return guard.write()
+
+    index._guard = DeleteFirst()
+    with pytest.raises(NotFound, match="dataset 'shoes' does not exist"):
+        index.snapshot("shoes")
+    index._guard = guard
+    assert not list((tmp_path / "snapshots").iterdir()) and index.snapshots() == []
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["collections", "snapshots"]
+    index.close()
+
+
+def delete_then(index, call):
+    """`call`, run once the dataset 'shoes' is deleted: what a DeleteDataset landing just
+    before it does to a read that found the dataset."""
+    def deleted_first(*args, **kwargs):
+        if "shoes" in index.records.dataset_names():
+            index.delete_dataset("shoes")
+        return call(*args, **kwargs)
+    return deleted_first
+
+
+def test_a_search_racing_the_delete_of_its_dataset_is_not_found(tmp_path, monkeypatch):
+    """Defect: a search read the dataset's labels after it fetched the collection: a
+    DeleteDataset in between made it fail INTERNAL (KeyError) instead of NOT_FOUND."""
+    index, vectors = make_index(tmp_path, datasets=("shoes",))
+    collection = index.collection
+
+    def collection_then_delete(*args):
+        found = collection(*args)
+        index.delete_dataset("shoes")
+        return found
+
+    monkeypatch.setattr(index, "collection", collection_then_delete)
+    with pytest.raises(NotFound, match="dataset 'shoes' does not exist"):
+        index.search("shoes", "m/l/avg/cosine", vectors[:1], 5)
+    index.close()
+
+
+@pytest.mark.parametrize("read", ["get items", "scan items", "list collections", "get dataset", "list datasets",
+                                  "get attachment"])
+def test_a_read_racing_the_delete_of_its_dataset_is_not_found_never_empty(tmp_path, monkeypatch, read):
+    """Defect: reads checked that the dataset existed, then read it: a DeleteDataset in between
+    answered every item missing, an empty page or no collections (as if the dataset were empty,
+    which it never was), an attachment not found, and GetDataset and ListDatasets failed
+    INTERNAL (a None record)."""
+    index, _ = make_index(tmp_path)
+    index.put_attachment("shoes", "m/l/avg/cosine", "score", 1, b"0.5")
+    records = index.records
+    calls = {"get items": (records, "get_items", lambda: index.get_items("shoes", ids_of(2), False)),
+             "scan items": (records, "scan_items", lambda: index.scan_items("shoes", "", 10, False)),
+             "list collections": (index, "_dataset_collections", lambda: index.collections("shoes")),
+             "get dataset": (records, "dataset", lambda: index.dataset("shoes")),
+             "list datasets": (records, "dataset", lambda: index.datasets()),
+             "get attachment": (records, "attachment", lambda: IndexServicer.GetAttachment.__wrapped__(
+                 IndexServicer(index), pb.GetAttachmentRequest(dataset="shoes", collection="m/l/avg/cosine",
+                                                               key="score"), None))}
+    owner, method, call = calls[read]
+    monkeypatch.setattr(owner, method, delete_then(index, getattr(owner, method)))
+    if read == "list datasets":
+        assert [d.name for d in call()] == ["bags"]
+    else:
+        with pytest.raises(NotFound, match="dataset 'shoes' does not exist"):
+            call()
+    monkeypatch.undo()
+    assert [d.name for d in index.datasets()] == ["bags"]
+    index.close()
+
+
+# ---- 15. a collection damaged for a while ---------------------------------------------------
+
+def test_a_collection_damaged_for_a_while_never_serves_items_deleted_or_replaced_meanwhile(tmp_path):
+    """Defect: item deletions and image replacements skip a collection that failed its checks at
+    start (here its CURRENT unreadable, as on an I/O error that passes); once a later start
+    opened it healthy, searches found the deleted item, and the replaced one by the vector of
+    its old image."""
+    index, vectors = make_index(tmp_path, datasets=("shoes",))
+    directory = index.collection("shoes", "m/l/avg/cosine").directory
+    index.close()
+    current = (directory / "CURRENT").read_bytes()
+    (directory / "CURRENT").write_bytes(b"\x00unreadable")
+    index = Index(tmp_path, fsync=False)
+    assert index.collection("shoes", "m/l/avg/cosine").damage
+    index.put_items("shoes", [ItemRecord("item-0001", "a", image=b"a new image"), ItemRecord("item-0003", "a",
+                                                                                             image=b"item-0003")])
+    index.delete_items("shoes", ["item-0002"])
+    index.close()
+    (directory / "CURRENT").write_bytes(current)  # the disk reads again
+    for _ in range(2):  # and stays right after the next start
+        index = Index(tmp_path, fsync=False)
+        for name in ("m/l/avg/cosine", "m/l/avg/euclidean"):
+            assert index.collection("shoes", name).healthy().has(ids_of(4)) == (
+                ["item-0000", "item-0003"], ["item-0001", "item-0002"])
+            found = index.search("shoes", name, vectors[1:3], 60)[0]
+            assert all({"item-0001", "item-0002"}.isdisjoint(ids) for ids, _, _ in found)
+        index.close()
+
+
+# ---- 16. what a kill -9 leaves, and a full disk during a snapshot ----------------------------
+
+def test_leftovers_of_a_killed_index_are_swept_at_start_and_nothing_else(tmp_path, caplog):
+    """Defect: a kill -9 during a snapshot or a restore left its work folder (a whole copy of
+    the dataset, images included) in the data dir and its unfinished file in snapshots/, and
+    one during DeleteCollection or DeleteDataset left the collection's folder: all kept forever."""
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    kept_snapshot = index.snapshot("shoes")[0].name
+    named = sorted(p.name for p in (tmp_path / "collections").iterdir())
+    index.close()
+    work = tmp_path / "index-work-k2j4h6g8"  # a snapshot's or restore's work folder
+    work.mkdir()
+    shutil.copyfile(tmp_path / "records.sqlite", work / "records.sqlite")
+    unnamed = tmp_path / "collections" / ("0a" * 16)  # a collection whose row was deleted
+    shutil.copytree(tmp_path / "collections" / named[0], unnamed)
+    leftovers = [work, unnamed, tmp_path / "snapshots" / "shoes-20260101T000000-abcdef.tar.tmp",
+                 tmp_path / "snapshots" / ".shoes-20260101T000000-fedcba.x1y2z3.tar.tmp"]  # WriteSnapshot's
+    lookalikes = [tmp_path / "tmp-mine", tmp_path / "collections" / "keep-me", tmp_path / "damaged" / ("0b" * 16),
+                  tmp_path / "snapshots" / "notes.tmp", tmp_path / "index-work-notes.txt"]
+    for path in [*leftovers[2:], *lookalikes[3:]]:
+        path.write_bytes(b"partial")
+    for path in lookalikes[:3]:
+        path.mkdir(parents=True)
+    with caplog.at_level("WARNING", "convsearch.index"):
+        index = Index(tmp_path, fsync=False)
+    assert [path for path in leftovers if path.exists()] == []
+    assert all(path.exists() for path in lookalikes)
+    assert all(str(path) in caplog.text for path in leftovers)
+    assert sorted(p.name for p in (tmp_path / "collections").iterdir()) == sorted([*named, "keep-me"])
+    assert [info.name for info in index.snapshots()] == [kept_snapshot]
+    assert all(len(info.healthy()) == 60 for info in index.collections("shoes"))
+    index.close()
+
+
+def full_sqlite(dataset, path):
+    """Records.export_dataset on a full disk: SQLite's own error, not an OSError."""
+    path.write_bytes(b"the items in part")
+    error = sqlite3.OperationalError("database or disk is full")
+    error.sqlite_errorcode = sqlite3.SQLITE_FULL
+    raise error
+
+
+@pytest.mark.parametrize("full_at", ["the items", "the archive"])
+def test_a_snapshot_that_finds_the_disk_full_answers_disk_full_and_leaves_nothing(tmp_path, monkeypatch, full_at):
+    """Defect: a snapshot that found the disk full answered INTERNAL and left its unfinished
+    file in snapshots/ (SQLite's error, writing the items, answered INTERNAL too)."""
+    index, _ = make_index(tmp_path, datasets=("shoes",))
+    first = index.snapshot("shoes")[0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if full_at == "the items":
+        monkeypatch.setattr(index.records, "export_dataset", full_sqlite)
+    else:  # a file-size limit that each file in the snapshot stays under, but not the archive
+        resource.setrlimit(resource.RLIMIT_FSIZE, (first.size_bytes - 1000, hard))
+    try:
+        with pytest.raises(ResourceExhausted, match="no room on the index's disk to snapshot dataset 'shoes'") as info:
+            index.snapshot("shoes")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        monkeypatch.undo()
+    assert info.value.reason == "DISK_FULL"
+    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == [f"{first.name}.tar"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["collections", "snapshots"]
+    index.snapshot("shoes")  # with room again, it snapshots
+    assert len(index.snapshots("shoes")) == 2
+    index.close()

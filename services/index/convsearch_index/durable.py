@@ -5,12 +5,16 @@ Each function does nothing durable (only the write or rename) when `fsync` is fa
 import errno
 import os
 import pathlib
+import sqlite3
 
 _NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def no_room(exc: BaseException) -> bool:
-    """True for the error of a write that found no room: a full disk, a quota, a file-size limit."""
+    """True for the error of a write that found no room: a full disk, a quota, a file-size limit
+    (an OSError), or SQLite's "database or disk is full"."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return isinstance(exc, OSError) and exc.errno in _NO_ROOM
 
 

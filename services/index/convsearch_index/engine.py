@@ -5,7 +5,8 @@ A collection whose files fail their checks at start is kept as damaged: it answe
 (with the way back), while every other collection and dataset keeps serving. Vectors are
 derived data, so the way back is to rebuild it from the dataset's items (IndexDataset with
 rebuild_damaged, which deletes it first: its files move to DATA_DIR/damaged/) or to restore the
-dataset from a snapshot.
+dataset from a snapshot. Item deletions and image replacements it misses meanwhile are noted,
+and their vectors deleted should a later start open it healthy (the damage passed).
 """
 
 import contextlib
@@ -61,6 +62,8 @@ SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[
 COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
 MAX_FENCE_S = 24 * 3600.0  # longest a dataset's writes may be held (FenceDataset)
 RESTORING = "restoring"  # DATA_DIR/restoring/<dataset>: a restore under way (its snapshot's name inside)
+WORK_PREFIX = "index-work-"  # DATA_DIR/index-work-*: a snapshot's or restore's work folder, swept at start
+COLLECTION_FOLDER = re.compile(r"[0-9a-f]{32}")  # DATA_DIR/collections/<uuid4 hex>
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,6 +153,11 @@ def _restore_error(snapshot: str, exc: Exception) -> Exception:
 def _file_sha256(path: pathlib.Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _no_dataset(name: str) -> NotFound:
+    return NotFound(f"dataset {shown(name)} does not exist; create it first (ListDatasets names the datasets)",
+                    reason="DATASET_NOT_FOUND", resource_type="dataset", resource_name=name, metadata={"dataset": name})
 
 
 def _dataset_exists(name: str) -> AlreadyExists:
@@ -266,11 +274,32 @@ class Index:
                             "what of it was restored; restore it again", marker.name, marker.read_text())
                 self.delete_dataset(marker.name, logged=False)
             marker.unlink()
+        self._sweep_leftovers()
         damaged = [info for info in self._collections.values() if info.damage]
         for info in damaged:
             log.error("%s", info.damage)
         log.info("opened %s: %d datasets, %d collections (%d damaged)", data_dir, len(self._labels),
                  len(self._collections), len(damaged))
+
+    def _sweep_leftovers(self) -> None:
+        """Removes what an index killed mid-way (kill -9, a power cut) left, and nothing else:
+        the work folders of snapshots and restores (WORK_PREFIX), unfinished snapshot files
+        (*.tar.tmp) and collection folders that no collection names (a crash in DeleteCollection,
+        DeleteDataset, CreateCollection or a restore). Run at start, before anything is under way."""
+        named = {self.data_dir / stored for *_, stored in self.records.collections()}
+        leftovers = [
+            *((path, "a snapshot's or restore's work folder") for path in self.data_dir.glob(f"{WORK_PREFIX}*")
+              if path.is_dir()),
+            *((path, "an unfinished snapshot") for path in (self.data_dir / "snapshots").glob("*.tar.tmp")
+              if path.is_file()),
+            *((path, "a folder no collection names") for path in (self.data_dir / "collections").iterdir()
+              if path.is_dir() and COLLECTION_FOLDER.fullmatch(path.name) and path not in named)]
+        for path, what in leftovers:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            log.warning("removed %s, %s left by an index stopped mid-way", path, what)
 
     def _open_collection(self, dataset: str, spec: dict, relative: pathlib.Path,
                          sha256: dict[str, str] | None = None) -> CollectionInfo:
@@ -282,6 +311,7 @@ class Index:
         try:
             info.vectors = VectorCollection(directory, vector_spec, self.fsync, f"{dataset}:{key.name}",
                                             self.timings, sha256)
+            self._delete_stale(info)
         except DataLoss as exc:
             info.damage = (
                 f"collection {shown(key.name)} of dataset {shown(dataset)} is damaged: {exc}. Its files are kept "
@@ -289,6 +319,16 @@ class Index:
                 "e.g. `convsearch index --rebuild-damaged`), or restore the dataset from a snapshot")
         self._collections[dataset, key.name] = info
         return info
+
+    def _delete_stale(self, info: CollectionInfo) -> None:
+        """Deletes the vectors a collection holds of items deleted, or whose image was replaced,
+        while it was damaged (see _delete_vectors), before it serves."""
+        stale = self.records.stale_vectors(info.dataset, info.key.name)
+        if stale:
+            deleted = info.vectors.delete(stale)
+            self.records.forget_stale_vectors(info.dataset, info.key.name)
+            log.warning("collection %s of %s opened healthy after it was damaged: deleted %d vectors of items "
+                        "deleted or given a new image meanwhile", info.key.name, info.dataset, deleted)
 
     def _dataset_lock(self, dataset: str) -> RWLock:
         with self._meta:
@@ -333,11 +373,18 @@ class Index:
     # ---- datasets ----------------------------------------------------------------------
 
     def _require_dataset(self, name: str) -> None:
+        """NOT_FOUND unless the dataset exists. A read checks again after it read: a delete takes
+        the name out before it deletes anything, so a read that still finds it read it whole."""
         check_name(name)
         if name not in self._labels:
-            raise NotFound(f"dataset {shown(name)} does not exist; create it first (ListDatasets names the "
-                           "datasets)", reason="DATASET_NOT_FOUND", resource_type="dataset", resource_name=name,
-                           metadata={"dataset": name})
+            raise _no_dataset(name)
+
+    def _labels_of(self, dataset: str) -> dict[str, str]:
+        """The dataset's labels by item id; NOT_FOUND once it is deleted."""
+        labels = self._labels.get(dataset)
+        if labels is None:
+            raise _no_dataset(dataset)
+        return labels
 
     @_ordered("name")
     def create_dataset(self, name: str, description: str = "", created_at: float | None = None,
@@ -357,10 +404,14 @@ class Index:
 
     def dataset(self, name: str) -> DatasetRecord:
         self._require_dataset(name)
-        return self.records.dataset(name)
+        record = self.records.dataset(name)
+        if record is None:  # deleted meanwhile
+            raise _no_dataset(name)
+        return record
 
     def datasets(self) -> list[DatasetRecord]:
-        return [self.records.dataset(name) for name in self.records.dataset_names()]
+        """Every dataset (one deleted while they are read is left out)."""
+        return [record for name in self.records.dataset_names() if (record := self.records.dataset(name))]
 
     @_ordered("name")
     def delete_dataset(self, name: str, logged: bool = True) -> None:
@@ -368,10 +419,14 @@ class Index:
         given (a restore that failed)."""
         self._require_dataset(name)
         with self._guard.read(), self._meta:
-            for key in [k for k in self._collections if k[0] == name]:
-                self._drop_collection(*key)
-            self.records.delete_dataset(name)
-            del self._labels[name]
+            labels = self._labels.pop(name)  # first: see _require_dataset
+            try:
+                for key in [k for k in self._collections if k[0] == name]:
+                    self._drop_collection(*key)
+                self.records.delete_dataset(name)
+            except BaseException:
+                self._labels[name] = labels
+                raise
             self._fences.pop(name, None)
             if logged:
                 self._record("delete_dataset", name)
@@ -402,11 +457,8 @@ class Index:
         with self._guard.read(), self._dataset_lock(dataset).write():
             existing = self.records.digests(dataset, ids)
             changed = [item.id for item in items if item.id in existing and existing[item.id] != item.digest]
-            if changed:
-                for info in self._dataset_collections(dataset):
-                    if info.vectors is not None:  # a damaged one is rebuilt whole
-                        info.vectors.delete(changed)
-            self.records.put_items(dataset, items)
+            damaged = self._delete_vectors(dataset, changed) if changed else []
+            self.records.put_items(dataset, items, stale=[(name, item_id) for name in damaged for item_id in changed])
             self._labels[dataset].update((item.id, item.label) for item in items)
             if self.changes is not None:  # a follower logs nothing: skip copying the items
                 self._record("put_items", dataset, items=[
@@ -427,13 +479,16 @@ class Index:
     def get_items(self, dataset: str, ids: Sequence[str], include_images: bool) -> tuple[list[ItemRecord], list[str]]:
         self._require_dataset(dataset)
         found = self.records.get_items(dataset, ids, include_images)
+        self._require_dataset(dataset)  # again: deleted meanwhile, its items read as missing
         return [found[i] for i in ids if i in found], [i for i in ids if i not in found]
 
     def scan_items(self, dataset: str, after: str, limit: int, include_images: bool, label: str = ""):
         self._require_dataset(dataset)
         if not 1 <= limit <= 1000:
             raise InvalidArgument(f"page size {limit} is out of range; use 1 to 1000")
-        return self.records.scan_items(dataset, after, limit, include_images, label)
+        items = self.records.scan_items(dataset, after, limit, include_images, label)
+        self._require_dataset(dataset)  # again: deleted meanwhile, its page reads as empty
+        return items
 
     @_ordered("dataset")
     def delete_items(self, dataset: str, ids: Sequence[str]) -> tuple[int, int]:
@@ -442,19 +497,29 @@ class Index:
         check_ids(ids)
         self._check_fence(dataset)
         with self._guard.read():
-            for info in self._dataset_collections(dataset):
-                if info.vectors is not None:
-                    info.vectors.delete(ids)
-            deleted = self.records.delete_items(dataset, ids)
+            deleted = self.records.delete_items(dataset, ids, stale_in=self._delete_vectors(dataset, ids))
             for item_id in deleted:
                 self._labels[dataset].pop(item_id, None)
             if deleted:
                 self._record("delete_items", dataset, ids=deleted)
         return len(deleted), len(set(ids)) - len(deleted)
 
+    def _delete_vectors(self, dataset: str, ids: Sequence[str]) -> list[str]:
+        """Deletes these items' vectors (durably) from each healthy collection of the dataset;
+        returns the names of its damaged ones, which no write reaches: the caller notes there
+        that their vectors of these items are stale, deleted if they open healthy again (the
+        damage passed: an I/O error) before they are rebuilt (see _delete_stale)."""
+        damaged = []
+        for info in self._dataset_collections(dataset):
+            if info.vectors is None:
+                damaged.append(info.key.name)
+            else:
+                info.vectors.delete(ids)
+        return damaged
+
     def labels(self, dataset: str) -> dict[str, str]:
-        self._require_dataset(dataset)
-        return self._labels[dataset]
+        check_name(dataset)
+        return self._labels_of(dataset)
 
     # ---- collections -------------------------------------------------------------------
 
@@ -513,7 +578,9 @@ class Index:
 
     def collections(self, dataset: str) -> list[CollectionInfo]:
         self._require_dataset(dataset)
-        return sorted(self._dataset_collections(dataset), key=lambda info: info.key.name)
+        found = self._dataset_collections(dataset)
+        self._require_dataset(dataset)  # again: deleted meanwhile, it reads as having none
+        return sorted(found, key=lambda info: info.key.name)
 
     def all_collections(self) -> list[CollectionInfo]:
         """Every collection of every dataset, damaged ones too."""
@@ -556,7 +623,7 @@ class Index:
         from), vectors of items whose image has changed since are not stored: those are stale."""
         collection = self.collection(dataset, name).healthy()
         self._check_fence(dataset)
-        labels = self._labels[dataset]
+        labels = self._labels_of(dataset)
         unknown = [item_id for item_id in ids if item_id not in labels]
         if unknown:
             raise NotFound(f"item {shown(unknown[0])} is not in dataset {shown(dataset)} ({len(unknown)} unknown ids); "
@@ -607,7 +674,7 @@ class Index:
                                f"of {shown(dataset)}", reason="VECTOR_NOT_FOUND", resource_type="item",
                                resource_name=missing[0],
                                metadata={"dataset": dataset, "collection": name, "item": missing[0]})
-        labels = self._labels[dataset]
+        labels = self._labels_of(dataset)  # the collection's dataset may be deleted since
         skip = set(exclude_ids)
         keep = None
         if include_labels or exclude_labels:
@@ -702,20 +769,16 @@ class Index:
         self._require_dataset(dataset)
         name = f"{dataset}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
         target = self.data_dir / "snapshots" / f"{name}.tar"
-        with self._guard.write(), tempfile.TemporaryDirectory(dir=self.data_dir) as work:
-            work = pathlib.Path(work)
-            self.records.export_dataset(dataset, work / "records.sqlite")
-            manifest = {"dataset": dataset, "records_sha256": _file_sha256(work / "records.sqlite"), "collections": []}
-            for index, info in enumerate(self._dataset_collections(dataset)):
-                info.healthy().export_checkpoint(work / f"collection-{index}")
-                manifest["collections"].append({"folder": f"collection-{index}", "spec": info.spec_dict()})
-            (work / "manifest.json").write_text(json.dumps(manifest))
-            partial = target.with_suffix(".tar.tmp")
-            with tarfile.open(partial, "w") as archive:
-                archive.add(work, arcname=".")
-            if self.fsync:
-                durable.fsync_path(partial)
-            durable.replace(partial, target, self.fsync)
+        with self._guard.write():
+            self._require_dataset(dataset)  # again: a delete may have come before the lock
+            try:
+                self._write_snapshot(dataset, target)
+            except Exception as exc:
+                if durable.no_room(exc):
+                    raise ResourceExhausted(f"no room on the index's disk to snapshot dataset {shown(dataset)} "
+                                            f"({exc}); no snapshot was written: free space (DeleteSnapshot deletes "
+                                            "old ones) and snapshot again", reason="DISK_FULL") from exc
+                raise
         deleted = []
         with self._snapshot_lock:
             kept = self.snapshots(dataset)
@@ -729,6 +792,34 @@ class Index:
         stat = target.stat()
         return SnapshotInfo(name, dataset, stat.st_mtime, stat.st_size, stat.st_mtime_ns), deleted
 
+    def _work_folder(self) -> tempfile.TemporaryDirectory:
+        """A temporary folder in the data dir (on its file system), named so that the next start
+        removes it when a crash leaves it (see _sweep_leftovers)."""
+        return tempfile.TemporaryDirectory(dir=self.data_dir, prefix=WORK_PREFIX)
+
+    def _write_snapshot(self, dataset: str, target: pathlib.Path) -> None:
+        """Writes the snapshot file `target` whole (durably, with fsync) or not at all: on any
+        failure its unfinished file is removed. Run with the index's writes held."""
+        partial = target.with_suffix(".tar.tmp")
+        try:
+            with self._work_folder() as work:
+                work = pathlib.Path(work)
+                self.records.export_dataset(dataset, work / "records.sqlite")
+                manifest = {"dataset": dataset, "records_sha256": _file_sha256(work / "records.sqlite"),
+                            "collections": []}
+                for index, info in enumerate(self._dataset_collections(dataset)):
+                    info.healthy().export_checkpoint(work / f"collection-{index}")
+                    manifest["collections"].append({"folder": f"collection-{index}", "spec": info.spec_dict()})
+                (work / "manifest.json").write_text(json.dumps(manifest))
+                with tarfile.open(partial, "w") as archive:
+                    archive.add(work, arcname=".")
+                if self.fsync:
+                    durable.fsync_path(partial)
+                durable.replace(partial, target, self.fsync)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+
     @_ordered("dataset")
     def restore(self, snapshot: str, dataset: str, fence_ttl_s: float = 0.0) -> DatasetRecord:
         """Restores a snapshot (by name, from data_dir/snapshots) as a new dataset, whole or not
@@ -739,7 +830,7 @@ class Index:
         path = self._snapshot_path(snapshot)
         if dataset in self._labels:  # before its marker, which would delete that dataset at the next start
             raise _dataset_exists(dataset)
-        with tempfile.TemporaryDirectory(dir=self.data_dir) as work:
+        with self._work_folder() as work:
             work = pathlib.Path(work)
             try:
                 with self._snapshot_lock, tarfile.open(path) as archive:
@@ -811,6 +902,17 @@ class Index:
                           resource_name=collection, metadata={"dataset": dataset, "collection": collection})
         self.records.put_attachment(dataset, collection, key, version, data)
         self._record("put_attachment", dataset, collection=collection, key=key, version=version, data=data)
+
+    def attachment(self, dataset: str, collection: str, key: str) -> tuple[CollectionInfo, tuple[int, bytes] | None]:
+        """A healthy collection and its result stored under `key` ((version, data), or None),
+        read together: when the collection is deleted (or replaced) while the result is read,
+        both are read again, so a result deleted with it never reads as one not computed yet."""
+        while True:
+            info = self.collection(dataset, collection)
+            info.healthy()
+            stored = self.records.attachment(dataset, collection, key)
+            if self.collection(dataset, collection) is info:  # a delete takes it out first: _drop_collection
+                return info, stored
 
     # ---- replication -------------------------------------------------------------------
 

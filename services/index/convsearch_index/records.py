@@ -4,6 +4,7 @@ is stored relative to the data dir, so a moved or copied data dir keeps working.
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import pathlib
 import sqlite3
@@ -24,7 +25,13 @@ CREATE TABLE IF NOT EXISTS collections (
 CREATE TABLE IF NOT EXISTS attachments (
     dataset TEXT NOT NULL, collection TEXT NOT NULL, key TEXT NOT NULL, version INTEGER NOT NULL,
     data BLOB NOT NULL, PRIMARY KEY (dataset, collection, key));
+CREATE TABLE IF NOT EXISTS stale_vectors (
+    dataset TEXT NOT NULL, collection TEXT NOT NULL, id TEXT NOT NULL,
+    PRIMARY KEY (dataset, collection, id)) WITHOUT ROWID;
 """
+_STALE = "INSERT OR IGNORE INTO stale_vectors VALUES (?, ?, ?)"
+"""Notes that a collection (a damaged one, whose vectors no write reaches) may hold a vector of
+an item deleted, or whose image was replaced, since: deleted when it next opens healthy."""
 _SIZE = "COALESCE(image_size, length(image))"  # a follower stores items without their images
 _MALFORMED = ("SELECT id FROM main.items WHERE dataset = ? AND (id = '' OR typeof(image) != 'blob' OR NOT "
               "json_valid(metadata) OR json_type(metadata) != 'object' OR "
@@ -148,7 +155,8 @@ class Records:
     def delete_dataset(self, name: str) -> None:
         self._transaction([(f"DELETE FROM {table} WHERE {column} = ?", (name,))
                            for table, column in (("items", "dataset"), ("collections", "dataset"),
-                                                 ("attachments", "dataset"), ("datasets", "name"))])
+                                                 ("attachments", "dataset"), ("stale_vectors", "dataset"),
+                                                 ("datasets", "name"))])
 
     # ---- items -------------------------------------------------------------------------
 
@@ -162,13 +170,15 @@ class Records:
                                      (dataset, *chunk)))
         return found
 
-    def put_items(self, dataset: str, items: Sequence[ItemRecord]) -> None:
-        """Upserts items (their digests computed here) in one transaction."""
-        self._transaction(
-            ("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
-             (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image,
-              item.digest or image_digest(item.image), None if item.image else item.image_size or None))
-            for item in items)
+    def put_items(self, dataset: str, items: Sequence[ItemRecord], stale: Iterable[tuple[str, str]] = ()) -> None:
+        """Upserts items (their digests computed here) in one transaction, which also notes the
+        `stale` (collection, item id) pairs (see _STALE)."""
+        self._transaction(itertools.chain(
+            (("INSERT OR REPLACE INTO items VALUES (?, ?, ?, ?, ?, ?, ?)",
+              (dataset, item.id, item.label, json.dumps(item.metadata, sort_keys=True), item.image,
+               item.digest or image_digest(item.image), None if item.image else item.image_size or None))
+             for item in items),
+            ((_STALE, (dataset, collection, item_id)) for collection, item_id in stale)))
 
     def put_copied_items(self, dataset: str, rows: Iterable[tuple[str, str, str, str, int]]) -> None:
         """Stores items copied from another index, without images, in one transaction: rows of
@@ -211,10 +221,13 @@ class Records:
     def labels(self, dataset: str) -> dict[str, str]:
         return dict(self._query("SELECT id, label FROM items WHERE dataset = ?", (dataset,)))
 
-    def delete_items(self, dataset: str, ids: Sequence[str]) -> list[str]:
-        """Deletes the items that exist; returns their ids."""
+    def delete_items(self, dataset: str, ids: Sequence[str], stale_in: Sequence[str] = ()) -> list[str]:
+        """Deletes the items that exist, noting their vectors stale in the collections
+        `stale_in` (see _STALE); returns their ids."""
         present = list(self.get_items(dataset, ids, include_images=False))
-        self._transaction(("DELETE FROM items WHERE dataset = ? AND id = ?", (dataset, i)) for i in present)
+        self._transaction(itertools.chain(
+            (("DELETE FROM items WHERE dataset = ? AND id = ?", (dataset, i)) for i in present),
+            ((_STALE, (dataset, collection, i)) for collection in stale_in for i in present)))
         return present
 
     # ---- collections -------------------------------------------------------------------
@@ -234,7 +247,17 @@ class Records:
 
     def delete_collection(self, dataset: str, name: str) -> None:
         self._transaction([(f"DELETE FROM {table} WHERE dataset = ? AND {column} = ?", (dataset, name))
-                           for table, column in (("collections", "name"), ("attachments", "collection"))])
+                           for table, column in (("collections", "name"), ("attachments", "collection"),
+                                                 ("stale_vectors", "collection"))])
+
+    def stale_vectors(self, dataset: str, collection: str) -> list[str]:
+        """The ids of the items whose vectors the collection may hold stale (see _STALE)."""
+        return [row[0] for row in self._query("SELECT id FROM stale_vectors WHERE dataset = ? AND collection = ?",
+                                              (dataset, collection))]
+
+    def forget_stale_vectors(self, dataset: str, collection: str) -> None:
+        """Drops the collection's notes of stale vectors, once those vectors are deleted."""
+        self._transaction([("DELETE FROM stale_vectors WHERE dataset = ? AND collection = ?", (dataset, collection))])
 
     def put_attachment(self, dataset: str, collection: str, key: str, version: int, data: bytes) -> None:
         self._transaction([("INSERT OR REPLACE INTO attachments VALUES (?, ?, ?, ?, ?)",

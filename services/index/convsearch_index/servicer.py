@@ -224,8 +224,7 @@ class IndexServicer(index_pb2_grpc.IndexServiceServicer):
 
     @map_errors
     def GetAttachment(self, request, context):
-        info = self.index.collection(request.dataset, request.collection)
-        stored = self.index.records.attachment(request.dataset, request.collection, request.key)
+        info, stored = self.index.attachment(request.dataset, request.collection, request.key)
         reply = pb.GetAttachmentResponse(current_version=info.healthy().version, collection_id=info.id)
         if stored is not None:
             reply.found, reply.version, reply.data = True, stored[0], stored[1]
