@@ -27,6 +27,16 @@ def check_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
     verify_image(data, max_pixels)
 
 
+def check_request_image(data: bytes, max_pixels: int, field: str = "image") -> bytes:
+    """The image a request sends (a query), its declared size checked on its header, nothing
+    decoded; INVALID_ARGUMENT naming `field` for an empty, unrecognised or oversized one."""
+    try:
+        open_checked(data, max_pixels).close()
+    except ImageError as exc:
+        raise InvalidArgument(f"the {field} {exc}", field=field) from None
+    return data
+
+
 def thumbnail(data: bytes, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[bytes, str, int, int]:
     """(bytes, mime type, width, height) of the image, fitted into size x size when size > 0.
 

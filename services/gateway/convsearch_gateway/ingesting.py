@@ -36,12 +36,14 @@ def _problem(item: index_pb2.Item, max_pixels: int) -> str:
 
 
 def ingest_batch(backends: Backends, dataset: str, items: Sequence[index_pb2.Item], targets: Sequence[Target],
-                 batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[IngestResult]:
+                 batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS, seen: set[str] | None = None
+                 ) -> list[IngestResult]:
     """Stores the good items of one batch (embedding them if targets are given); a result per item.
-    An item whose image is refused is never stored."""
+    An item whose image is refused is never stored, nor one whose id is in `seen` (the ids of its
+    message's earlier batches, to which this batch's are added)."""
     results = [IngestResult(item.id, "failed", problem) if (problem := _problem(item, max_pixels)) else None
                for item in items]
-    seen: set[str] = set()
+    seen = set() if seen is None else seen
     for position, item in enumerate(items):
         if results[position] is None and item.id in seen:
             results[position] = IngestResult(item.id, "failed",
@@ -78,22 +80,23 @@ def ingest(backends: Backends, messages: Iterable[tuple[str, list, list]], resol
     for name, configurations, items in messages:
         if name and dataset and name != dataset:
             raise InvalidArgument(f"the stream switched from dataset {shown(dataset)} to {shown(name)}; "
-                                  "open one per dataset")
+                                  "open one per dataset", field="dataset")
         dataset = dataset or name
         if not dataset:
-            raise InvalidArgument("the first message of an ingest stream must name the dataset")
+            raise InvalidArgument("the first message of an ingest stream must name the dataset", field="dataset")
         if targets is None:
             targets = resolve_targets(configurations) if configurations else []
             first = configurations
             backends.index.call("GetDataset", index_pb2.GetDatasetRequest(name=dataset))
         elif configurations and configurations != first:
-            raise InvalidArgument("a later message of the ingest stream changes its configurations (they were "
-                                  "ignored); send them in the first message only, or open a new stream for others",
+            raise InvalidArgument("a later message of the ingest stream changes its configurations; "
+                                  "send them in the first message only, or open a new stream for others",
                                   field="configurations")
+        seen: set[str] = set()  # a message's ids, across its batches
         for start in range(0, len(items), batch_size):
             try:
                 yield from ingest_batch(backends, dataset, items[start:start + batch_size], targets, batch_size,
-                                        max_pixels)
+                                        max_pixels, seen)
             except ConvsearchError as exc:
                 if exc.code == "UNAVAILABLE":
                     raise

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 
-from convsearch.errors import InvalidArgument, shown
+from convsearch.errors import FailedPrecondition, InvalidArgument, shown
 from convsearch.index.v1 import index_pb2
 from convsearch.tensors import from_tensor
 from convsearch_gateway.backends import Backends
@@ -22,6 +22,7 @@ from convsearch_gateway.stored_results import keep
 
 METHODS = ("pca", "umap")
 CACHED_SEED = 0  # the default seed: its pictures are kept
+MIN_POINTS, MAX_POINTS = 3, 50_000  # of max_points
 _FETCH = 2000
 
 
@@ -64,9 +65,12 @@ def project(backends: Backends, dataset: str, target: Target, method: str, seed:
     if method not in METHODS:
         raise InvalidArgument(f"unknown projection method {shown(method)}; use pca or umap")
     if seed < 0:
-        raise InvalidArgument(f"seed {seed} is negative; use 0 or more (the same seed gives the same picture)")
-    if not 3 <= max_points <= 50_000:
-        raise InvalidArgument(f"max_points {max_points} is out of range; use 3 to 50000")
+        raise InvalidArgument(f"seed {seed} is negative; use 0 or more (the same seed gives the same picture)",
+                              reason="SEED_OUT_OF_RANGE", field="seed", metadata={"seed": str(seed)})
+    if not MIN_POINTS <= max_points <= MAX_POINTS:
+        raise InvalidArgument(f"max_points {max_points} is out of range; use {MIN_POINTS} to {MAX_POINTS} (0: 5000)",
+                              reason="MAX_POINTS_OUT_OF_RANGE", field="max_points",
+                              metadata={"max_points": str(max_points), "max": str(MAX_POINTS)})
     if seed != CACHED_SEED:
         return _computed(backends, dataset, target, method, seed, max_points)
     key = f"projection/{method}"
@@ -105,9 +109,16 @@ def _computed(backends: Backends, dataset: str, target: Target, method: str, see
         if reply.ids:
             rows.append(from_tensor(reply.vectors))
     if not found:
-        raise InvalidArgument(f"{target.collection} has no vectors to project; index the dataset first")
+        raise FailedPrecondition(f"collection {target.collection} of dataset {shown(dataset)} has no vectors to "
+                                 "project; index the dataset at this configuration first", reason="NO_VECTORS",
+                                 resource_type="collection", resource_name=target.collection,
+                                 metadata={"dataset": dataset, "collection": target.collection})
     if method == "umap" and len(found) < 3:
-        raise InvalidArgument(f"{target.collection} has {len(found)} vectors; UMAP needs 3 or more (PCA does not)")
+        raise FailedPrecondition(f"collection {target.collection} of dataset {shown(dataset)} has {len(found)} "
+                                 "vectors; UMAP needs 3 or more: index more items, or use PCA",
+                                 reason="TOO_FEW_VECTORS", resource_type="collection",
+                                 resource_name=target.collection,
+                                 metadata={"dataset": dataset, "collection": target.collection})
     vectors = np.concatenate(rows)
     total = len(found)
     if total > max_points:

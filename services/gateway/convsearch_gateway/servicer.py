@@ -147,7 +147,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Search(self, request, context):
         which = request.WhichOneof("query")
         result = search(self.backends, self.catalog, request.dataset, configuration(request.configuration),
-                        request.k or 15, image=request.image if which == "image" else None,
+                        request.k or 15,
+                        image=images.check_request_image(request.image, self.max_pixels) if which == "image" else None,
                         item_id=request.item_id if which == "item_id" else None,
                         include_labels=list(request.include_labels), exclude_labels=list(request.exclude_labels),
                         exact=request.exact, remaining=context.time_remaining())
@@ -159,6 +160,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     @map_errors
     def GetImage(self, request, context):
+        if request.thumbnail_size < 0:
+            raise InvalidArgument(f"thumbnail_size {request.thumbnail_size} is negative; use 0 for the original image "
+                                  "or a positive size in pixels", reason="THUMBNAIL_SIZE_OUT_OF_RANGE",
+                                  field="thumbnail_size", metadata={"thumbnail_size": str(request.thumbnail_size)})
         reply = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(
             dataset=request.dataset, ids=[request.item_id], include_images=True), context.time_remaining())
         if not reply.items:
@@ -171,21 +176,30 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def Evaluate(self, request, context):
         remaining = context.time_remaining()
         check_k(request.k or 15)
-        configurations = [configuration(c) for c in request.configurations]
-        if not configurations:
-            metrics = [metric_name(m, "metrics") for m in request.metrics] or ["cosine"]
-            if "minkowski" in metrics:  # models x metrics carry no p, and none is assumed
-                raise InvalidArgument("metrics: minkowski needs its p; give configurations with minkowski_p "
-                                      "(1 to 100) instead of models x metrics", reason="MINKOWSKI_P_REQUIRED",
-                                      field="metrics")
-            models = ([model_name(m, "models") for m in request.models]
-                      or [m.name for m in self.catalog.models(remaining, stale_ok=True).models if m.available])
-            configurations = [Configuration(model, metric=metric) for model in models for metric in metrics]
-        targets = self.catalog.targets(configurations, remaining)
+        targets = self.catalog.targets(self._evaluated(request, remaining), remaining)
         for progress in evaluate(self.backends, request.dataset, targets, request.k or 15, request.recompute,
                                  self.batch_size):
             yield pb.EvaluateResponse(phase=progress.phase, done=progress.done, total=progress.total,
                                       finished=progress.finished, results=[_score(s) for s in progress.results])
+
+    def _evaluated(self, request: pb.EvaluateRequest, remaining) -> list[Configuration]:
+        """Evaluate's configurations: explicit, or models x metrics, or every available model x
+        metrics; INVALID_ARGUMENT for models or metrics beside configurations (they would be ignored)."""
+        if request.configurations:
+            if request.models or request.metrics:
+                field = "models" if request.models else "metrics"
+                raise InvalidArgument(f"{field} cannot go with configurations: give configurations, or models and "
+                                      "metrics (each model at its featured layers), not both",
+                                      reason="CONFIGURATIONS_AND_MODELS", field=field)
+            return [configuration(c) for c in request.configurations]
+        metrics = [metric_name(m, "metrics") for m in request.metrics] or ["cosine"]
+        if "minkowski" in metrics:  # models x metrics carry no p, and none is assumed
+            raise InvalidArgument("metrics: minkowski needs its p; give configurations with minkowski_p "
+                                  "(1 to 100) instead of models x metrics", reason="MINKOWSKI_P_REQUIRED",
+                                  field="metrics")
+        models = ([model_name(m, "models") for m in request.models]
+                  or [m.name for m in self.catalog.models(remaining, stale_ok=True).models if m.available])
+        return [Configuration(model, metric=metric) for model in models for metric in metrics]
 
     @map_errors
     def Compare(self, request, context):
@@ -198,25 +212,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                 reply.best_layer_per_model[score.model].CopyFrom(_score(score))
         if request.item_id:
             scored = [s for s in ranked if request.item_id in s.per_query]
-            if ranked and not scored:
-                raise self._unscored(request.dataset, request.item_id, context.time_remaining())
+            if not scored:
+                self._check_scored(request.dataset, request.item_id, bool(ranked), context.time_remaining())
             reply.item_scores.extend(pb.QueryScore(collection=s.collection, model=s.model, layer=s.layer,
                                                    score=s.per_query[request.item_id]) for s in scored)
         return reply
 
-    def _unscored(self, dataset: str, item_id: str, remaining) -> NotFound:
-        """Why an item has no score in the current evaluations: ITEM_NOT_FOUND, or ITEM_NOT_SCORED
-        for a stored one (an item added or relabeled since makes them stale, so it is unlabeled, or
-        its image could not be embedded)."""
+    def _check_scored(self, dataset: str, item_id: str, evaluated: bool, remaining) -> None:
+        """Why an item has no score: ITEM_NOT_FOUND when the dataset lacks it (evaluated or not), or
+        with current evaluations ITEM_NOT_SCORED for a stored one (an item added or relabeled since
+        makes them stale, so it is unlabeled, or its image could not be embedded)."""
         items = self.backends.index.call("GetItems", index_pb2.GetItemsRequest(dataset=dataset, ids=[item_id]),
                                          remaining).items
         if not items:
-            return NotFound(f"dataset {shown(dataset)} has no item {shown(item_id)}",
-                            **item_not_found(dataset, item_id))
+            raise NotFound(f"dataset {shown(dataset)} has no item {shown(item_id)}",
+                           **item_not_found(dataset, item_id))
+        if not evaluated:
+            return
         why = ("it has no label, and only labeled items are queries" if not items[0].label
                else "it has no vector in the evaluated collections (its image could not be embedded)")
-        return NotFound(f"item {shown(item_id)} of {shown(dataset)} has no score: {why}", reason="ITEM_NOT_SCORED",
-                        resource_type="item", resource_name=item_id, metadata={"dataset": dataset, "item": item_id})
+        raise NotFound(f"item {shown(item_id)} of {shown(dataset)} has no score: {why}", reason="ITEM_NOT_SCORED",
+                       resource_type="item", resource_name=item_id, metadata={"dataset": dataset, "item": item_id})
 
     @map_errors
     def Project(self, request, context):
@@ -242,7 +258,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
                                **item_not_found(request.dataset, request.item_id))
             image = reply.items[0].image
         else:
-            image = request.image
+            image = images.check_request_image(request.image, self.max_pixels)
         inspection = self.backends.extractor.call("InspectLayer", extractor_pb2.InspectLayerRequest(
             model=request.model, layer=request.layer, image=image, top_channels=request.top_channels), remaining)
         return convert(inspection, pb.InspectLayerResponse())
