@@ -170,3 +170,20 @@ def test_query_images_meet_the_gateways_pixel_limit_and_name_their_field(backend
     assert error.details().startswith("the image is empty") and reason_and_fields(error)[1] == ["image"]
     assert stub.Search(pb.SearchRequest(dataset="labeled", configuration=PIXELS, image=image(1), k=1),
                        timeout=60).hits[0].id == "i1"
+
+
+@pytest.mark.parametrize("call, request_, reason, field", [
+    ("InspectLayer", pb.InspectLayerRequest(model="pixels", layer="nope", image=image(1)), "LAYER_UNKNOWN", "layer"),
+    ("InspectLayer", pb.InspectLayerRequest(model="pixels", layer="8x8", image=image(1)), "LAYER_NOT_A_FEATURE_MAP",
+     "layer"),
+    ("InspectLayer", pb.InspectLayerRequest(model="pixels", layer="halve", image=image(1), top_channels=4),
+     "TOP_CHANNELS_OUT_OF_RANGE", "top_channels"),
+    ("RestoreDataset", pb.RestoreDatasetRequest(snapshot="../../etc", dataset="copy"), "SNAPSHOT_NAME_INVALID",
+     "snapshot")])
+def test_errors_the_backends_answer_carry_their_reason_and_field(stub, call, request_, reason, field):
+    """Errors made by the extractor or the index and passed on by the gateway (an unknown layer,
+    one without a feature map, top_channels past the layer's channels, a malformed snapshot name)
+    carried only the generic reason INVALID_ARGUMENT, and most no field."""
+    error = failed(getattr(stub, call), request_)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert reason_and_fields(error) == (reason, [field])

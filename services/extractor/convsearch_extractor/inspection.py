@@ -55,13 +55,16 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
         # names its other nodes that have them.
         maps = [name for name in graph.featured if len(graph.layers[name].output_shape) == 3] or [
             candidate.name for candidate in graph.layers.values() if len(candidate.output_shape) == 3]
-        raise InvalidArgument(f"layer {layer!r} of {model} has no (C, H, W) feature map to inspect; "
-                              f"try one of {', '.join(maps)}")
+        what = "is no layer" if layer_info is None else "has no (C, H, W) feature map to inspect"
+        raise InvalidArgument(f"layer {layer!r} of {model} {what}; try one of {', '.join(maps)}",
+                              reason="LAYER_UNKNOWN" if layer_info is None else "LAYER_NOT_A_FEATURE_MAP",
+                              field="layer", metadata={"model": model, "layer": layer})
     top = top or min(DEFAULT_TOP, layer_info.output_shape[0])
     most = min(MAX_TOP, layer_info.output_shape[0])
     if not 1 <= top <= most:
         raise InvalidArgument(f"top_channels {top} is out of range; use 1 to {most} (the layer has "
-                              f"{layer_info.output_shape[0]} channels)", field="top_channels")
+                              f"{layer_info.output_shape[0]} channels)", reason="TOP_CHANNELS_OUT_OF_RANGE",
+                              field="top_channels", metadata={"top_channels": str(top), "max": str(most)})
     try:
         image = open_upright(data, max_pixels, OVERLAY_SIDE)  # a JPEG at a reduced scale still over it
     except ImageError as exc:

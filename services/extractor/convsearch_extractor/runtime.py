@@ -333,18 +333,22 @@ class ModelPool:
         dims = {}
         for layer_name in spec.layers:
             layer = graph.layers.get(layer_name)
+            named = {"model": spec.model, "layer": layer_name}
             if layer is None:
                 raise InvalidArgument(
                     f"model {spec.model} has no layer {layer_name!r}; its featured layers are "
-                    f"{featured} (ListModels with include_all_layers lists every node)")
+                    f"{featured} (ListModels with include_all_layers lists every node)", reason="LAYER_UNKNOWN",
+                    metadata=named)
             if not layer.is_tensor:
                 raise InvalidArgument(f"layer {layer_name!r} of {spec.model} ({layer.op}) does not "
-                                      f"output a feature map; pick one of {featured}")
+                                      f"output a feature map; pick one of {featured}",
+                                      reason="LAYER_NOT_A_FEATURE_MAP", metadata=named)
             size = int(np.prod(layer.output_shape))
             if spec.pooling == "flatten" and size > max_flatten:
                 raise InvalidArgument(
                     f"flattening layer {layer_name!r} ({list(layer.output_shape)}) gives {size:,} "
-                    f"values, over the limit of {max_flatten:,}; use avg or max pooling")
+                    f"values, over the limit of {max_flatten:,}; use avg or max pooling", reason="FLATTEN_TOO_LARGE",
+                    metadata=named)
             dims[layer_name] = size if spec.pooling == "flatten" or len(layer.output_shape) == 1 \
                 else layer.output_shape[0]
         return dims

@@ -716,7 +716,8 @@ class Index:
         if not SNAPSHOT_CHARS.fullmatch(name or ""):
             raise InvalidArgument(f"invalid snapshot name {shown(name)}: snapshot names look like "
                                   "<dataset>-20260101T120000-1a2b3c (SnapshotDataset gives one, ListSnapshots "
-                                  "lists them)")
+                                  "lists them)", reason="SNAPSHOT_NAME_INVALID", field="snapshot",
+                                  metadata={"snapshot": name})
         path = self.data_dir / "snapshots" / f"{name}.tar"
         if not path.is_file():
             raise NotFound(f"no snapshot {shown(name)}; ListSnapshots lists the snapshots kept",
