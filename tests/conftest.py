@@ -99,10 +99,10 @@ def serve_gateway(extractor: str, index: str, **overrides):
 
 
 @contextlib.contextmanager
-def running_backends(data_dir):
-    """An in-process extractor and an index keeping its data in data_dir, for a module's gateways:
-    (extractor address, index address)."""
-    extractor, extractor_channel, extractor_address = serve_extractor()
+def running_backends(data_dir, **extractor_overrides):
+    """An in-process extractor (with these settings) and an index keeping its data in data_dir,
+    for a module's gateways: (extractor address, index address)."""
+    extractor, extractor_channel, extractor_address = serve_extractor(**extractor_overrides)
     index, index_channel, index_address = serve_index(data_dir)
     try:
         yield extractor_address, index_address

@@ -15,7 +15,7 @@ from convsearch.common.v1 import common_pb2
 from convsearch.datasets import encode_png
 from convsearch.gateway.v1 import gateway_pb2 as pb
 from convsearch.gateway.v1 import gateway_pb2_grpc
-from tests.conftest import running_gateway, serve_extractor, serve_index
+from tests.conftest import running_backends, running_gateway
 
 PIXELS = pb.Configuration(model="pixels", layers=["8x8"])
 
@@ -27,15 +27,9 @@ def image(seed: int) -> bytes:
 @pytest.fixture(scope="module")
 def backends(tmp_path_factory):
     """(extractor address, index address): an extractor (pixels only) and an index."""
-    extractor, extractor_channel, extractor_address = serve_extractor(
-        default_model="pixels", allow_random_weights=False, weights_dir=str(tmp_path_factory.mktemp("weights")))
-    index, index_channel, index_address = serve_index(tmp_path_factory.mktemp("data"))
-    try:
-        yield extractor_address, index_address
-    finally:
-        for running, channel in ((index, index_channel), (extractor, extractor_channel)):
-            channel.close()
-            running.stop(1.0)
+    with running_backends(tmp_path_factory.mktemp("data"), default_model="pixels", allow_random_weights=False,
+                          weights_dir=str(tmp_path_factory.mktemp("weights"))) as addresses:
+        yield addresses
 
 
 @pytest.fixture(scope="module")

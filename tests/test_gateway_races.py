@@ -25,7 +25,7 @@ from convsearch.gateway.v1 import gateway_pb2, gateway_pb2_grpc
 from convsearch.index.v1 import index_pb2, index_pb2_grpc
 from convsearch.tensors import to_tensor
 from convsearch_gateway import evaluation, indexing, searching, servicer
-from tests.conftest import running_gateway, serve_extractor, serve_index
+from tests.conftest import running_backends, running_gateway
 
 PIXELS = Configuration("pixels", ("8x8",))
 COLLECTION = "pixels/8x8/avg/cosine"
@@ -42,16 +42,11 @@ def items(count: int) -> list[tuple[str, str, bytes]]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """An extractor (pixels only), an index and a gateway: (gateway address, index stub)."""
-    extractor, extractor_channel, extractor_address = serve_extractor(
-        default_model="pixels", allow_random_weights=False, weights_dir=str(tmp_path_factory.mktemp("weights")))
-    index, index_channel, index_address = serve_index(tmp_path_factory.mktemp("data"))
-    try:
-        with running_gateway(extractor_address, index_address) as (_, _, gateway_address):
-            yield gateway_address, index_pb2_grpc.IndexServiceStub(index_channel)
-    finally:
-        for running, channel in ((index, index_channel), (extractor, extractor_channel)):
-            channel.close()
-            running.stop(1.0)
+    with running_backends(tmp_path_factory.mktemp("data"), default_model="pixels", allow_random_weights=False,
+                          weights_dir=str(tmp_path_factory.mktemp("weights"))) as (extractor_address, index_address), \
+            grpc.insecure_channel(index_address) as index_channel, \
+            running_gateway(extractor_address, index_address) as (_, _, gateway_address):
+        yield gateway_address, index_pb2_grpc.IndexServiceStub(index_channel)
 
 
 def stored_ids(index, dataset: str, ids: list[str]) -> set[str]:

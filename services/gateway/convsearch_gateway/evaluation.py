@@ -135,11 +135,15 @@ def _queried(backends: Backends, dataset: str, collection: str, ids: list[str], 
     return [], []
 
 
-def stored_score(backends: Backends, dataset: str, collection: str, digest: str) -> tuple[Score | None, bool]:
-    """(the stored evaluation of a collection or None, whether it is current: its collection
-    unchanged since, and the dataset's ids and labels those of `digest`)."""
-    reply = backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
+def stored_evaluation(backends: Backends, dataset: str, collection: str) -> index_pb2.GetAttachmentResponse:
+    """The stored evaluation of a collection, with the collection's version and id now."""
+    return backends.index.call("GetAttachment", index_pb2.GetAttachmentRequest(
         dataset=dataset, collection=collection, key=ATTACHMENT))
+
+
+def stored_score(reply: index_pb2.GetAttachmentResponse, digest: str) -> tuple[Score | None, bool]:
+    """(the stored evaluation or None, whether it is current: its collection unchanged since, and
+    the dataset's ids and labels those of `digest`)."""
     if not reply.found:
         return None, False
     score = Score(**json.loads(reply.data))
@@ -174,18 +178,17 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
             yield EvaluationProgress("indexing", progress.done, progress.total)
         results = []
         for done, target in enumerate(targets, 1):
-            stored, current = stored_score(backends, dataset, target.collection, digest)
+            reply = stored_evaluation(backends, dataset, target.collection)
+            stored, current = stored_score(reply, digest)
             if stored is not None and current and stored.k == k and not recompute:
                 stored.cached = True
                 results.append(stored)
             else:
-                read = backends.index.call("GetCollectionStats", index_pb2.GetCollectionStatsRequest(
-                    dataset=dataset, collection=target.collection)).collection
                 with reading_from(backends.index, dataset):
                     score = score_target(backends, dataset, target, items, k, weights[target.collection])
                 keep(backends, index_pb2.PutAttachmentRequest(
-                    dataset=dataset, collection=target.collection, key=ATTACHMENT, version=read.version,
-                    collection_id=read.spec.id, data=json.dumps(dataclasses.asdict(score)).encode()))
+                    dataset=dataset, collection=target.collection, key=ATTACHMENT, version=reply.current_version,
+                    collection_id=reply.collection_id, data=json.dumps(dataclasses.asdict(score)).encode()))
                 results.append(score)
             yield EvaluationProgress("evaluating", done, len(targets))
     results.sort(key=_rank)
@@ -198,7 +201,7 @@ def compare(backends: Backends, dataset: str) -> tuple[list[Score], list[str]]:
     digest = labels_digest(all_items(backends, dataset))
     ranked, stale = [], []
     for collection in collections_.collections:
-        stored, current = stored_score(backends, dataset, collection.name, digest)
+        stored, current = stored_score(stored_evaluation(backends, dataset, collection.name), digest)
         if stored is not None and current:
             ranked.append(stored)
         else:
