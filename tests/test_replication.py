@@ -22,7 +22,7 @@ from convsearch.index.v1 import index_pb2_grpc
 from convsearch.processes import free_port, start_service, stop_service
 from convsearch.tensors import to_tensor
 from convsearch_index import replication
-from convsearch_index.changes import ChangeLog
+from convsearch_index.changes import LOG_END, ChangeLog
 from convsearch_index.engine import CollectionKey, Index
 from convsearch_index.follower import Follower
 from convsearch_index.records import ItemRecord
@@ -345,9 +345,11 @@ def test_a_follower_copying_everything_again_answers_no_reads_until_the_copy_is_
     try:
         assert_converged(stub, [follower_stub], writer.version)
         assert following.ready
-        # The primary restarts (a rolling update): another epoch, so the follower copies everything again.
+        # The primary restarts after a crash (no record of where its log ended): another epoch,
+        # so the follower copies everything again.
         primary_channel.close()
         primary.stop(0.5)
+        (tmp_path / "p" / LOG_END).unlink()
         following._begin_copy = held_begin_copy
         primary, primary_channel, _ = serve_index(tmp_path / "p", port=port, fsync=False)
         stub = writer.stub = _stub(primary_channel)
@@ -455,7 +457,9 @@ def test_kill_9_of_a_follower_mid_stream_resumes_from_its_position(tmp_path):
     assert "resumed after version" in log and "copying everything" not in log
 
 
-def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_path):
+def _primary_process_and_followers(tmp_path):
+    """A primary in a process of its own, holding dataset `live` with a cosine collection, and
+    two followers of it in this process: (primary_args, port, process, channel, stub, followers)."""
     port = free_port()
     primary_args = ("convsearch-index", "--data-dir", str(tmp_path / "p"))
     process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
@@ -464,6 +468,11 @@ def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_pa
     stub.CreateDataset(pb.CreateDatasetRequest(name="live"))
     stub.CreateCollection(pb.CreateCollectionRequest(dataset="live", spec=_spec()))
     followers = [serve_index(tmp_path / f"f{n}", follow=address, max_lag_wait=60.0) for n in (1, 2)]
+    return primary_args, port, process, primary_channel, stub, followers
+
+
+def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_path):
+    primary_args, port, process, primary_channel, stub, followers = _primary_process_and_followers(tmp_path)
     stop, acknowledged = threading.Event(), []
     writer = _write_in_background(stub, 2, stop, acknowledged)
     try:
@@ -490,6 +499,39 @@ def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_pa
             service.stop(0.5)
         primary_channel.close()
         stop_service(process)
+
+
+def test_followers_resume_across_a_clean_restart_of_the_primary_mid_write(tmp_path):
+    """A rollout of the primary (SIGTERM while writes go on, then a start on the same data dir)
+    costs its followers no whole copy: they serve throughout and take the writes after it."""
+    primary_args, port, process, primary_channel, stub, followers = _primary_process_and_followers(tmp_path)
+    stop, acknowledged = threading.Event(), []
+    writer = _write_in_background(stub, 4, stop, acknowledged)
+    try:
+        _until_acknowledged(acknowledged, 300)
+        log = stop_service(process)  # SIGTERM mid-write: writes after the seal are refused, none lost
+        writer.join()
+        assert "this primary is stopping" in log
+        for service, channel, _ in followers:
+            assert service.follower.ready
+            assert _stub(channel).GetDataset(pb.GetDatasetRequest(name="live")).dataset.item_count > 0
+        process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
+        stop = threading.Event()
+        writer = _write_in_background(stub, 5, stop, acknowledged)
+        _until_acknowledged(acknowledged, 500)
+        stop.set()
+        writer.join()
+        _converge_live(stub, [_stub(channel) for _, channel, _ in followers], acknowledged)
+        for service, _, _ in followers:
+            assert _metric(service, "convsearch_index_follower_full_syncs_total") == 1  # the first copy only
+    finally:
+        stop.set()
+        for service, channel, _ in followers:
+            channel.close()
+            service.stop(0.5)
+        primary_channel.close()
+        log = stop_service(process)
+    assert "the change log continues epoch" in log
 
 
 def test_a_dataset_copy_reads_its_items_as_they_were_while_writes_go_on(tmp_path):
@@ -771,3 +813,77 @@ def test_a_dataset_restored_at_the_primary_is_read_at_a_follower_only_once_its_c
         follower.stop(0.5)
     with pytest.raises(SystemExit, match="incomplete copy of dataset 'restored'.*cannot become a primary"):
         serve_index(tmp_path / "f", fsync=False, promote=True)
+
+
+def test_a_clean_stop_lets_writes_under_way_finish_refuses_later_ones_and_the_next_start_continues_its_log(
+        tmp_path):
+    from convsearch.errors import Unavailable
+
+    index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
+    index.create_dataset("a")
+    index.create_collection("a", CollectionKey("m", "l", "avg", "cosine", 0), DIM)
+    snapshot = index.snapshot("a")[0].name
+    entered, release = threading.Event(), threading.Event()
+    fence = index.fence
+
+    def held_fence(*args):  # a write under way (a restore), inside which another write comes
+        entered.set()
+        release.wait(10)
+        fence(*args)
+
+    index.fence = held_fence
+    restoring = threading.Thread(target=index.restore, args=(snapshot, "b"))
+    restoring.start()
+    assert entered.wait(10)
+    sealed = []
+    sealing = threading.Thread(target=lambda: sealed.append(index.seal(10)))
+    sealing.start()
+    time.sleep(0.3)
+    assert not sealed  # waits for the restore
+    with pytest.raises(Unavailable) as refused:
+        index.create_dataset("c")
+    assert refused.value.reason == "INDEX_STOPPING" and refused.value.metadata == {"dataset": "c"}
+    release.set()
+    restoring.join()
+    sealing.join()
+    assert sealed == [True] and index.changes.sealed
+    assert index.dataset("b").collection_count == 1  # the restore finished whole
+    epoch, last = index.changes.epoch, index.changes.last
+    assert index.changes.after(last, 1 << 20, 5.0) == []  # a follower's stream does not wait out the heartbeat
+    index.close()
+    assert json.loads((tmp_path / LOG_END).read_text()) == {"epoch": epoch, "last": last}
+
+    changes = ChangeLog(1 << 20)
+    again = Index(tmp_path, fsync=False, changes=changes)
+    assert not (tmp_path / LOG_END).exists()
+    assert changes.continues(epoch, last)
+    assert not changes.continues(epoch, last - 1) and not changes.continues("another", last)
+    assert again.version("b") == last
+    again.create_dataset("c")
+    assert changes.last == last + 1 and changes.continues(epoch, last)
+    again.close()  # without a seal: to the next start, as a crash
+    after_crash = ChangeLog(1 << 20)
+    Index(tmp_path, fsync=False, changes=after_crash).close()
+    assert after_crash.previous is None and not after_crash.continues(changes.epoch, changes.last)
+
+
+def test_a_clean_stop_whose_writes_do_not_finish_in_time_leaves_no_log_end(tmp_path):
+    index = Index(tmp_path, fsync=False, changes=ChangeLog(1 << 20))
+    index.create_dataset("a")
+    held = index._order_lock("a")
+    taken = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with held:
+            taken.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert taken.wait(10)
+    assert index.seal(0.2) is False and not index.changes.sealed
+    release.set()
+    holder.join()
+    index.close()
+    assert not (tmp_path / LOG_END).exists()

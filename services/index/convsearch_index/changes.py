@@ -8,6 +8,12 @@ clock does not step back between two runs by more than the changes of the first 
 nanosecond would be needed to overtake it). Each process also has a random epoch: a follower
 that followed another epoch copies everything again rather than trusting positions across it.
 
+Except across a clean stop: the stop seals the log (every write finished, later ones refused,
+followers sent all) and the data dir keeps where it ended (the engine's LOG_END file, read and
+removed by the next start, whatever its role). The next process then starts right after that
+position (continue_after), and a follower of the old epoch at exactly that position resumes
+instead of copying everything. A crash leaves no such record, so it still means whole copies.
+
 The log lives in memory, bounded in bytes: the oldest changes are dropped first, and a follower
 whose position was dropped copies everything again. While a follower copies everything, the
 changes after the copy's position are pinned (up to PINNED_HEADROOM times the bound), so that
@@ -16,6 +22,8 @@ writes made during a long copy do not make it copy everything again at its end.
 
 import contextlib
 import dataclasses
+import json
+import logging
 import pathlib
 import threading
 import time
@@ -23,8 +31,11 @@ import uuid
 
 import numpy as np
 
+from convsearch_index import durable
 from convsearch_index.records import DatasetRecord, ItemRecord, ItemSnapshot
 
+log = logging.getLogger("convsearch.index")
+LOG_END = "log-end.json"  # DATA_DIR/log-end.json: where a cleanly stopped primary's change log ended
 PINNED_HEADROOM = 4  # a pinned log may hold this many times its bound
 # Approximate bytes of a change besides its payload (ids, vectors, items): what the bound counts.
 _OVERHEAD = 200
@@ -100,6 +111,31 @@ class ChangeLog:
         self._by_dataset: dict[str, int] = {}
         self._pins: list[Pin] = []  # positions whose later changes are kept (see pinned)
         self._changed = threading.Condition()
+        self.previous: tuple[str, int] | None = None  # (epoch, last position) this log continues
+        self.sealed = False  # no change comes any more (seal)
+
+    def continue_after(self, epoch: str, last: int) -> None:
+        """Makes this log, before its first change, continue the log of `epoch` that ended at
+        position `last` at a clean stop: its changes follow that position (see continues)."""
+        with self._changed:
+            if self._next != self.start:
+                raise RuntimeError("a change log continues another only before its first change")
+            self.previous = (epoch, last)
+            self.start = self._next = last + 1
+
+    def continues(self, epoch: str, position: int) -> bool:
+        """True when a follower at `position` of `epoch` can take the changes after it from this
+        log: the same epoch with that position still held, or the end of the log it continues."""
+        if epoch == self.epoch:
+            return self.holds(position)
+        return (epoch, position) == self.previous and self.holds(position)
+
+    def seal(self) -> None:
+        """Marks the log complete (the engine refuses every later write); wakes the readers
+        waiting in `after`, so the followers' streams end once they have sent everything."""
+        with self._changed:
+            self.sealed = True
+            self._changed.notify_all()
 
     @property
     def last(self) -> int:
@@ -162,9 +198,10 @@ class ChangeLog:
 
     def after(self, position: int, max_bytes: int, timeout_s: float) -> list[Change]:
         """The changes after `position` (at least one, up to about `max_bytes`), waiting up to
-        `timeout_s` for one; [] when none came. Raises Compacted when they were dropped."""
+        `timeout_s` for one (or for the seal); [] when none came. Raises Compacted when they
+        were dropped."""
         with self._changed:
-            self._changed.wait_for(lambda: self.last > position, timeout_s)
+            self._changed.wait_for(lambda: self.last > position or self.sealed, timeout_s)
             if self.last <= position:
                 return []
             first = self._ring[self._head].position
@@ -178,3 +215,28 @@ class ChangeLog:
                 batch.append(change)
                 size += change.size
             return batch
+
+
+def keep_log_end(data_dir: pathlib.Path, changes: ChangeLog, fsync: bool) -> None:
+    """Records where a sealed change log ended, for the next start (take_log_end)."""
+    if not changes.sealed:
+        raise RuntimeError("only a sealed change log has an end to keep")
+    durable.write_file(data_dir / LOG_END, json.dumps({"epoch": changes.epoch, "last": changes.last}), fsync)
+
+
+def take_log_end(data_dir: pathlib.Path, fsync: bool) -> tuple[str, int] | None:
+    """(epoch, last position) of the change log a clean stop left in the data dir, or None; the
+    record is removed (durably) either way, so that a later crash never reads as a clean stop."""
+    path = data_dir / LOG_END
+    if not path.exists():
+        return None
+    try:
+        recorded = json.loads(path.read_text())
+        ending = (str(recorded["epoch"]), int(recorded["last"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("%s is unreadable (%s): followers copy everything again", path, exc)
+        ending = None
+    path.unlink()
+    if fsync:
+        durable.fsync_path(data_dir)
+    return ending

@@ -49,7 +49,7 @@ from convsearch.item_limits import MAX_ID, item_problem
 from convsearch.naming import collection_name
 from convsearch.rwlock import RWLock
 from convsearch_index import durable
-from convsearch_index.changes import ChangeLog, DatasetCopy
+from convsearch_index.changes import ChangeLog, DatasetCopy, keep_log_end, take_log_end
 from convsearch_index.collection import Timings, VectorCollection, VectorSpec, install_checkpoint
 from convsearch_index.distances import check_metric
 from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_digest
@@ -214,8 +214,18 @@ def _ordered(argument: str):
 
         @functools.wraps(method)
         def ordered(self, *args, **kwargs):
-            with self._order_lock(signature.bind(self, *args, **kwargs).arguments[argument]):
-                return method(self, *args, **kwargs)
+            dataset = signature.bind(self, *args, **kwargs).arguments[argument]
+            depth = getattr(self._writing, "depth", 0)  # a write inside one under way goes on
+            with self._order_lock(dataset):
+                if self._sealed and not depth:
+                    raise Unavailable(f"the index is stopping (a restart or a rollout): {method.__name__} of "
+                                      f"dataset {shown(dataset)} was not applied; retry in a moment",
+                                      reason="INDEX_STOPPING", retry_after_s=1.0, metadata={"dataset": dataset})
+                self._writing.depth = depth + 1
+                try:
+                    return method(self, *args, **kwargs)
+                finally:
+                    self._writing.depth = depth
 
         return ordered
 
@@ -227,7 +237,8 @@ class Index:
 
     With a change log (`changes`, a primary's), every write is recorded there as it is applied;
     each dataset's writes then take turns (its order lock), so the log lists them in the order
-    they were applied, which is the order followers apply them in.
+    they were applied, which is the order followers apply them in. A clean stop seals it (seal),
+    and close keeps where it ended for the next start, which continues it (see changes.py).
     """
 
     def __init__(self, data_dir: pathlib.Path, limits: Limits = Limits(), fsync: bool = True,
@@ -253,6 +264,13 @@ class Index:
                                      "(its LOCK file is held); stop that one or use another --data-dir") from None
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
+        ending = take_log_end(data_dir, fsync)  # taken whatever the role: a follower's data dir may become a primary
+        if ending is not None and changes is not None:
+            changes.continue_after(*ending)
+            log.info("the change log continues epoch %s after position %d (a clean stop): followers there resume",
+                     *ending)
+        self._sealed = False  # writes are refused (seal)
+        self._writing = threading.local()  # depth: the writes under way in this thread (see _ordered)
         self.records = Records(data_dir / "records.sqlite")
         # Mutations take the read side; a snapshot takes the write side for a consistent copy.
         self._guard = RWLock()
@@ -963,12 +981,34 @@ class Index:
             self.records.create_collection(dataset, key.name, spec, str(relative))
             return self._open_collection(dataset, spec, relative, sha256)
 
+    def seal(self, timeout_s: float) -> bool:
+        """The first step of a clean stop: refuses every write from now on (UNAVAILABLE
+        INDEX_STOPPING) and waits up to `timeout_s` for those under way. When they all finished,
+        seals the change log (its followers' streams end once they have sent all of it; close
+        then keeps where it ended) and returns True."""
+        with self._meta:
+            self._sealed = True
+            locks = list(self._order_locks.values())
+        deadline = time.monotonic() + timeout_s
+        for lock in locks:
+            if not lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                log.warning("writes still under way after %.0fs: followers copy everything after the restart",
+                            timeout_s)
+                return False
+            lock.release()
+        if self.changes is not None:
+            self.changes.seal()
+        return True
+
     def close(self) -> None:
-        """Checkpoints everything and releases the data dir."""
+        """Checkpoints everything and releases the data dir; after `seal`, keeps where the change
+        log ended."""
         with self._meta:
             infos = [info for info in self._collections.values() if info.vectors is not None]
         for info in infos:
             info.vectors.close()
         self.records.close()
+        if self.changes is not None and self.changes.sealed:
+            keep_log_end(self.data_dir, self.changes, self.fsync)
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()

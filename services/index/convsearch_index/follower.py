@@ -388,6 +388,8 @@ class Follower:
         self._stream_epoch = start.epoch
         if not start.full_sync:
             log.info("following %s: resumed after version %d (epoch %s)", self.primary, self.position, start.epoch)
+            if start.epoch != self.epoch:  # the primary restarted cleanly, its log continued
+                self._advance(start.epoch, self.position)
             return
         log.info("following %s: copying everything (epoch %s, from version %d)", self.primary, start.epoch,
                  start.position)

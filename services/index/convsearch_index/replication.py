@@ -1,7 +1,8 @@
 """The primary's side of replication: the Replicate stream a follower reads (see follower.py).
 
 A stream starts where the follower's position is: right there when it is in this process's
-change log (same epoch, not dropped), else with a whole copy of every dataset. A dataset copy is
+change log (same epoch, not dropped) or is where the log this one continues ended (a clean stop
+and start), else with a whole copy of every dataset. A dataset copy is
 its items (without images), attachments (a message each) and the files of each collection (a
 checkpoint and the log after it), so the follower opens the collection as it is instead of
 rebuilding its graph.
@@ -11,7 +12,8 @@ follower stores items while the files arrive.
 The change log cursor is taken before the copies: every change after it follows them, and the
 follower skips those a copy already holds (each copy names the position it is consistent with).
 After that the stream sends the changes in order as they are applied, in batches, and an empty
-batch every second when there are none (liveness, and the primary's latest position).
+batch every second when there are none (liveness, and the primary's latest position). A clean
+stop seals the log: each stream ends once it has sent every change.
 """
 
 import contextlib
@@ -193,7 +195,7 @@ def _stream(index: Index, request: pb.ReplicateRequest, context, who: str,
             pinned: contextlib.ExitStack) -> Iterator[pb.ReplicateResponse]:
     changes = index.changes
     position = request.position
-    full = request.epoch != changes.epoch or not changes.holds(position)
+    full = not changes.continues(request.epoch, position)
     pin = None
     if full:
         position = changes.last  # the cursor: taken before the copies, so no change is missed
@@ -232,3 +234,6 @@ def _stream(index: Index, request: pb.ReplicateRequest, context, who: str,
         elif pin is not None:
             changes.move_pin(pin, position)
         yield pb.ReplicateResponse(changes=pb.ChangeBatch(changes=messages, primary_position=changes.last))
+        if changes.sealed and position >= changes.last:
+            log.info("follower %s has every change up to %d; this primary is stopping", who, position)
+            return

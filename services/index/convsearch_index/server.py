@@ -64,13 +64,18 @@ class _IndexService(RunningService):
                 log.exception("periodic checkpoint failed")
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """Stops within about `grace_s`; a primary's writes end first (Index.seal), then its
+        followers' streams once they have sent every change, so they resume after the restart."""
+        started = time.monotonic()
         self.begin_stop()
         self._stopping.set()
         if self._checkpointer.is_alive():
             self._checkpointer.join()
         if self.follower is not None:
             self.follower.stop()
-        super().stop(grace_s)
+        else:
+            self.index.seal(grace_s)
+        super().stop(max(1.0, grace_s - (time.monotonic() - started)))
 
 
 def build_server(config: IndexConfig) -> tuple[RunningService, int]:
