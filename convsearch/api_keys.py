@@ -31,6 +31,7 @@ ROLES = ("read", "write", "admin")  # each allows everything the ones before it 
 ENV_API_KEY = "CONVSEARCH_API_KEY"
 AUTHORIZATION = "authorization"
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
+_HEXISH = re.compile(r"sha256:[0-9a-fA-F]*")  # a digest mistyped, cut or in capitals: no secret to hide
 _DATASET = re.compile(r"[^\s,#]+")
 
 
@@ -94,8 +95,7 @@ def parse_keys(text: str, source: str = "keys file") -> dict[str, ApiKey]:
         digest = _DIGEST.fullmatch(fields[0])
         if digest is None:
             raise ValueError(f"{where}: expected sha256:<64 lowercase hex digits> first "
-                             "(`convsearch api-key new` makes a line), got "
-                             f"{fields[0][:16]!r}{'...' if len(fields[0]) > 16 else ''}")
+                             f"(`convsearch api-key new` makes a line), got {_unlike_digest(fields[0])}")
         if len(fields) not in (2, 3):
             raise ValueError(f"{where}: expected `sha256:<hex> <role> [dataset,dataset...]`, got {len(fields)} fields")
         try:
@@ -111,6 +111,16 @@ def parse_keys(text: str, source: str = "keys file") -> dict[str, ApiKey]:
             raise ValueError(f"{where}: the same key is listed twice")
         keys[digest.group(1)] = ApiKey(digest.group(1), fields[1], datasets, comment.strip())
     return keys
+
+
+def _unlike_digest(field: str) -> str:
+    """How an error names a first field that is no digest: a malformed digest (sha256: and hex
+    digits) as it is, anything else only by its length, since it may be a key pasted in place of
+    its line."""
+    if _HEXISH.fullmatch(field):
+        return f"{field[:80]!r}{'...' if len(field) > 80 else ''} ({len(field) - 7} hex digits)"
+    return (f"{len(field)} characters that are not sha256:<hex> (not shown, in case they are a key: a key goes "
+            "in no file, its line does: `convsearch api-key hash` prints it)")
 
 
 def bearer_token(metadata) -> str | None:

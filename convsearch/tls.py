@@ -128,7 +128,8 @@ class CertificateFiles:
     `fetch` is gRPC's certificate-configuration fetcher: it returns a new configuration when a
     file's modification time, size or inode changed since the last load, else None (keep the
     current one). A half-finished rotation (say, a new certificate next to the old key) is logged
-    and skipped; the files are tried again on the next connection.
+    once and skipped; the files are tried again once they change again, not on every connection
+    (any client that opens connections would otherwise have them re-read and the log flooded).
     """
 
     def __init__(self, cert: str, key: str, client_ca: str = ""):
@@ -136,6 +137,7 @@ class CertificateFiles:
         self._lock = threading.Lock()
         self._stamp = self._stamps()
         self._loaded = self._load()  # raises TLSError: the service does not start
+        self._skipped: tuple | None = None  # the stamps of files found unusable: not tried again
         self.reloads = 0
 
     @property
@@ -172,12 +174,14 @@ class CertificateFiles:
         try:
             with self._lock:
                 stamp = self._stamps()
-                if stamp == self._stamp:
+                if stamp in (self._stamp, self._skipped):
                     return None
                 try:
                     loaded = self._load()
                 except TLSError as exc:
-                    log.warning("TLS files changed but cannot be used yet (kept the current ones): %s", exc)
+                    self._skipped = stamp
+                    log.warning("TLS files changed but cannot be used yet (kept the current ones until the files "
+                                "change again): %s", exc)
                     return None
                 self._stamp, self._loaded = stamp, loaded
                 self.reloads += 1

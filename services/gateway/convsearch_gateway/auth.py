@@ -8,7 +8,9 @@ applies them all to the GatewayService; health and reflection pass untouched.
   closed). Without a keys file every caller may do everything.
 - Roles: `RULES` maps each RPC to the role it needs and where its dataset is; a key whose role
   or datasets do not allow the call gets PERMISSION_DENIED naming what is missing. A stream's
-  every message is checked as it is read; ListDatasets shows a scoped key only its datasets.
+  every message is checked as it is read, and every response before it is sent, against the
+  key's line as the file says then: a key revoked (UNAUTHENTICATED), downgraded or narrowed while
+  its stream is open ends the stream. ListDatasets shows a scoped key only its datasets.
 - Rate: a token bucket per key (per client address without keys); an empty bucket answers
   RESOURCE_EXHAUSTED with the wait in the message and in trailing metadata `retry-after-ms`.
 - Streams: a streaming RPC holds one of the server's worker threads for its whole life, so
@@ -128,6 +130,11 @@ class KeysFile:
 
     def lookup(self, token: str) -> ApiKey | None:
         """The key `token` is, if the file lists it; Unauthenticated while the file cannot be read."""
+        return self.listed(hashlib.sha256(token.encode()).hexdigest())
+
+    def listed(self, digest: str) -> ApiKey | None:
+        """The key of this SHA-256 (hex) as the file lists it now, if it does; Unauthenticated
+        while the file cannot be read."""
         signature = self._stat()
         if signature != self._signature:
             self._reload(signature)
@@ -135,7 +142,7 @@ class KeysFile:
         if keys is None:
             raise Unauthenticated("the gateway's API keys file is missing (or unreadable), so every key is refused "
                                   "until it is back; tell the gateway's operator", reason="API_KEYS_FILE_MISSING")
-        return keys.get(hashlib.sha256(token.encode()).hexdigest())
+        return keys.get(digest)
 
     def _reload(self, signature) -> None:
         with self._lock:
@@ -455,10 +462,9 @@ class Guard(grpc.ServerInterceptor):
 
     def _admit(self, rpc: str, rule: Rule, context) -> Caller:
         caller = self._caller(context)
-        if caller.key is not None and not caller.key.allows_role(rule.role):
-            abort(context, PermissionDenied(f"{rpc} needs an API key with the {rule.role!r} role; {caller.key.name} "
-                                            f"has {caller.key.role!r}", reason="ROLE_INSUFFICIENT",
-                                            metadata={"rpc": rpc, "role": caller.key.role, "needed_role": rule.role}))
+        refusal = self._role_refusal(rpc, rule, caller.key)
+        if refusal is not None:
+            abort(context, refusal)
         if self.buckets is not None:
             wait_s = self.buckets.take(caller.identity)
             if wait_s:
@@ -472,7 +478,15 @@ class Guard(grpc.ServerInterceptor):
         return caller
 
     @staticmethod
-    def _dataset_refusal(caller: Caller, rule: Rule, dataset: str) -> str | None:
+    def _role_refusal(rpc: str, rule: Rule, key: ApiKey | None) -> PermissionDenied | None:
+        if key is None or key.allows_role(rule.role):
+            return None
+        return PermissionDenied(f"{rpc} needs an API key with the {rule.role!r} role; {key.name} has {key.role!r}",
+                                reason="ROLE_INSUFFICIENT",
+                                metadata={"rpc": rpc, "role": key.role, "needed_role": rule.role})
+
+    @staticmethod
+    def _dataset_refusal(caller: Caller, rule: Rule, dataset: str) -> PermissionDenied | None:
         if caller.key is None or caller.key.datasets is None or rule.dataset in (NO_DATASET, LISTED):
             return None
         if not dataset and rule.dataset == OPTIONAL_DATASET:
@@ -481,10 +495,28 @@ class Guard(grpc.ServerInterceptor):
             return None
         allowed = ", ".join(sorted(caller.key.datasets))
         if rule.dataset == UNSCOPED:
-            return f"this RPC may reach any dataset, so it needs a key for all datasets; {caller.key.name} may " \
-                   f"touch only: {allowed}"
-        what = f"dataset {shown(dataset)}" if dataset else "every dataset"
-        return f"{caller.key.name} may not touch {what}; it may touch: {allowed}"
+            message = (f"this RPC may reach any dataset, so it needs a key for all datasets; {caller.key.name} may "
+                       f"touch only: {allowed}")
+        else:
+            what = f"dataset {shown(dataset)}" if dataset else "every dataset"
+            message = f"{caller.key.name} may not touch {what}; it may touch: {allowed}"
+        return PermissionDenied(message, reason="DATASET_NOT_ALLOWED", metadata={"dataset": dataset})
+
+    def _still_admitted(self, rpc: str, rule: Rule, caller: Caller, dataset: str | None) -> None:
+        """Raises unless the caller's key, as the keys file lists it now, still allows this
+        stream's RPC and its dataset (None: none named yet): a key revoked (UNAUTHENTICATED),
+        downgraded or narrowed (PERMISSION_DENIED) while a stream is open ends that stream."""
+        if caller.key is None:
+            return
+        key = self.keys.listed(caller.key.digest)
+        if key is None:
+            raise Unauthenticated(f"{caller.key.name} was revoked while this {rpc} stream was open, so the stream "
+                                  "was ended; use a key the gateway's keys file lists", reason="API_KEY_REVOKED")
+        refusal = self._role_refusal(rpc, rule, key)
+        if refusal is None and dataset is not None:
+            refusal = self._dataset_refusal(Caller(caller.identity, key), rule, dataset)
+        if refusal is not None:
+            raise refusal
 
     # ---- the wrapped handlers ----
 
@@ -496,9 +528,8 @@ class Guard(grpc.ServerInterceptor):
             caller = self._admit(rpc, rule, context)
             if not handler.request_streaming:
                 refusal = self._dataset_refusal(caller, rule, dataset_of(request))
-                if refusal:
-                    abort(context, PermissionDenied(refusal, reason="DATASET_NOT_ALLOWED",
-                                                    metadata={"dataset": dataset_of(request)}))
+                if refusal is not None:
+                    abort(context, refusal)
             if not streaming:
                 response = behavior(request, context)
                 if rule.dataset == LISTED and caller.key is not None and caller.key.datasets is not None:
@@ -514,16 +545,21 @@ class Guard(grpc.ServerInterceptor):
         refusal = self.streams.acquire(caller.identity, caller.name)
         if refusal:
             abort(context, ResourceExhausted(refusal, reason="TOO_MANY_STREAMS"))
+        stream_dataset = None if handler.request_streaming else dataset_of(request)
         requests = None
         if handler.request_streaming:
             def check(message, first: bool) -> None:
-                dataset = dataset_of(message)
-                if first or dataset:  # later messages may leave the dataset empty: the first one's
-                    refusal = self._dataset_refusal(caller, rule, dataset)
-                    if refusal:
-                        raise PermissionDenied(refusal, reason="DATASET_NOT_ALLOWED", metadata={"dataset": dataset})
+                nonlocal stream_dataset
+                if first:
+                    stream_dataset = dataset_of(message)
+                # later messages may leave the dataset empty: the first one's
+                self._still_admitted(rpc, rule, caller, dataset_of(message) or stream_dataset)
 
             request = requests = WatchedRequests(request, self.idle_timeout_s, check)
+
+        def admitted() -> None:
+            self._still_admitted(rpc, rule, caller, stream_dataset)
+
         def free() -> None:
             self.streams.release(caller.identity)
             if requests is not None:
@@ -540,7 +576,7 @@ class Guard(grpc.ServerInterceptor):
             release()
             return result
         watch = SendWatch(self.idle_timeout_s, lambda: self._cancel_stalled(rpc, caller, context))
-        return self._responses(iter(result), requests, watch, release, context)
+        return self._responses(iter(result), requests, admitted, watch, release, context)
 
     @staticmethod
     def _enforce(requests: WatchedRequests | None, context) -> None:
@@ -556,10 +592,15 @@ class Guard(grpc.ServerInterceptor):
                     "(--stream-idle-timeout-s), holding a stream slot", rpc, caller.name, self.idle_timeout_s)
         context.cancel()
 
-    def _responses(self, responses: Iterator, requests: WatchedRequests | None, watch: SendWatch, release,
-                   context) -> Iterator:
+    def _responses(self, responses: Iterator, requests: WatchedRequests | None, admitted: Callable[[], None],
+                   watch: SendWatch, release, context) -> Iterator:
+        """The handler's responses, each sent only while the caller is still `admitted`."""
         try:
             for response in responses:
+                try:
+                    admitted()
+                except ConvsearchError as exc:
+                    abort(context, exc)
                 with watch.sending():
                     yield response
         except GeneratorExit:
