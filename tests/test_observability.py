@@ -26,6 +26,7 @@ from convsearch.observability import RpcObserver, metrics_registry
 from convsearch.serving import LIVENESS, create_server
 from convsearch.tensors import to_tensor
 from convsearch_extractor.config import ExtractorConfig
+from convsearch_gateway.config import GatewayConfig
 from convsearch_index.config import IndexConfig
 from tests.conftest import serve_extractor, serve_gateway, serve_index
 
@@ -61,10 +62,11 @@ def stack(tmp_path_factory):
     logger.setLevel(logging.INFO)
     extractor, extractor_channel, extractor_address = serve_extractor(max_connection_age_s=MAX_AGE_S)
     index, index_channel, index_address = serve_index(tmp_path_factory.mktemp("index"))
-    gateway, gateway_channel, gateway_address = serve_gateway(extractor_address, index_address)
+    gateway, gateway_channel, gateway_address = serve_gateway(extractor_address, index_address,
+                                                              max_connection_age_s=MAX_AGE_S)
     yield type("Stack", (), dict(
         logs=logs, extractor=extractor, index=index, gateway=gateway,
-        extractor_address=extractor_address, index_address=index_address,
+        extractor_address=extractor_address, index_address=index_address, gateway_address=gateway_address,
         extractor_stub=extractor_pb2_grpc.ExtractorServiceStub(extractor_channel),
         index_stub=index_pb2_grpc.IndexServiceStub(index_channel),
         gateway_stub=gateway_pb2_grpc.GatewayServiceStub(gateway_channel)))
@@ -339,7 +341,7 @@ def test_liveness_serves_while_the_gateway_waits_for_its_backends():
     assert stopped.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.mark.parametrize("config", [ExtractorConfig, IndexConfig])  # extractor replicas, index followers
+@pytest.mark.parametrize("config", [ExtractorConfig, IndexConfig, GatewayConfig])  # replicas, followers, gateways
 def test_the_connection_age_becomes_grpc_server_options(config):
     assert dict(config().server_options()) == {"grpc.max_connection_age_ms": 30_000,
                                                 "grpc.max_connection_age_grace_ms": 2**31 - 1}
@@ -351,33 +353,36 @@ def test_the_connection_age_becomes_grpc_server_options(config):
 
 
 def test_aged_connections_are_closed_so_clients_reconnect(stack):
-    """The extractor (max age MAX_AGE_S) sends GOAWAY to a connection that old: an idle channel
-    to it leaves READY on its own, and its next call reconnects. A channel to the index (no
-    limit), connected at the same moment, stays READY. (The gateway's own channel to this
-    extractor is recycled the same way all through this module, streams included.)
+    """The extractor and the gateway (max age MAX_AGE_S) send GOAWAY to a connection that old:
+    an idle channel to either leaves READY on its own, and its next call reconnects. A channel
+    to the index (no limit), connected at the same moment, stays READY. (The gateway's own
+    channel to this extractor, and this module's channel to the gateway, are recycled the same
+    way all through this module, streams included.)
 
     Not tested here: a replica started later, reached through dns:///. That needs a name whose
     addresses change while the gateway runs, and gRPC re-resolves at most every 30 s by default;
     with an ipv4: list instead, reconnection backoff reaches a late replica whatever the age
     limit, so such a test would prove nothing about it."""
-    states = {"extractor": [], "index": []}
-    idle = threading.Event()
-    channels = {"extractor": grpc.insecure_channel(stack.extractor_address),
-                "index": grpc.insecure_channel(stack.index_address)}
+    aged = ("extractor", "gateway")
+    states = {"extractor": [], "gateway": [], "index": []}
+    idle = {name: threading.Event() for name in aged}
+    channels = {name: grpc.insecure_channel(getattr(stack, f"{name}_address")) for name in states}
     try:
         for name, channel in channels.items():
             health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
 
             def seen(state, name=name):
                 states[name].append(state)
-                if name == "extractor" and state != grpc.ChannelConnectivity.READY:
-                    idle.set()
+                if name in aged and state != grpc.ChannelConnectivity.READY:
+                    idle[name].set()
 
             channel.subscribe(seen)
-        assert idle.wait(10 * MAX_AGE_S), states
+        for name in aged:
+            assert idle[name].wait(10 * MAX_AGE_S), states
         assert states["index"] == [grpc.ChannelConnectivity.READY], states
-        reply = health_pb2_grpc.HealthStub(channels["extractor"]).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        for name in aged:
+            reply = health_pb2_grpc.HealthStub(channels[name]).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         for channel in channels.values():
             channel.close()

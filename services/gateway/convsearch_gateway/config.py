@@ -6,13 +6,17 @@ from convsearch.config import check_address, check_port, check_positive, option,
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.placement import parse_primaries
+from convsearch.serving import ConnectionAgeOptions
 from convsearch.tls import ServerTLSOptions, check_server_options, peer_tls_options
 
 
 @dataclasses.dataclass(frozen=True)
-class GatewayConfig(ServerTLSOptions, peer_tls_options("backend", "the extractor and index",
-                                                     "the extractor's and index's", "their addresses")):
-    """Everything the gateway process can be told."""
+class GatewayConfig(ServerTLSOptions, ConnectionAgeOptions,
+                    peer_tls_options("backend", "the extractor and index", "the extractor's and index's",
+                                     "their addresses")):
+    """Everything the gateway process can be told. The connection age limit matters behind a
+    load balancer of connections (a Kubernetes Service): clients that keep one channel open
+    reconnect, and so reach the gateways the autoscaler added."""
 
     host: str = option("0.0.0.0", "interface to listen on")
     port: int = option(50051, "gRPC port; 0 picks a free one")
@@ -76,6 +80,7 @@ class GatewayConfig(ServerTLSOptions, peer_tls_options("backend", "the extractor
         check_server_options(self.tls_cert, self.tls_key, self.tls_client_ca)
         self.check_backend_tls()
         check_positive(self.stream_idle_timeout_s, "stream_idle_timeout_s")
+        self.check_connection_age()
         for name in ("rate_limit_per_s", "rate_burst", "max_streams_per_key", "max_concurrent_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")

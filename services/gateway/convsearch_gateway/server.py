@@ -77,7 +77,8 @@ def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
                   config.stream_cap, config.max_streams_per_key, config.stream_idle_timeout_s)
     # Observed first: refusals are counted too; the session's version is read last, for the servicer.
     server = create_server(config.max_concurrent_rpcs, config.max_message_mb,
-                           [RpcObserver("gateway", registry), guard, Sessions(backends.index.versions, SERVICE_NAME)])
+                           [RpcObserver("gateway", registry), guard, Sessions(backends.index.versions, SERVICE_NAME)],
+                           config.server_options())
     gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size,
                                                                           max_pixels=config.max_pixels), server)
     health = add_health_and_reflection(server, [SERVICE_NAME], health_names=[INDEX_HEALTH, EXTRACTOR_HEALTH])
