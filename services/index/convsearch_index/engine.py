@@ -207,6 +207,14 @@ def check_ids(ids: Sequence[str], what: str = "item id") -> None:
                                   if item_id else f"an {what} is empty; every item needs an id")
 
 
+def _refused(exc: BaseException) -> bool:
+    """True for what a write raises from its checks, before it changes anything; anything else may
+    come from a write that failed part-way (e.g. its vectors deleted, its items not), changing
+    what the change log does not list."""
+    return isinstance(exc, (InvalidArgument, NotFound, AlreadyExists, FailedPrecondition, Aborted)) or \
+        getattr(exc, "reason", "") in ("DATASET_MOVING", "COLLECTION_DAMAGED")
+
+
 def _ordered(argument: str):
     """Runs a write holding the order lock of the dataset named by `argument` (see Index.changes)."""
     def wrap(method):
@@ -224,6 +232,10 @@ def _ordered(argument: str):
                 self._writing.depth = depth + 1
                 try:
                     return method(self, *args, **kwargs)
+                except BaseException as exc:
+                    if not depth and not _refused(exc):
+                        self._failed_write = f"{method.__name__} of {shown(dataset)} ({type(exc).__name__}: {exc})"
+                    raise
                 finally:
                     self._writing.depth = depth
 
@@ -270,6 +282,7 @@ class Index:
             log.info("the change log continues epoch %s after position %d (a clean stop): followers there resume",
                      *ending)
         self._sealed = False  # writes are refused (seal)
+        self._failed_write = ""  # the latest write that failed part-way, if any: its log end is not kept (close)
         self._writing = threading.local()  # depth: the writes under way in this thread (see _ordered)
         self.records = Records(data_dir / "records.sqlite")
         # Mutations take the read side; a snapshot takes the write side for a consistent copy.
@@ -408,12 +421,18 @@ class Index:
     def create_dataset(self, name: str, description: str = "", created_at: float | None = None,
                        logged: bool = True) -> DatasetRecord:
         """A new, empty dataset; `logged` false keeps it from the followers (a restore: they are
-        given the dataset whole, as a copy, once it is)."""
+        given the dataset whole, as a copy, once it is). A restore marker of its name, which a
+        failed restore left, is removed first: else the next start would delete this dataset."""
         check_name(name)
         created_at = time.time() if created_at is None else created_at
         with self._guard.read(), self._meta:
             if name in self._labels:
                 raise _dataset_exists(name)
+            marker = self.data_dir / RESTORING / name
+            if logged and marker.exists():
+                marker.unlink()
+                if self.fsync:
+                    durable.fsync_path(marker.parent)
             self.records.create_dataset(name, description, created_at)
             self._labels[name] = {}
             if logged:
@@ -1002,13 +1021,17 @@ class Index:
 
     def close(self) -> None:
         """Checkpoints everything and releases the data dir; after `seal`, keeps where the change
-        log ended."""
+        log ended, unless a write failed part-way meanwhile (see _refused)."""
         with self._meta:
             infos = [info for info in self._collections.values() if info.vectors is not None]
         for info in infos:
             info.vectors.close()
         self.records.close()
-        if self.changes is not None and self.changes.sealed:
+        if self.changes is not None and self.changes.sealed and self._failed_write:
+            log.warning("a write failed part-way in this run (%s): what it changed may be missing from the change "
+                        "log, so where the log ended is not kept and followers copy everything after the restart",
+                        self._failed_write)
+        elif self.changes is not None and self.changes.sealed:
             keep_log_end(self.data_dir, self.changes, self.fsync)
         fcntl.flock(self._lock_file, fcntl.LOCK_UN)
         self._lock_file.close()
