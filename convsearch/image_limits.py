@@ -18,6 +18,10 @@ DEFAULT_MAX_PIXELS = 40_000_000
 """Default of the extractor's and the gateway's --max-pixels: the largest image accepted, in pixels."""
 
 FORMATS = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+_OPENED = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+"""Pillow's names of FORMATS, the only ones it is let open: it knows many more, and some decode
+as they open, before the size can be checked (an icon decodes the PNG inside it, of any size:
+100 KB of one took 900 MB)."""
 CHECK_DRAFT_SIZE = 64
 """A JPEG is verified by decoding it at the smallest scale still this wide (1/8 of most photos)."""
 
@@ -75,7 +79,7 @@ def open_checked(data: bytes, max_pixels: int) -> Image.Image:
     if not data:
         raise ImageError("is empty (0 bytes); send the encoded file's bytes")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=_OPENED)
     except UnidentifiedImageError:
         declared = _declared_size(data)
         if declared:  # a known header Pillow cannot read on from: its size first, then the damage

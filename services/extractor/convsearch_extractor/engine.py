@@ -16,7 +16,7 @@ import numpy as np
 import prometheus_client as prom
 import torch
 
-from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
+from convsearch.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable, shown
 from convsearch_extractor import device_decode, host_decode, imaging
 from convsearch_extractor.batcher import DynamicBatcher, PixelBatch, cancel_pending, gather
 from convsearch_extractor.runtime import POOLINGS, EmbedSpec, LoadedModel, ModelPool, padded_size
@@ -179,8 +179,9 @@ class Extractor:
         if pooling not in POOLINGS:
             raise InvalidArgument(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
         layers = tuple(layers) or (self.pool.graph(model).featured[-1],)
-        if len(set(layers)) != len(layers):
-            raise InvalidArgument(f"layers {list(layers)} name a layer twice; name each once")
+        repeated = [layer for layer, count in collections.Counter(layers).items() if count > 1]
+        if repeated:  # named alone: a list of a model's every layer would be cut before the advice
+            raise InvalidArgument(f"layers name {shown(repeated[0])} twice; name each once")
         spec = EmbedSpec(model, layers, pooling, normalize)
         dims = self.pool.check_layers(spec, self.limits.max_flatten)
         self.pool.acquire(model)

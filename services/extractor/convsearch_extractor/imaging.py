@@ -39,9 +39,11 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         values = np.asarray(image, dtype=np.float32)
         top = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
-        if image.mode == "F":
-            low, high = float(values.min(initial=0)), float(values.max(initial=1))
-            values, top = values - low, max(high - low, 1e-12)
+        if image.mode == "F":  # NaN and infinities (no-data pixels) become the ends of the finite range
+            finite = values[np.isfinite(values)]
+            low, high = float(finite.min(initial=0)), float(finite.max(initial=1))
+            values = np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low
+            top = max(high - low, 1e-12)
         eight_bit = np.clip(values * (255.0 / top), 0, 255).round().astype(np.uint8)
         return Image.fromarray(eight_bit).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from convsearch.errors import Cancelled, InvalidArgument
+from convsearch.errors import Cancelled, InvalidArgument, shown
 from convsearch.inspection import Inspection
 from convsearch_extractor.imaging import ImageError, crop_box, open_upright
 from convsearch_extractor.runtime import ModelPool
@@ -56,7 +56,7 @@ def inspect(pool: ModelPool, model: str, layer: str, data: bytes, top: int, max_
         maps = [name for name in graph.featured if len(graph.layers[name].output_shape) == 3] or [
             candidate.name for candidate in graph.layers.values() if len(candidate.output_shape) == 3]
         what = "is no layer" if layer_info is None else "has no (C, H, W) feature map to inspect"
-        raise InvalidArgument(f"layer {layer!r} of {model} {what}; try one of {', '.join(maps)}",
+        raise InvalidArgument(f"layer {shown(layer)} of {model} {what}; try one of {', '.join(maps)}",
                               reason="LAYER_UNKNOWN" if layer_info is None else "LAYER_NOT_A_FEATURE_MAP",
                               field="layer", metadata={"model": model, "layer": layer})
     top = top or min(DEFAULT_TOP, layer_info.output_shape[0])

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
-from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from convsearch.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, shown
 from convsearch.naming import check_model_name
 from convsearch.rwlock import RWLock
 from convsearch.weights import NONE, RANDOM, UNKNOWN, fingerprint
@@ -336,7 +336,7 @@ class ModelPool:
             named = {"model": spec.model, "layer": layer_name}
             if layer is None:
                 raise InvalidArgument(
-                    f"model {spec.model} has no layer {layer_name!r}; its featured layers are "
+                    f"model {spec.model} has no layer {shown(layer_name)}; its featured layers are "
                     f"{featured} (ListModels with include_all_layers lists every node)", reason="LAYER_UNKNOWN",
                     metadata=named)
             if not layer.is_tensor:

@@ -6,7 +6,7 @@ import threading
 import grpc
 
 from convsearch.enums import POOLING_ENUMS, pooling_name
-from convsearch.errors import InvalidArgument
+from convsearch.errors import InvalidArgument, shown
 from convsearch.extractor.v1 import extractor_pb2, extractor_pb2_grpc
 from convsearch.grpc_errors import map_errors
 from convsearch.tensors import to_tensor
@@ -128,7 +128,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
                                                  pretrained=loaded.pretrained, weights=loaded.weights)
         if isinstance(result, imaging.ImageError):
             answer.error.code = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-            answer.error.message = f"image {index} ({image_id!r}) {result}"
+            answer.error.message = f"image {index} ({shown(image_id)}) {result}"
         else:
             answer.vectors.layers.extend(
                 extractor_pb2.LayerVector(layer=layer, vector=to_tensor(result[layer]))
