@@ -7,6 +7,7 @@ import torch
 
 from convsearch import stream_cap
 from convsearch.allowed_clients import ClientNamesOption
+from convsearch.channels import MIB
 from convsearch.config import check_port, check_positive, option, parse_config
 from convsearch.image_limits import DEFAULT_MAX_PIXELS
 from convsearch.logs import LOG_FORMATS, check_log_format
@@ -15,6 +16,8 @@ from convsearch.tls import ServerTLSOptions, check_server_options
 from convsearch_extractor.catalog import DEFAULT_MODEL
 from convsearch_extractor.device_decode import DECODE_DEVICES
 from convsearch_extractor.host_decode import ARENA_MB, MIN_ARENA_MB
+
+DEFAULT_CPU_ACTIVATION_MB = 1024  # max_activation_mb's default on CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +42,9 @@ class ExtractorConfig(ServerTLSOptions, ClientNamesOption, ConnectionAgeOptions)
     max_flatten: int = option(100_000, "most values a flattened layer may give per image")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     memory_budget_mb: int = option(4096, "memory for loaded models; least recently used go first")
+    max_activation_mb: int = option(0, "memory the requested layers' outputs of one forward pass may hold "
+                                       "(each model worker's); a batch needing more runs in parts. 0: 1024 "
+                                       "on CPU, an eighth of the GPU's memory on CUDA")
     weights_dir: str = option(str(pathlib.Path(torch.hub.get_dir())),
                               "torchvision weights are looked for in WEIGHTS_DIR/checkpoints/")
     allow_random_weights: bool = option(False, "build models without weights files with random "
@@ -76,7 +82,7 @@ class ExtractorConfig(ServerTLSOptions, ClientNamesOption, ConnectionAgeOptions)
         if self.decode_arena_mb < MIN_ARENA_MB:
             raise ValueError(f"decode_arena_mb must be at least {MIN_ARENA_MB}, got {self.decode_arena_mb}")
         for name in ("cpu_workers", "torch_threads", "interop_threads", "decode_workers", "rpc_workers",
-                     "max_streams"):
+                     "max_streams", "max_activation_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be 0 (sized from the CPU budget) or more, got {getattr(self, name)}")
         check_port(self.port, "port")
@@ -97,6 +103,15 @@ class ExtractorConfig(ServerTLSOptions, ClientNamesOption, ConnectionAgeOptions)
             raise ValueError("decode_device cuda needs the model on CUDA (--device cuda or auto with a GPU)")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} asked for, but CUDA is not available here")
+
+    def max_activation_bytes(self) -> int:
+        """max_activation_mb in bytes, its default chosen for the device."""
+        if self.max_activation_mb:
+            return self.max_activation_mb * MIB
+        device = self.torch_device()
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory // 8
+        return DEFAULT_CPU_ACTIVATION_MB * MIB
 
     def torch_device(self) -> torch.device:
         """The device models run on."""

@@ -74,11 +74,19 @@ class LoadedModel:
     On CUDA each model worker (thread) runs on a CUDA stream of its own: pixels are copied from
     page-locked host memory asynchronously, and the vectors come back the same way, so one
     worker's copies and host work overlap another's kernels.
+
+    A forward pass holds the whole output of every requested layer until it ends: with
+    `max_activation_bytes` and the values each layer outputs per image (`layer_values`), a batch
+    whose outputs would hold more is run in parts of as many images as fit (one at least), so
+    that asking for every layer of a large model cannot take the process's memory.
     """
 
     def __init__(self, spec: ModelSpec, module: nn.Module, pretrained: bool, device: torch.device,
-                 pad_batches: bool | None = None, weights: str = UNKNOWN, compile: bool = False):
+                 pad_batches: bool | None = None, weights: str = UNKNOWN, compile: bool = False,
+                 layer_values: dict[str, int] | None = None, max_activation_bytes: int = 0):
         self.spec = spec
+        self._layer_values = layer_values or {}
+        self.max_activation_bytes = max_activation_bytes
         self.compile = compile
         self._compiled: set[tuple] = set()  # (layers, input shape) compiled already
         self._streams = threading.local()
@@ -155,10 +163,27 @@ class LoadedModel:
         """The raw (C, H, W) output of `layer` for one image, float32."""
         return self._forward(pixels, (layer,))[layer][0].float().cpu().numpy()
 
-    @torch.inference_mode()
+    def images_per_pass(self, layers: tuple[str, ...]) -> int | None:
+        """The most images one forward pass to `layers` may take within max_activation_bytes (a
+        power of two where batches are padded; 1 at least); None when unbounded."""
+        per_image = 4 * sum(self._layer_values.get(layer, 0) for layer in set(layers))  # float32
+        if not self.max_activation_bytes or not per_image:
+            return None
+        fits = max(1, self.max_activation_bytes // per_image)
+        return 1 << (fits.bit_length() - 1) if self.pad_batches else fits
+
     def embed(self, pixels: np.ndarray | torch.Tensor, spec: EmbedSpec) -> dict[str, np.ndarray]:
         """(N, H, W, 3) uint8 pixels (host or device) -> {layer: (N, D) float32}, all layers from
-        one forward pass."""
+        one forward pass, or from one a part of the images where they do not fit in one (see
+        images_per_pass)."""
+        step = self.images_per_pass(spec.layers)
+        if step is None or len(pixels) <= step:
+            return self._embed(pixels, spec)
+        parts = [self._embed(pixels[start:start + step], spec) for start in range(0, len(pixels), step)]
+        return {layer: np.concatenate([part[layer] for part in parts]) for layer in spec.layers}
+
+    @torch.inference_mode()
+    def _embed(self, pixels: np.ndarray | torch.Tensor, spec: EmbedSpec) -> dict[str, np.ndarray]:
         count = len(pixels)
         with self._stream():
             if isinstance(pixels, torch.Tensor) and pixels.is_cuda:
@@ -199,8 +224,9 @@ class ModelPool:
     """Knows every model's graph and status, and keeps loaded models within a memory budget."""
 
     def __init__(self, catalog: dict[str, ModelSpec], device: torch.device, memory_budget_bytes: int,
-                 allow_random_weights: bool, compile: bool = False):
+                 allow_random_weights: bool, compile: bool = False, max_activation_bytes: int = 0):
         self.catalog = catalog
+        self.max_activation_bytes = max_activation_bytes  # of one forward pass's outputs (LoadedModel)
         self.compile = compile
         self.device = device
         self.budget = memory_budget_bytes
@@ -313,8 +339,11 @@ class ModelPool:
         except (RuntimeError, OSError) as exc:
             raise FailedPrecondition(f"weights for {name} at {spec.weights_path} could not be "
                                      f"loaded ({exc}); replace the file") from None
+        layer_values = {layer.name: int(np.prod(layer.output_shape)) for layer in self.graph(name).layers.values()
+                        if layer.is_tensor}
         loaded = LoadedModel(spec, module, pretrained, self.device, weights=self._fingerprint(spec, pretrained),
-                             compile=self.compile)
+                             compile=self.compile, layer_values=layer_values,
+                             max_activation_bytes=self.max_activation_bytes)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         with self._lock:

@@ -46,7 +46,7 @@ def build_server(config: ExtractorConfig) -> tuple[RunningService, int]:
     apply_torch_threads(sizes)
     log.info("%s", sizes.describe())
     pool = ModelPool(catalog, config.torch_device(), config.memory_budget_mb * MIB, config.allow_random_weights,
-                     config.compile)
+                     config.compile, config.max_activation_bytes())
     limits = Limits(max_images=config.max_images, max_pixels=config.max_pixels,
                     max_flatten=config.max_flatten, max_response_bytes=config.max_message_mb * MIB)
     extractor = Extractor(pool, limits, sizes.max_batch, config.max_queue_delay_ms / 1000.0,
