@@ -130,6 +130,7 @@ class CertificateFiles:
     current one). A half-finished rotation (say, a new certificate next to the old key) is logged
     once and skipped; the files are tried again once they change again, not on every connection
     (any client that opens connections would otherwise have them re-read and the log flooded).
+    Files that change while they are read are read again at the next connection.
     """
 
     def __init__(self, cert: str, key: str, client_ca: str = ""):
@@ -183,6 +184,8 @@ class CertificateFiles:
                     log.warning("TLS files changed but cannot be used yet (kept the current ones until the files "
                                 "change again): %s", exc)
                     return None
+                if self._stamps() != stamp:  # changed while read: what was read may mix two pairs
+                    return None  # read again at the next connection
                 self._stamp, self._loaded = stamp, loaded
                 self.reloads += 1
             log.info("TLS certificate files reloaded: %s", ", ".join(self.paths))

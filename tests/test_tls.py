@@ -338,6 +338,35 @@ def test_certificate_files_reload_only_when_they_change(pki, tmp_path):
     assert files.fetch() is None
 
 
+def test_a_rotation_finishing_while_the_files_are_read_never_serves_a_mixed_pair(pki, tmp_path, monkeypatch):
+    """The files were read, then their pair checked by path: a key renamed into place in between
+    passed the check with the new files while the old key, read before, was served with the new
+    certificate, and every handshake failed until the files changed again."""
+    import convsearch.tls as tls
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    _install(pki.server, cert, key, 0)
+    files = CertificateFiles(str(cert), str(key))
+    rotated = pki.ca.server("rotated")
+    _install(Pair(rotated.cert, pki.server.key), cert, key, 5)  # half done: the new certificate first
+    check_pair = tls._check_pair
+
+    def key_lands_meanwhile(*args):
+        _install(Pair(rotated.cert, rotated.key), cert, key, 10)  # ... the new key lands mid-read
+        check_pair(*args)
+
+    def served() -> tuple[bytes, bytes]:
+        return files._loaded.chain, files._loaded.key
+
+    pairs = {name: (pathlib.Path(pair.cert).read_bytes(), pathlib.Path(pair.key).read_bytes())
+             for name, pair in (("old", pki.server), ("new", rotated))}
+    monkeypatch.setattr(tls, "_check_pair", key_lands_meanwhile)
+    files.fetch()
+    assert served() in pairs.values(), "a certificate was served with another one's key"
+    monkeypatch.setattr(tls, "_check_pair", check_pair)
+    assert files.fetch() is not None and served() == pairs["new"]  # the next connection takes the new pair
+
+
 def test_backend_server_name_override_for_addresses_by_ip(pki, tmp_path):
     named = pki.ca.issue("named", "index.internal", dns=("index.internal",))
     service, address = start(build_index, index_config(tmp_path / "data", tls_cert=named.cert, tls_key=named.key),
