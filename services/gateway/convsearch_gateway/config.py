@@ -8,6 +8,7 @@ from convsearch.logs import LOG_FORMATS, check_log_format
 from convsearch.placement import parse_primaries
 from convsearch.serving import ConnectionAgeOptions
 from convsearch.tls import ServerTLSOptions, check_server_options, peer_tls_options
+from convsearch_gateway.evaluation import EXACT_UP_TO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +37,10 @@ class GatewayConfig(ServerTLSOptions, ConnectionAgeOptions,
     deadline_s: float = option(30.0, "deadline of each call to a backend (a client's shorter deadline wins)")
     max_concurrent_rpcs: int = option(64, "RPCs served at once; more wait")
     batch_size: int = option(32, "images per extractor batch when ingesting and indexing")
+    evaluate_exact_up_to: int = option(EXACT_UP_TO, "Evaluate ranks by exact search (a brute force's order: "
+                                                    "float64 distances, ties by item id) in datasets of up to this "
+                                                    "many items, through the graph above (its cost grows far more "
+                                                    "slowly; ties may rank by insertion order); 0: always the graph")
     health_interval_s: float = option(1.0, "seconds between health checks of the backends")
     max_message_mb: int = option(64, "largest gRPC message received or sent, in MiB")
     grace_s: float = option(10.0, "seconds in-flight RPCs get to finish on SIGTERM")
@@ -74,6 +79,9 @@ class GatewayConfig(ServerTLSOptions, ConnectionAgeOptions,
         for name in ("deadline_s", "max_concurrent_rpcs", "batch_size", "health_interval_s", "max_message_mb"):
             check_positive(getattr(self, name), name)
         check_positive(self.max_pixels, "max_pixels")
+        if self.evaluate_exact_up_to < 0:
+            raise ValueError(f"evaluate_exact_up_to must be 0 (always the graph) or more, "
+                             f"got {self.evaluate_exact_up_to}")
         check_port(self.port, "port")
         check_port(self.metrics_port, "metrics_port", disabled_ok=True)
         check_log_format(self.log_format)

@@ -1,6 +1,10 @@
 """Evaluation: how well each configuration captures what a labeled dataset's images have in
 common. Every labeled item queries the index (in batches, itself left out); its ranked labels
-give the ConvNet Playground search score, precision@k and average precision@k. Results are kept
+give the ConvNet Playground search score, precision@k and average precision@k. In datasets of up
+to `exact_up_to` items the queries go by exact search, so the ranking is a brute force's: float64
+distances, equal ones by item id. Above, they go through the graph, whose cost grows far more
+slowly: it ranks by float32 distances and ties by where each vector was inserted, so duplicates
+and near-parallel vectors may score by the order the data came in. Results are kept
 with the collection (as an attachment with the collection's version and a digest of the dataset's
 ids and labels) and reused until either changes: a relabeled item changes no vector, but it
 changes every score.
@@ -26,8 +30,10 @@ from convsearch_gateway.indexing import all_items, fill_collections, missing_ids
 from convsearch_gateway.replicas import reading_from
 from convsearch_gateway.stored_results import keep
 
-ATTACHMENT = "evaluation/3"  # 3: with labels_digest; results stored before are recomputed
-QUERY_BATCH = 256
+ATTACHMENT = "evaluation/4"  # 4: by exact search; 3: with labels_digest; results stored before are recomputed
+QUERY_BATCH = 256  # queries a Search through the graph
+EXACT_QUERY_BATCH = 1024  # queries an exact Search: each reads every vector of the collection once
+EXACT_UP_TO = 5000  # the gateway's --evaluate-exact-up-to default
 
 
 @dataclasses.dataclass
@@ -85,17 +91,20 @@ def labels_digest(items: Sequence[tuple[str, str]]) -> str:
 
 
 def score_target(backends: Backends, dataset: str, target: Target, items: Sequence[tuple[str, str]], k: int,
-                 weights: str) -> Score:
-    """Queries the index once per QUERY_BATCH labeled items and scores the configuration; the
-    items without a vector in it (their image could not be embedded) are left out."""
+                 weights: str, exact_up_to: int = EXACT_UP_TO) -> Score:
+    """Queries the index in batches of labeled items, by exact search where the dataset has up to
+    `exact_up_to` items, and scores the configuration; the items without a vector in it (their
+    image could not be embedded) are left out."""
+    exact = len(items) <= exact_up_to
+    batch = EXACT_QUERY_BATCH if exact else QUERY_BATCH
     labeled = {item_id: label for item_id, label in items if label}
     without = missing_ids(backends, dataset, target.collection, list(labeled))
     labeled = {item_id: label for item_id, label in labeled.items() if item_id not in without}
     sizes = collections.Counter(labeled.values())
     ids = list(labeled)
     per_query, precisions, aps = {}, [], []
-    for start in range(0, len(ids), QUERY_BATCH):
-        chunk, results = _queried(backends, dataset, target.collection, ids[start:start + QUERY_BATCH], k)
+    for start in range(0, len(ids), batch):
+        chunk, results = _queried(backends, dataset, target.collection, ids[start:start + batch], k, exact)
         for item_id, result in zip(chunk, results, strict=True):
             label = labeled[item_id]
             score, precision, ap = query_metrics(label, list(result.labels), k, sizes[label] - 1)
@@ -117,14 +126,15 @@ def score_target(backends: Backends, dataset: str, target: Target, items: Sequen
         labels_digest=labels_digest(items))
 
 
-def _queried(backends: Backends, dataset: str, collection: str, ids: list[str], k: int) -> tuple[list[str], list]:
+def _queried(backends: Backends, dataset: str, collection: str, ids: list[str], k: int,
+             exact: bool) -> tuple[list[str], list]:
     """(the ids queried, their results): those whose vector is gone since (their item deleted, or
     its image replaced, meanwhile) are left out, not a failed evaluation; the collection's version
     changed with them, so the score is stored as stale."""
     while ids:
         try:
             return ids, list(backends.reads.call("Search", index_pb2.SearchRequest(
-                dataset=dataset, collection=collection, query_ids=ids, k=max(k, TOP))).results)
+                dataset=dataset, collection=collection, query_ids=ids, k=max(k, TOP), exact=exact)).results)
         except NotFound as exc:
             if exc.reason != "VECTOR_NOT_FOUND":
                 raise
@@ -168,9 +178,10 @@ def _rank(score: Score) -> tuple[float, str]:
 
 
 def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int = 15, recompute: bool = False,
-             batch_size: int = 32) -> Iterator[EvaluationProgress]:
-    """Indexes what is missing, then scores every target (reusing current stored results). A
-    failed run deletes the collections it created that are still empty."""
+             batch_size: int = 32, exact_up_to: int = EXACT_UP_TO) -> Iterator[EvaluationProgress]:
+    """Indexes what is missing, then scores every target (reusing current stored results; see
+    score_target for `exact_up_to`). A failed run deletes the collections it created that are
+    still empty."""
     items = labeled_items(backends, dataset)
     digest = labels_digest(items)
     with prepared_collections(backends, dataset, targets) as weights:
@@ -185,7 +196,8 @@ def evaluate(backends: Backends, dataset: str, targets: Sequence[Target], k: int
                 results.append(stored)
             else:
                 with reading_from(backends.index, dataset):
-                    score = score_target(backends, dataset, target, items, k, weights[target.collection])
+                    score = score_target(backends, dataset, target, items, k, weights[target.collection],
+                                         exact_up_to)
                 keep(backends, index_pb2.PutAttachmentRequest(
                     dataset=dataset, collection=target.collection, key=ATTACHMENT, version=reply.current_version,
                     collection_id=reply.collection_id, data=json.dumps(dataclasses.asdict(score)).encode()))

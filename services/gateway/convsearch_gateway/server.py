@@ -79,8 +79,9 @@ def build_server(config: GatewayConfig) -> tuple[RunningService, int]:
     server = create_server(config.max_concurrent_rpcs, config.max_message_mb,
                            [RpcObserver("gateway", registry), guard, Sessions(backends.index.versions, SERVICE_NAME)],
                            config.server_options())
-    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(backends, config.batch_size,
-                                                                          max_pixels=config.max_pixels), server)
+    gateway_pb2_grpc.add_GatewayServiceServicer_to_server(GatewayServicer(
+        backends, config.batch_size, max_pixels=config.max_pixels, evaluate_exact_up_to=config.evaluate_exact_up_to),
+        server)
     health = add_health_and_reflection(server, [SERVICE_NAME], health_names=[INDEX_HEALTH, EXTRACTOR_HEALTH])
     port = bind(server, config.host, config.port, credentials)
     if guard.keys is None:

@@ -14,7 +14,7 @@ from convsearch.weights import is_baseline, is_pretrained
 from convsearch_gateway import images
 from convsearch_gateway.backends import Backends
 from convsearch_gateway.configurations import CATALOG_TTL_S, ModelCatalog
-from convsearch_gateway.evaluation import compare, evaluate
+from convsearch_gateway.evaluation import EXACT_UP_TO, compare, evaluate
 from convsearch_gateway.indexing import index_items
 from convsearch_gateway.ingesting import ingest
 from convsearch_gateway.projection import project
@@ -69,8 +69,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     """Thin gRPC edge of the gateway."""
 
     def __init__(self, backends: Backends, batch_size: int, max_pixels: int = DEFAULT_MAX_PIXELS,
-                 catalog_ttl_s: float = CATALOG_TTL_S):
+                 catalog_ttl_s: float = CATALOG_TTL_S, evaluate_exact_up_to: int = EXACT_UP_TO):
         self.backends = backends
+        self.evaluate_exact_up_to = evaluate_exact_up_to
         self.catalog = ModelCatalog(backends.extractor, catalog_ttl_s)
         self.batch_size = batch_size
         self.max_pixels = max_pixels  # checked on each image's header before any decode
@@ -178,7 +179,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         check_k(request.k or 15)
         targets = self.catalog.targets(self._evaluated(request, remaining), remaining)
         for progress in evaluate(self.backends, request.dataset, targets, request.k or 15, request.recompute,
-                                 self.batch_size):
+                                 self.batch_size, self.evaluate_exact_up_to):
             yield pb.EvaluateResponse(phase=progress.phase, done=progress.done, total=progress.total,
                                       finished=progress.finished, results=[_score(s) for s in progress.results])
 
