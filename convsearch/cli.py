@@ -497,6 +497,9 @@ def cmd_compare(args, client: Client) -> int:
         emit(args, comparison, rows, ["model", "best layer", "metric", "score", "weights"])
     if not args.json and not all(score.pretrained for score in comparison.ranked):
         print(NOT_PRETRAINED)
+    if not comparison.ranked and not comparison.stale and not args.json:
+        print(f"nothing evaluated in {args.dataset} yet: run convsearch evaluate --dataset {args.dataset}",
+              file=sys.stderr)
     if comparison.stale and not args.json:
         print(f"not current (run evaluate): {', '.join(comparison.stale)}", file=sys.stderr)
     return 0
@@ -831,8 +834,12 @@ def cmd_api_key(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if args.append:
-        with open(args.append, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+        try:
+            with open(args.append, "a", encoding="utf-8") as file:
+                file.write(line + "\n")
+        except OSError as exc:  # bad usage naming the file, as for the files a command reads
+            raise UsageError(f"--append {args.append}: cannot write to it ({exc.strerror or exc}); "
+                             "name a keys file you can write, in a folder that exists") from None
     if args.json:
         print(json.dumps({"key": key, "line": line} if args.api_key_command == "new" else {"line": line}))
     elif args.api_key_command == "new":

@@ -21,6 +21,10 @@ class Configuration:
     metric: str = "cosine"
     minkowski_p: float = 0.0
 
+    def __post_init__(self):
+        if isinstance(self.layers, str):  # one layer given alone is that layer, not its characters
+            object.__setattr__(self, "layers", (self.layers,))
+
 
 MAX_K = 1000
 """The most results a search returns and the largest k of an evaluation (Search's and Evaluate's k)."""
