@@ -27,12 +27,13 @@ from collections.abc import Iterable
 
 import grpc
 
+from convsearch.naming import DATASET_NAME, DATASET_NAME_RULE
+
 ROLES = ("read", "write", "admin")  # each allows everything the ones before it allow
 ENV_API_KEY = "CONVSEARCH_API_KEY"
 AUTHORIZATION = "authorization"
 _DIGEST = re.compile(r"sha256:([0-9a-f]{64})")
 _HEXISH = re.compile(r"sha256:[0-9a-fA-F]*")  # a digest mistyped, cut or in capitals: no secret to hide
-_DATASET = re.compile(r"[^\s,#]+")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,8 @@ def key_line(key: str, role: str, datasets: Iterable[str] = (), comment: str = "
     check_role(role)
     names = sorted(set(datasets))
     for name in names:
-        if not _DATASET.fullmatch(name):
-            raise ValueError(f"dataset {name!r} cannot be written in a keys file (whitespace, ',' or '#')")
+        if not DATASET_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is no dataset name ({DATASET_NAME_RULE}), so the key could never touch it")
     line = f"sha256:{hash_key(key)}  {role}  {','.join(names) or '*'}"
     return f"{line}  # {comment}" if comment else line
 

@@ -71,8 +71,10 @@ def check_address(address: str, what: str) -> None:
     if address.startswith("dns:///"):
         return
     host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ValueError(f"{what}: {address!r} is not host:port (e.g. 127.0.0.1:50052)")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"{what}: {address!r} is not host:port (a host name or IP address, ':', a port number)")
+    if not 0 <= int(port) <= 65535:
+        raise ValueError(f"{what}: {address!r} names port {port}, out of range: ports are 0 to 65535")
 
 
 def check_port(port: int, what: str, disabled_ok: bool = False) -> None:

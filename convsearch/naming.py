@@ -6,6 +6,8 @@ import re
 from convsearch.errors import InvalidArgument, shown
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+DATASET_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+DATASET_NAME_RULE = "1-64 of a-z, 0-9, _ and -, starting with a letter or digit"
 
 
 def check_model_name(name: str) -> None:

@@ -55,3 +55,12 @@ def test_one_layer_given_as_a_string_is_that_layer():
     assert Configuration("efficientnet_lite0", "_conv_head").layers == ("_conv_head",)
     assert Configuration("pixels", ("8x8", "16x16")).layers == ("8x8", "16x16")
     assert list(_configuration(Configuration("efficientnet_lite0", "_conv_head")).layers) == ["_conv_head"]
+
+
+def test_a_key_for_an_impossible_dataset_name_is_refused(tmp_path, capsys):
+    """--datasets Shoes wrote a line for a dataset that cannot exist (names are lowercase): a key
+    that could never touch any dataset, without a word."""
+    keys = tmp_path / "keys.txt"
+    assert main(["api-key", "new", "--role", "read", "--datasets", "shoes,Shoes", "--append", str(keys)]) == 2
+    assert "'Shoes' is no dataset name (1-64 of a-z, 0-9, _ and -" in capsys.readouterr().err
+    assert not keys.exists()

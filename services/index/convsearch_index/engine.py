@@ -46,7 +46,7 @@ from convsearch.errors import (
     shown,
 )
 from convsearch.item_limits import MAX_ID, item_problem
-from convsearch.naming import collection_name
+from convsearch.naming import DATASET_NAME, DATASET_NAME_RULE, collection_name
 from convsearch.rwlock import RWLock
 from convsearch_index import durable
 from convsearch_index.changes import ChangeLog, DatasetCopy, keep_log_end, take_log_end
@@ -56,7 +56,6 @@ from convsearch_index.records import DatasetRecord, ItemRecord, Records, image_d
 from convsearch_index.snapshot_files import receive
 
 log = logging.getLogger("convsearch.index")
-NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 SNAPSHOT_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what a snapshot name may be at all
 SNAPSHOT_NAME = re.compile(r"(?P<dataset>[a-z0-9][a-z0-9_-]{0,63})-\d{8}T\d{6}-[0-9a-f]{6}")
 COPY_CHECKPOINT_BYTES = 16 << 20  # a collection's log beyond this is checkpointed before a copy
@@ -180,9 +179,9 @@ def _restored_key(spec: dict) -> CollectionKey:
 
 
 def check_name(name: str) -> None:
-    if not NAME.fullmatch(name or ""):
-        raise InvalidArgument(f"invalid dataset name {shown(name)}: use 1-64 of a-z, 0-9, _ and -, "
-                              "starting with a letter or digit", reason="DATASET_NAME_INVALID", field="dataset",
+    if not DATASET_NAME.fullmatch(name or ""):
+        raise InvalidArgument(f"invalid dataset name {shown(name)}: use {DATASET_NAME_RULE}",
+                              reason="DATASET_NAME_INVALID", field="dataset",
                               metadata={"dataset": name})
 
 
