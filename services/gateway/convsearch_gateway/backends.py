@@ -12,6 +12,7 @@ other threads carry the id only when their work was submitted with its context (
 convsearch.observability); the health checks run on a thread of their own and carry none.
 """
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -34,6 +35,8 @@ log = logging.getLogger("convsearch.gateway.backends")
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 UNAVAILABLE_RETRY_S = 1.0
 """RetryInfo of a backend that cannot be reached: about the health checks' period, a restart's scale."""
+CLOSE_WAIT_S = 5.0
+"""How long closing a backend waits for the calls under way (see Backend.opened)."""
 
 
 class Backend:
@@ -50,6 +53,27 @@ class Backend:
         self.stub = stub_class(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self.serving = False
+        self._state = threading.Condition()
+        self._calls = 0  # started through `opened` and not ended
+        self._closed = False
+
+    @contextlib.contextmanager
+    def opened(self):
+        """Keeps the channel open for a call started inside: gRPC Python can crash the process
+        when a call starts on a channel being closed (as a handler still running at shutdown
+        did). UNAVAILABLE GATEWAY_STOPPING once the backend is closed."""
+        with self._state:
+            if self._closed:
+                raise Unavailable(f"the gateway is stopping: no new call to the {self.name} at {self.address}; "
+                                  "retry, another gateway answers", reason="GATEWAY_STOPPING",
+                                  retry_after_s=UNAVAILABLE_RETRY_S, metadata={"backend": self.name})
+            self._calls += 1
+        try:
+            yield
+        finally:
+            with self._state:
+                self._calls -= 1
+                self._state.notify_all()
 
     def error(self, exc: grpc.RpcError) -> ConvsearchError:
         """The domain error for a failed call, with the google.rpc.Status details the backend sent
@@ -71,7 +95,8 @@ class Backend:
     def call(self, method: str, request, remaining: float | None = None):
         """A unary call; raises the mapped domain error."""
         try:
-            return getattr(self.stub, method)(request, timeout=self.timeout(remaining))
+            with self.opened():
+                return getattr(self.stub, method)(request, timeout=self.timeout(remaining))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 
@@ -84,8 +109,17 @@ class Backend:
             self.serving = False
         return self.serving
 
-    def close(self) -> None:
-        self.channel.close()
+    def close(self, wait_s: float = CLOSE_WAIT_S) -> None:
+        """Refuses new calls and closes the channel once those under way have ended; after
+        `wait_s` it is left to the process's end instead (closing it under them could crash)."""
+        with self._state:
+            self._closed = True
+            ended = self._state.wait_for(lambda: not self._calls, wait_s)
+        if ended:
+            self.channel.close()
+        else:
+            log.warning("%d calls to the %s still under way after %.0fs: its channel is left open", self._calls,
+                        self.name, wait_s)
 
 
 class Backends:

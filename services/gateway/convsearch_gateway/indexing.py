@@ -291,7 +291,8 @@ def _embed_group(backends: Backends, dataset: str, model: str, pooling: str, tar
                                vectors, [digests.pop(item_id) for item_id in ids], progress)
 
     accepted_weights = None
-    answers = backends.extractor.stub.BulkEmbed(requests())
+    with backends.extractor.opened():
+        answers = backends.extractor.stub.BulkEmbed(requests())
     try:
         for answer in answers:
             if answer.WhichOneof("result") == "error":

@@ -176,7 +176,8 @@ class IndexPrimaries:
             return owner.call("RestoreDataset", request, remaining)
         source = holders[0]
         try:
-            copy_snapshot(source.stub, owner.stub, request.snapshot, owner.timeout(remaining))
+            with source.opened(), owner.opened():
+                copy_snapshot(source.stub, owner.stub, request.snapshot, owner.timeout(remaining))
         except SourceFailed as exc:
             raise source.error(exc.error) from None
         except grpc.RpcError as exc:
