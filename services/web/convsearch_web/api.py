@@ -21,6 +21,7 @@ Pooling = typing.Literal["avg", "max", "flatten"]
 Metric = typing.Literal["cosine", "euclidean", "sqeuclidean", "ip", "manhattan", "chebyshev", "minkowski"]
 MAX_LISTED = 50_000  # items a grid pages through (the gateway's largest projection)
 THUMBNAIL_MAX = 1024
+SEED_MAX = 2**31 - 1  # the gateway's seed is an int32
 
 router = APIRouter(prefix="/api")
 
@@ -155,7 +156,7 @@ def compare(dataset: str, gateway: Gateway, item_id: str = "") -> dict:
 
 @router.get("/datasets/{dataset}/projection")
 def projection(dataset: str, config: Chosen, gateway: Gateway, method: typing.Literal["pca", "umap"] = "umap",
-               seed: Annotated[int, Query(ge=0)] = 0,
+               seed: Annotated[int, Query(ge=0, le=SEED_MAX)] = 0,
                max_points: Annotated[int, Query(ge=3, le=MAX_LISTED)] = 2000) -> dict:
     return views.projection(gateway.project(dataset, config, method, seed, max_points))
 
@@ -200,6 +201,9 @@ def evaluate_job(request: Request, dataset: str, gateway: Gateway, models: str =
     gateway.dataset(dataset)
     chosen_models = [name for name in models.split(",") if name] or [m.name for m in gateway.models() if m.available]
     chosen_metrics = [name for name in metrics.split(",") if name]
+    if not chosen_metrics:  # no configuration at all: the gateway would score every available model
+        raise WebError(422, "INVALID_ARGUMENT", f"metrics: give one or more of {', '.join(typing.get_args(Metric))} "
+                                                "(comma-separated)", "METRICS_EMPTY")
     unknown = [name for name in chosen_metrics if name not in typing.get_args(Metric)]
     if unknown:
         raise WebError(422, "INVALID_ARGUMENT", f"unknown metric {unknown[0]!r}; use one of "

@@ -64,6 +64,16 @@ class BodyLimit:
         return await self.app(scope, counted, send)
 
 
+class PageFiles(StaticFiles):
+    """The page's scripts and styles, at the same URLs in every release: `no-cache` like the page,
+    so that a browser asks whether they changed rather than run a heuristically fresh old copy."""
+
+    def file_response(self, *args, **kwargs):
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
 def _option(value: str) -> str | None:
     """A config value for the client: empty leaves it to the client's environment variable."""
     return value or None
@@ -135,5 +145,5 @@ def create_app(config: WebConfig) -> FastAPI:
         return JSONResponse({"status": "ok" if serving else "gateway not serving", "gateway": config.gateway},
                             status_code=200 if serving else 503)
 
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.mount("/static", PageFiles(directory=STATIC), name="static")
     return app

@@ -93,9 +93,15 @@ def _web_error(_request: Request, error: WebError) -> JSONResponse:
     return refusal(error.status, error.code, error.reason, str(error))
 
 
+def _field(error: dict) -> str:
+    """The field a validation error names; the body itself when it is no JSON (its loc holds the offset)."""
+    if error["type"] == "json_invalid":
+        return "body"
+    return ".".join(str(part) for part in error["loc"][1:]) or str(error["loc"][0])
+
+
 def _validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
-    violations = [{"field": ".".join(str(part) for part in e["loc"][1:]) or str(e["loc"][0]), "description": e["msg"]}
-                  for e in error.errors()]
+    violations = [{"field": _field(e), "description": e["msg"]} for e in error.errors()]
     message = "; ".join(f"{v['field']}: {v['description']}" for v in violations)
     return JSONResponse({"error": {"code": "INVALID_ARGUMENT", "reason": "INVALID_ARGUMENT", "message": message,
                                    "metadata": {}, "field_violations": violations}}, status_code=422)

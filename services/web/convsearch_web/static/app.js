@@ -284,15 +284,24 @@ async function loadGrid() {
     if (error.reason === "DATASET_NOT_FOUND") throw error;
     return;
   }
+  const filter = $("label-filter").value;
+  setOptions($("label-filter"), labelOptions(page.labels), filter);
+  if ($("label-filter").value !== filter) { // another layer has none of the class: all its images
+    state.page = 0;
+    return loadGrid();
+  }
+  const pages = Math.max(1, Math.ceil(page.total / PAGE_SIZE));
+  if (state.page >= pages) { // another layer (or class) holds fewer images: its last page
+    state.page = pages - 1;
+    return loadGrid();
+  }
   const grid = $("grid");
   grid.dataset.collection = page.collection;
-  setOptions($("label-filter"), labelOptions(page.labels), $("label-filter").value);
   grid.replaceChildren(...page.items.map((item) => element("button",
     {type: "button", class: "tile", title: `${item.id} (${item.label || "no label"})`, "data-id": item.id,
       onclick: () => guarded(searchItem)(item.id)},
     element("img", {src: imageUrl(item.id), alt: item.id, loading: "lazy"}),
     element("span", {class: "caption", text: item.label || "—"}))));
-  const pages = Math.max(1, Math.ceil(page.total / PAGE_SIZE));
   $("page-info").textContent = `page ${state.page + 1} of ${pages} · ${page.total} images${page.sampled ? " (a sample)" : ""}`;
   $("prev-page").disabled = state.page === 0;
   $("next-page").disabled = state.page + 1 >= pages;
@@ -350,6 +359,7 @@ async function search(query, ask) {
   const signal = fresh("search");
   state.query = query;
   clearResults("searching …");
+  clearMaps();
   try {
     const result = await ask(signal);
     if (!signal.aborted) showResults(result);
@@ -462,9 +472,14 @@ async function loadQueryChart() {
 // The map and the activation maps, drawn for one configuration and query.
 function clearDrawings() {
   inFlight.map?.abort();
-  inFlight.inspect?.abort();
   Plotly.purge($("map"));
   $("map-note").textContent = "";
+  clearMaps();
+}
+
+// The activation maps are the query's: another query, configuration or dataset clears them.
+function clearMaps() {
+  inFlight.inspect?.abort();
   $("maps").replaceChildren();
   $("inspect-note").textContent = "";
 }
