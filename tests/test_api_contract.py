@@ -115,6 +115,17 @@ def test_project_over_a_collection_without_enough_vectors_is_a_failed_preconditi
         assert "pixels/8x8/avg/cosine" in error.details() and "emptied" in error.details()
 
 
+def test_umap_over_three_vectors_draws_them(stub):
+    """UMAP is documented from 3 vectors, but its spectral start failed under 4 (scipy's
+    "k >= N"), answered as INTERNAL with the exception's text."""
+    stub.CreateDataset(pb.CreateDatasetRequest(name="three"))
+    items = [pb.Item(id=f"t{n}", label="a", image=image(n)) for n in range(3)]
+    list(stub.Ingest(iter([pb.IngestRequest(dataset="three", configurations=[PIXELS], items=items)])))
+    reply = stub.Project(pb.ProjectRequest(dataset="three", configuration=PIXELS, method=pb.PROJECTION_METHOD_UMAP,
+                                           seed=1), timeout=120)
+    assert sorted(reply.ids) == ["t0", "t1", "t2"] and len(reply.x) == len(reply.y) == 3
+
+
 def test_compare_says_an_item_is_missing_before_any_evaluation(stub):
     """Compare with item_id of an item the dataset lacks answered NOT_FOUND ITEM_NOT_FOUND once
     the dataset had evaluations, but an empty OK before: the same wrong id looked valid."""

@@ -54,8 +54,10 @@ def umap_2d(vectors: np.ndarray, metric: str, seed: int) -> np.ndarray:
     import umap  # imported here: it takes seconds to load
 
     neighbours = max(2, min(15, len(vectors) - 1))
+    # The spectral start needs more points than the picture has dimensions + 1: three start at random.
     reducer = umap.UMAP(n_components=2, n_neighbors=neighbours, random_state=seed,
-                        metric="cosine" if metric in ("cosine", "ip") else "euclidean")
+                        metric="cosine" if metric in ("cosine", "ip") else "euclidean",
+                        init="spectral" if len(vectors) > 3 else "random")
     return reducer.fit_transform(vectors)
 
 
