@@ -16,7 +16,7 @@ SOURCE = ROOT / "convsearch"
 
 CLIENT_MODULES = (
     "__init__", "api_keys", "channels", "client", "config", "embedding", "enums", "errors", "grpc_errors",
-    "inspection", "plots", "tls",
+    "inspection", "naming", "plots", "tls",
 )
 """convsearch.client and every module it imports, with plots (usable with the `plot` extra)."""
 
