@@ -48,7 +48,8 @@ def _backend(address: str) -> Backend:
                    latency)
 
 
-def test_closing_a_backend_lets_the_call_under_way_finish_and_refuses_new_ones(slow_index):
+def _closed_mid_call(slow_index, **close_options) -> tuple[Backend, list]:
+    """A backend closed while one GetDataset is under way: (the backend, that call's answers)."""
     servicer, address = slow_index
     backend = _backend(address)
     answers = []
@@ -56,23 +57,20 @@ def test_closing_a_backend_lets_the_call_under_way_finish_and_refuses_new_ones(s
         name="shoes"))))
     caller.start()
     assert servicer.started.wait(10)
-    backend.close()  # while the call is under way
+    backend.close(**close_options)
     caller.join(10)
-    assert [answer.dataset.name for answer in answers] == ["shoes"]  # it was cancelled by the close
+    return backend, answers
+
+
+def test_closing_a_backend_lets_the_call_under_way_finish_and_refuses_new_ones(slow_index):
+    backend, answers = _closed_mid_call(slow_index)
+    assert [answer.dataset.name for answer in answers] == ["shoes"]  # not cancelled by the close
     with pytest.raises(Unavailable) as refused:
         backend.call("GetDataset", pb.GetDatasetRequest(name="shoes"))
     assert refused.value.reason == "GATEWAY_STOPPING" and refused.value.metadata == {"backend": "index"}
 
 
 def test_a_call_that_outlasts_the_wait_keeps_its_channel(slow_index):
-    servicer, address = slow_index
-    servicer.delay_s = 2.0
-    backend = _backend(address)
-    answers = []
-    caller = threading.Thread(target=lambda: answers.append(backend.call("GetDataset", pb.GetDatasetRequest(
-        name="shoes"))))
-    caller.start()
-    assert servicer.started.wait(10)
-    backend.close(wait_s=0.2)  # gives up waiting: the channel is left open, not closed under the call
-    caller.join(10)
+    slow_index[0].delay_s = 2.0
+    _, answers = _closed_mid_call(slow_index, wait_s=0.2)  # gives up waiting: the channel is left open
     assert [answer.dataset.name for answer in answers] == ["shoes"]

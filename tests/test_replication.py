@@ -471,6 +471,27 @@ def _primary_process_and_followers(tmp_path):
     return primary_args, port, process, primary_channel, stub, followers
 
 
+def _restarted_under_writes(primary_args, port: int, stub, seed: int, acknowledged: list):
+    """Starts the primary's process again on its port, then writes 200 more acknowledged items
+    with vectors through `stub`; the process."""
+    process, _ = start_service(*primary_args, service=SERVICE_NAME, port=port)
+    stop = threading.Event()
+    writer = _write_in_background(stub, seed, stop, acknowledged)
+    _until_acknowledged(acknowledged, len(acknowledged) + 200)
+    stop.set()
+    writer.join()
+    return process
+
+
+def _stop_all(followers, primary_channel, process) -> str:
+    """Stops the in-process followers and the primary's process; what the primary logged."""
+    for service, channel, _ in followers:
+        channel.close()
+        service.stop(0.5)
+    primary_channel.close()
+    return stop_service(process)
+
+
 def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_path):
     primary_args, port, process, primary_channel, stub, followers = _primary_process_and_followers(tmp_path)
     stop, acknowledged = threading.Event(), []
@@ -483,22 +504,13 @@ def test_kill_9_of_the_primary_mid_write_followers_reconnect_and_converge(tmp_pa
         # Meanwhile the followers serve what they have.
         for _, channel, _ in followers:
             assert _stub(channel).GetDataset(pb.GetDatasetRequest(name="live")).dataset.item_count > 0
-        process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
-        stop = threading.Event()
-        writer = _write_in_background(stub, 3, stop, acknowledged)
-        _until_acknowledged(acknowledged, 500)
-        stop.set()
-        writer.join()
+        process = _restarted_under_writes(primary_args, port, stub, 3, acknowledged)
         for service, _, _ in followers:
             _wait_until_copied(service, 2)  # another epoch: whole (no reads answered meanwhile)
         _converge_live(stub, [_stub(channel) for _, channel, _ in followers], acknowledged)
     finally:
         stop.set()
-        for service, channel, _ in followers:
-            channel.close()
-            service.stop(0.5)
-        primary_channel.close()
-        stop_service(process)
+        _stop_all(followers, primary_channel, process)
 
 
 def test_followers_resume_across_a_clean_restart_of_the_primary_mid_write(tmp_path):
@@ -515,22 +527,13 @@ def test_followers_resume_across_a_clean_restart_of_the_primary_mid_write(tmp_pa
         for service, channel, _ in followers:
             assert service.follower.ready
             assert _stub(channel).GetDataset(pb.GetDatasetRequest(name="live")).dataset.item_count > 0
-        process, address = start_service(*primary_args, service=SERVICE_NAME, port=port)
-        stop = threading.Event()
-        writer = _write_in_background(stub, 5, stop, acknowledged)
-        _until_acknowledged(acknowledged, 500)
-        stop.set()
-        writer.join()
+        process = _restarted_under_writes(primary_args, port, stub, 5, acknowledged)
         _converge_live(stub, [_stub(channel) for _, channel, _ in followers], acknowledged)
         for service, _, _ in followers:
             assert _metric(service, "convsearch_index_follower_full_syncs_total") == 1  # the first copy only
     finally:
         stop.set()
-        for service, channel, _ in followers:
-            channel.close()
-            service.stop(0.5)
-        primary_channel.close()
-        log = stop_service(process)
+        log = _stop_all(followers, primary_channel, process)
     assert "the change log continues epoch" in log
 
 

@@ -64,16 +64,22 @@ def stack(tmp_path_factory):
         yield running
 
 
-@pytest.fixture(scope="module")
-def browser():
+def headless_chromium(*arguments: str) -> webdriver.Chrome:
+    """Debian's chromium, headless, through chromedriver, with these further arguments."""
     chromium, chromedriver = browser_paths()
     options = Options()
     options.binary_location = chromium
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                     "--disable-gpu", f"--host-resolver-rules=MAP {VICTIM} 127.0.0.1, MAP {ATTACKER} 127.0.0.1"):
+                     "--disable-gpu", *arguments):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=Service(chromedriver), options=options)
     driver.set_page_load_timeout(WAIT_S)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = headless_chromium(f"--host-resolver-rules=MAP {VICTIM} 127.0.0.1, MAP {ATTACKER} 127.0.0.1")
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield driver
     driver.quit()

@@ -5,9 +5,6 @@ import pathlib
 
 import pytest
 from fastapi.testclient import TestClient
-from selenium import webdriver
-from selenium.webdriver.chrome.options import Options
-from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select
 
@@ -18,7 +15,7 @@ from convsearch.local import LocalStack
 from convsearch_web.app import create_app
 from convsearch_web.config import WebConfig
 from tests.conftest import running_backends, running_gateway
-from tests.test_web_browser import browser_paths, choose, text_of, tiles, wait_for
+from tests.test_web_browser import choose, headless_chromium, text_of, tiles, wait_for
 
 DATASET = "shop"
 PIXELS = Configuration("pixels", ("8x8", "16x16"), metric="cosine")
@@ -114,15 +111,7 @@ def stack(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
-
-    chromium, chromedriver = browser_paths()
-    options = Options()
-    options.binary_location = chromium
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1600",
-                     "--disable-gpu"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(chromedriver), options=options)
-    driver.set_page_load_timeout(90)
+    driver = headless_chromium()
     yield driver
     driver.quit()
 
